@@ -1,0 +1,204 @@
+//! The crate's error type.
+
+use std::fmt;
+
+/// A `Result` whose error defaults to the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// SQLSTATE raised by the SQL functions when a session is missing, expired or ended.
+pub const SQLSTATE_SESSION_LOST: &str = "SL001";
+/// SQLSTATE raised by a task-template function whose body was never filled in.
+pub const SQLSTATE_TEMPLATE_UNFILLED: &str = "SL002";
+/// SQLSTATE raised by the SQL functions for an argument out of range (e.g. a zero TTL).
+pub const SQLSTATE_INVALID_ARGUMENT: &str = "SL003";
+
+/// Everything that can go wrong talking to the session-lock database.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The session is missing, expired or ended (SQLSTATE `SL001`). Its tasks
+    /// belong to nobody, or to other sessions, now: stop working on them and
+    /// start a new session.
+    #[error("session {session} is lost (missing, expired or ended): start a new session")]
+    SessionLost {
+        /// The session that was lost.
+        session: i64,
+    },
+    /// The session-lock schema or functions are missing from the database.
+    #[error(
+        "the session-lock migrations are not applied to this database ({detail}): run `session-lock migrate --database-url URL` or `Migrator::run` first"
+    )]
+    NotMigrated {
+        /// What Postgres reported missing.
+        detail: String,
+    },
+    /// A task-template function still has its placeholder body (SQLSTATE `SL002`).
+    #[error("task template not filled in: {detail}")]
+    TemplateUnfilled {
+        /// The message raised by the placeholder, naming the function.
+        detail: String,
+    },
+    /// An argument was rejected by the SQL functions (SQLSTATE `SL003`) or by the store.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A row returned by the task table could not be turned into a task.
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    /// Waiting for a pooled connection timed out.
+    #[error("timed out waiting for a database connection from the pool")]
+    PoolTimedOut,
+    /// Any other database error.
+    #[error("database error: {}", describe_db(.0))]
+    Db(#[source] tokio_postgres::Error),
+    /// Applying migrations failed.
+    #[error(transparent)]
+    Migrate(#[from] crate::migrate::MigrateError),
+}
+
+impl Error {
+    /// Whether this is a lost session (`SL001`): the caller must stop using the
+    /// session and its tasks.
+    pub fn is_session_lost(&self) -> bool {
+        matches!(self, Error::SessionLost { .. })
+    }
+
+    /// Whether retrying later may succeed: connection failures, timeouts and
+    /// serialisation conflicts, as opposed to bugs, bad input or a lost session.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::PoolTimedOut => true,
+            Error::Db(e) => match e.code() {
+                None => true, // closed connection, I/O error, timeout
+                Some(code) => {
+                    let c = code.code();
+                    // class 08: connection exception; 40: transaction rollback
+                    // (serialisation, deadlock); 53: insufficient resources;
+                    // 57P0x: admin/crash shutdown, cannot connect now; 57014: query canceled.
+                    c.starts_with("08")
+                        || c.starts_with("40")
+                        || c.starts_with("53")
+                        || c.starts_with("57P")
+                        || c == "57014"
+                }
+            },
+            _ => false,
+        }
+    }
+
+    /// The SQLSTATE reported by Postgres, if this error came from the server.
+    pub fn db_code(&self) -> Option<&str> {
+        match self {
+            Error::Db(e) => e.code().map(|c| c.code()),
+            Error::SessionLost { .. } => Some(SQLSTATE_SESSION_LOST),
+            Error::TemplateUnfilled { .. } => Some(SQLSTATE_TEMPLATE_UNFILLED),
+            _ => None,
+        }
+    }
+
+    /// Classifies a database error raised while working with `session`.
+    pub(crate) fn from_db(e: tokio_postgres::Error, session: Option<i64>) -> Self {
+        let Some(db) = e.as_db_error() else {
+            return Error::Db(e);
+        };
+        match db.code().code() {
+            SQLSTATE_SESSION_LOST => Error::SessionLost {
+                session: session.unwrap_or(-1),
+            },
+            SQLSTATE_TEMPLATE_UNFILLED => Error::TemplateUnfilled {
+                detail: db.message().to_owned(),
+            },
+            SQLSTATE_INVALID_ARGUMENT => Error::InvalidArgument(db.message().to_owned()),
+            // undefined_function, invalid_schema_name, undefined_table
+            "42883" | "3F000" | "42P01" if mentions_session_lock(db.message()) => {
+                Error::NotMigrated {
+                    detail: db.message().to_owned(),
+                }
+            }
+            _ => Error::Db(e),
+        }
+    }
+}
+
+fn mentions_session_lock(message: &str) -> bool {
+    message.contains("session_lock") || message.contains("example_")
+}
+
+/// Formats a tokio-postgres error with the server's message, detail and hint,
+/// which its own `Display` leaves out.
+pub(crate) fn describe_db(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!("; detail: {d}"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        None => {
+            // Include the source chain: "error connecting to server: Connection refused".
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s.push_str(&format!(": {inner}"));
+                src = inner.source();
+            }
+            s
+        }
+    }
+}
+
+impl From<bb8::RunError<tokio_postgres::Error>> for Error {
+    fn from(e: bb8::RunError<tokio_postgres::Error>) -> Self {
+        match e {
+            bb8::RunError::User(e) => Error::from_db(e, None),
+            bb8::RunError::TimedOut => Error::PoolTimedOut,
+        }
+    }
+}
+
+/// A row from the task table that could not be turned into the task type.
+///
+/// The task stays assigned to its session: it is reported, never dropped, and
+/// comes back on the next tick until it is fixed or the row is corrected.
+#[derive(Debug)]
+pub struct ScanError {
+    /// The id of the task, when the `id` column itself could be read.
+    pub task_id: Option<i64>,
+    /// The column that failed.
+    pub column: String,
+    /// Why it failed.
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl ScanError {
+    /// A failure to read `column` of the row of task `task_id`.
+    pub fn new(
+        task_id: Option<i64>,
+        column: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        ScanError {
+            task_id,
+            column: column.into(),
+            source: source.into(),
+        }
+    }
+}
+
+impl fmt::Display for ScanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.task_id {
+            Some(id) => write!(f, "task {id}: cannot read column `{}`: {}", self.column, self.source),
+            None => write!(f, "cannot read column `{}` of a task row: {}", self.column, self.source),
+        }
+    }
+}
+
+impl std::error::Error for ScanError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}

@@ -1,0 +1,3 @@
+//! Integration tests against a real PostgreSQL started by the harness (one server
+//! per run, one database per test).
+mod harness;
