@@ -1,0 +1,182 @@
+-- The worked example's task functions: migrations/template/0002_tasks.alwaysup.sql
+-- filled in for public.example_task. Re-applied on every run.
+
+-- New tasks wake idle runners at once (LISTEN session_lock_example_task)
+-- instead of waiting for their next tick. One notification per statement,
+-- however many rows it inserts.
+CREATE OR REPLACE FUNCTION public.example_task_notify()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM pg_notify('session_lock_example_task', '');
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER example_task_notify
+    AFTER INSERT ON public.example_task
+    FOR EACH STATEMENT EXECUTE FUNCTION public.example_task_notify();
+
+-- ---------------------------------------------------------------------------
+-- Filled-in template functions.
+-- ---------------------------------------------------------------------------
+
+-- Open tasks, counting no further than p_limit: the share never needs more.
+-- ORDER BY the index's own order pins the plan to an index-only scan of
+-- example_task_open_idx: without it the planner may pick a sequential scan
+-- when its statistics still say most rows are open, and walk every finished
+-- row at the head of the table.
+CREATE OR REPLACE FUNCTION public.example_task_count(p_limit bigint)
+RETURNS bigint
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN (SELECT count(*) FROM (
+        SELECT 1 FROM public.example_task
+         WHERE finished_at IS NULL
+         ORDER BY session_id, id
+         LIMIT p_limit) open_tasks);
+END;
+$$;
+
+-- Open tasks held by one session.
+CREATE OR REPLACE FUNCTION public.example_task_count_for_session(p_session bigint)
+RETURNS integer
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN (SELECT count(*) FROM public.example_task
+             WHERE session_id = p_session AND finished_at IS NULL);
+END;
+$$;
+
+-- Assigns up to p_count open, unowned tasks to p_session, oldest first, and
+-- returns how many. SKIP LOCKED: concurrent pickups take disjoint tasks
+-- without waiting for each other. Ordering by (session_id, id), which within
+-- session_id IS NULL is id order, makes the (session_id IS NULL) range of
+-- example_task_open_idx the cheapest plan; ORDER BY id alone lets the planner
+-- walk the primary key and filter, through every finished task.
+CREATE OR REPLACE FUNCTION public.example_task_pickup(p_session bigint, p_count integer)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    UPDATE public.example_task t
+       SET session_id = p_session
+      FROM (SELECT id FROM public.example_task
+             WHERE session_id IS NULL AND finished_at IS NULL
+             ORDER BY session_id, id
+             LIMIT p_count
+               FOR UPDATE SKIP LOCKED) free
+     WHERE t.id = free.id;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END;
+$$;
+
+-- Releases open tasks held by the given sessions: up to p_count of them
+-- (newest first, so a session keeps the work it has had longest), or all of
+-- them when p_count is NULL. Returns how many.
+CREATE OR REPLACE FUNCTION public.example_task_release(p_sessions bigint[], p_count integer)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    UPDATE public.example_task t
+       SET session_id = NULL
+      FROM (SELECT id FROM public.example_task
+             WHERE session_id = ANY (p_sessions) AND finished_at IS NULL
+             ORDER BY id DESC
+             LIMIT p_count
+               FOR UPDATE) held
+     WHERE t.id = held.id;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END;
+$$;
+
+-- The open tasks a session holds, as rows for the runner to scan.
+CREATE OR REPLACE FUNCTION public.example_task_get_for_session(p_session bigint)
+RETURNS SETOF public.example_task
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN QUERY
+        SELECT * FROM public.example_task
+         WHERE session_id = p_session AND finished_at IS NULL
+         ORDER BY id;
+END;
+$$;
+
+-- Marks finished those of p_ids that p_session still holds and returns their
+-- ids. Tasks held by anyone else, or already finished, are left alone.
+CREATE OR REPLACE FUNCTION public.example_task_finish(p_session bigint, p_ids bigint[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RETURN QUERY
+        UPDATE public.example_task
+           SET finished_at = now(), finished_by = p_session
+         WHERE id = ANY (p_ids)
+           AND session_id = p_session
+           AND finished_at IS NULL
+        RETURNING id;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Entry points the runner calls. Same body as in the template: only the
+-- names differ.
+-- ---------------------------------------------------------------------------
+
+-- Bumps the session (SL001 when it is lost), reclaims the tasks of expired
+-- sessions of its name, moves the session towards its fair share (picking up
+-- unowned tasks, or releasing its surplus) and returns the tasks it holds.
+CREATE OR REPLACE FUNCTION public.example_task_get_work(
+    p_session bigint,
+    p_max_tasks integer,
+    p_ttl interval
+)
+RETURNS SETOF public.example_task
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_begin record;
+    v_ideal integer;
+    v_held  integer;
+BEGIN
+    v_begin := session_lock.work_begin(p_session, p_max_tasks, p_ttl);
+    IF cardinality(v_begin.reclaimed) > 0 THEN
+        PERFORM public.example_task_release(v_begin.reclaimed, NULL);
+    END IF;
+    v_ideal := session_lock.ideal_share(
+        public.example_task_count(v_begin.live_sessions::bigint * p_max_tasks),
+        v_begin.live_sessions,
+        p_max_tasks);
+    v_held := public.example_task_count_for_session(p_session);
+    IF v_held > v_ideal THEN
+        PERFORM public.example_task_release(ARRAY[p_session], v_held - v_ideal);
+    ELSIF v_held < v_ideal THEN
+        PERFORM public.example_task_pickup(p_session, v_ideal - v_held);
+    END IF;
+    RETURN QUERY SELECT * FROM public.example_task_get_for_session(p_session);
+END;
+$$;
+
+-- The fenced finish: raises SL001 when the session is lost, otherwise marks
+-- finished those of p_ids the session still holds and returns their ids.
+CREATE OR REPLACE FUNCTION public.example_task_finish_tasks(p_session bigint, p_ids bigint[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM session_lock.lock_session(p_session);
+    RETURN QUERY SELECT * FROM public.example_task_finish(p_session, p_ids);
+END;
+$$;

@@ -1,0 +1,191 @@
+-- session-lock task template, part 2 of 2: re-applied on every run.
+--
+-- Copy this file next to part 1 and follow the TODOs: each function below has
+-- a placeholder body that raises SQLSTATE SL002 naming itself, and a complete
+-- example body in the comment above it, written for a table
+--     my_task(id BIGINT PRIMARY KEY, session_id BIGINT, finished_at TIMESTAMPTZ, ...)
+-- whose open tasks are those with finished_at IS NULL. Replace my_task with
+-- your table's name everywhere, in the function names too. Keep the
+-- signatures: the entry points at the end call these functions by them.
+--
+-- The rules every body must keep (the protocol's guarantees rest on them):
+--   * only open tasks are counted, picked up, released or returned;
+--   * pickup takes only tasks with session_id IS NULL, with FOR UPDATE SKIP
+--     LOCKED, so concurrent sessions take disjoint tasks without waiting;
+--   * finish touches only tasks whose session_id is the calling session.
+-- PL/pgSQL is used throughout because it caches the plans of its queries.
+
+-- TODO(session-lock): fill in my_task_count.
+-- The number of open tasks, counting no further than p_limit (the share never
+-- needs more, and a bounded count keeps get_work cheap at any backlog).
+-- Example body:
+--     RETURN (SELECT count(*) FROM (
+--         SELECT 1 FROM my_task WHERE finished_at IS NULL
+--              ORDER BY session_id, id LIMIT p_limit) open_tasks);
+CREATE OR REPLACE FUNCTION my_task_count(p_limit bigint)
+RETURNS bigint
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RAISE EXCEPTION 'task template function my_task_count is not filled in'
+        USING ERRCODE = 'SL002', HINT = 'Follow the TODO(session-lock) above it in the task template.';
+END;
+$$;
+
+-- TODO(session-lock): fill in my_task_count_for_session.
+-- The number of open tasks held by p_session.
+-- Example body:
+--     RETURN (SELECT count(*) FROM my_task
+--              WHERE session_id = p_session AND finished_at IS NULL);
+CREATE OR REPLACE FUNCTION my_task_count_for_session(p_session bigint)
+RETURNS integer
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RAISE EXCEPTION 'task template function my_task_count_for_session is not filled in'
+        USING ERRCODE = 'SL002', HINT = 'Follow the TODO(session-lock) above it in the task template.';
+END;
+$$;
+
+-- TODO(session-lock): fill in my_task_pickup.
+-- Assigns up to p_count open, unowned tasks to p_session and returns how many.
+-- Example body (oldest first):
+--     UPDATE my_task t
+--        SET session_id = p_session
+--       FROM (SELECT id FROM my_task
+--              WHERE session_id IS NULL AND finished_at IS NULL
+--              ORDER BY session_id, id
+--              LIMIT p_count
+--                FOR UPDATE SKIP LOCKED) free
+--      WHERE t.id = free.id;
+--     GET DIAGNOSTICS v_count = ROW_COUNT;
+--     RETURN v_count;
+CREATE OR REPLACE FUNCTION my_task_pickup(p_session bigint, p_count integer)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    RAISE EXCEPTION 'task template function my_task_pickup is not filled in'
+        USING ERRCODE = 'SL002', HINT = 'Follow the TODO(session-lock) above it in the task template.';
+END;
+$$;
+
+-- TODO(session-lock): fill in my_task_release.
+-- Releases (sets session_id to NULL) open tasks held by any of p_sessions: up
+-- to p_count of them, or all when p_count is NULL. Returns how many. Used to
+-- give back a session's surplus when others join, and to free the tasks of
+-- sessions that expired.
+-- Example body (newest first, so a session keeps what it has had longest):
+--     UPDATE my_task t
+--        SET session_id = NULL
+--       FROM (SELECT id FROM my_task
+--              WHERE session_id = ANY (p_sessions) AND finished_at IS NULL
+--              ORDER BY id DESC
+--              LIMIT p_count
+--                FOR UPDATE) held
+--      WHERE t.id = held.id;
+--     GET DIAGNOSTICS v_count = ROW_COUNT;
+--     RETURN v_count;
+CREATE OR REPLACE FUNCTION my_task_release(p_sessions bigint[], p_count integer)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    RAISE EXCEPTION 'task template function my_task_release is not filled in'
+        USING ERRCODE = 'SL002', HINT = 'Follow the TODO(session-lock) above it in the task template.';
+END;
+$$;
+
+-- TODO(session-lock): fill in my_task_get_for_session.
+-- The open tasks p_session holds: these rows are what your ScanTask reads.
+-- Example body:
+--     RETURN QUERY
+--         SELECT * FROM my_task
+--          WHERE session_id = p_session AND finished_at IS NULL
+--          ORDER BY id;
+CREATE OR REPLACE FUNCTION my_task_get_for_session(p_session bigint)
+RETURNS SETOF my_task
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RAISE EXCEPTION 'task template function my_task_get_for_session is not filled in'
+        USING ERRCODE = 'SL002', HINT = 'Follow the TODO(session-lock) above it in the task template.';
+END;
+$$;
+
+-- TODO(session-lock): fill in my_task_finish.
+-- Marks finished those of p_ids that p_session still holds, and returns their
+-- ids. Never touch a task held by another session.
+-- Example body:
+--     RETURN QUERY
+--         UPDATE my_task
+--            SET finished_at = now()
+--          WHERE id = ANY (p_ids)
+--            AND session_id = p_session
+--            AND finished_at IS NULL
+--         RETURNING id;
+CREATE OR REPLACE FUNCTION my_task_finish(p_session bigint, p_ids bigint[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'task template function my_task_finish is not filled in'
+        USING ERRCODE = 'SL002', HINT = 'Follow the TODO(session-lock) above it in the task template.';
+END;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Entry points the runner calls. Do not change their bodies: they are the
+-- protocol. Only rename my_task.
+-- ---------------------------------------------------------------------------
+
+-- TODO(session-lock): rename my_task in the two entry points below.
+-- Bumps the session (SL001 when it is lost), reclaims the tasks of expired
+-- sessions of its name, moves the session towards its fair share (picking up
+-- unowned tasks, or releasing its surplus) and returns the tasks it holds.
+CREATE OR REPLACE FUNCTION my_task_get_work(
+    p_session bigint,
+    p_max_tasks integer,
+    p_ttl interval
+)
+RETURNS SETOF my_task
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_begin record;
+    v_ideal integer;
+    v_held  integer;
+BEGIN
+    v_begin := session_lock.work_begin(p_session, p_max_tasks, p_ttl);
+    IF cardinality(v_begin.reclaimed) > 0 THEN
+        PERFORM my_task_release(v_begin.reclaimed, NULL);
+    END IF;
+    v_ideal := session_lock.ideal_share(
+        my_task_count(v_begin.live_sessions::bigint * p_max_tasks),
+        v_begin.live_sessions,
+        p_max_tasks);
+    v_held := my_task_count_for_session(p_session);
+    IF v_held > v_ideal THEN
+        PERFORM my_task_release(ARRAY[p_session], v_held - v_ideal);
+    ELSIF v_held < v_ideal THEN
+        PERFORM my_task_pickup(p_session, v_ideal - v_held);
+    END IF;
+    RETURN QUERY SELECT * FROM my_task_get_for_session(p_session);
+END;
+$$;
+
+-- The fenced finish: raises SL001 when the session is lost, otherwise marks
+-- finished those of p_ids the session still holds and returns their ids.
+CREATE OR REPLACE FUNCTION my_task_finish_tasks(p_session bigint, p_ids bigint[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM session_lock.lock_session(p_session);
+    RETURN QUERY SELECT * FROM my_task_finish(p_session, p_ids);
+END;
+$$;
