@@ -1,0 +1,355 @@
+//! The database boundary: one async function per SQL function of the
+//! protocol, over a bb8 pool of tokio-postgres connections.
+//!
+//! Actors never build SQL; they call a [`Database`], found anew through a
+//! [`DbFinder`] on every tick so that the database may move.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bb8::{Pool, PooledConnection};
+use bb8_postgres::PostgresConnectionManager;
+use tokio_postgres::NoTls;
+use tokio_postgres::types::Type;
+
+use crate::error::{Error, Result, ScanError};
+use crate::task::{ScanTask, TaskId};
+
+/// A session's id: the primary key of its `session_lock.session` row.
+pub type SessionId = i64;
+
+/// Default size of the connection pool.
+pub const DEFAULT_POOL_SIZE: u32 = 4;
+/// Default time allowed to open a connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default server-side limit on any one statement.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time unacknowledged data may sit on the socket before the kernel
+/// drops the connection (`TCP_USER_TIMEOUT`).
+pub const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle time before the first TCP keepalive probe.
+pub const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(10);
+/// Default time between TCP keepalive probes.
+pub const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(2);
+/// Default number of unanswered keepalive probes before the connection is dropped.
+pub const DEFAULT_KEEPALIVES_RETRIES: u32 = 3;
+
+const SESSION_START: &str = "SELECT session_lock.start_session($1, $2 * interval '1 millisecond', $3, $4)";
+const SESSION_BUMP: &str = "SELECT session_lock.bump_session($1, $2 * interval '1 millisecond')";
+const SESSION_END: &str = "SELECT session_lock.end_session($1)";
+const SESSIONS_REAP: &str = "SELECT session_lock.reap_sessions($1 * interval '1 millisecond')";
+
+/// What a new session records about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionStart {
+    /// The runner's name: sessions of one name share its tasks.
+    pub name: String,
+    /// How long the lease lasts without a heartbeat.
+    pub ttl: Duration,
+    /// The host of the process, for operators.
+    pub host: String,
+    /// The process id, for operators.
+    pub pid: u32,
+}
+
+impl SessionStart {
+    /// A session for runner `name` with lease `ttl`, recording this
+    /// process's host name and pid.
+    pub fn new(name: impl Into<String>, ttl: Duration) -> Self {
+        SessionStart {
+            name: name.into(),
+            ttl,
+            host: local_host_name(),
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// The parameters of one `get_work` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkGet {
+    /// The calling session.
+    pub session: SessionId,
+    /// The most tasks the session may hold.
+    pub max_tasks: u32,
+    /// The lease to extend the session by (get_work is also a heartbeat).
+    pub ttl: Duration,
+}
+
+/// The tasks a session holds after a `get_work`.
+#[derive(Debug)]
+pub struct Work<T> {
+    /// Every task that scanned.
+    pub tasks: Vec<T>,
+    /// Rows that did not scan. Their tasks stay assigned to the session.
+    pub unreadable: Vec<ScanError>,
+}
+
+/// The calls a runner makes to the database (the seed's `Database`).
+///
+/// [`PgStore`] implements it over Postgres; implement it yourself to wrap
+/// one (for example to add metrics or routing).
+pub trait Database: Send + Sync + 'static {
+    /// Starts a session and returns its id.
+    fn session_start(&self, params: &SessionStart) -> impl Future<Output = Result<SessionId>> + Send;
+    /// Extends a live session's lease. [`Error::SessionLost`] when it is not live.
+    fn session_bump(&self, session: SessionId, ttl: Duration) -> impl Future<Output = Result<()>> + Send;
+    /// Ends a session so that its tasks are free on the others' next tick.
+    /// Returns false when it was already over. Idempotent.
+    fn session_end(&self, session: SessionId) -> impl Future<Output = Result<bool>> + Send;
+    /// Bumps the session, moves it to its fair share and returns its tasks.
+    /// [`Error::SessionLost`] when it is not live.
+    fn work_get<T: ScanTask>(&self, params: WorkGet) -> impl Future<Output = Result<Work<T>>> + Send;
+    /// Finishes those of `ids` the session still holds and returns them.
+    /// [`Error::SessionLost`] when it is not live: nothing is finished then.
+    fn tasks_finish<T: ScanTask>(
+        &self,
+        session: SessionId,
+        ids: &[TaskId],
+    ) -> impl Future<Output = Result<Vec<TaskId>>> + Send;
+    /// Deletes sessions reclaimed longer than `older_than` ago; returns how many.
+    fn sessions_reap(&self, older_than: Duration) -> impl Future<Output = Result<u64>> + Send;
+}
+
+/// Finds the current [`Database`] (the seed's `DBFinder`): called on every
+/// tick, so the database can move between ticks.
+pub trait DbFinder: Send + Sync + 'static {
+    /// The database type found.
+    type Db: Database;
+    /// Returns the database to use for this tick.
+    fn find(&self) -> impl Future<Output = Result<Self::Db>> + Send;
+}
+
+/// Connection and pool settings for [`PgStore`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most connections in the pool. Defaults to [`DEFAULT_POOL_SIZE`].
+    pub pool_size: u32,
+    /// Time allowed to open a connection, and to wait for one from the pool.
+    /// Defaults to [`DEFAULT_CONNECT_TIMEOUT`].
+    pub connect_timeout: Duration,
+    /// Server-side limit on any one statement. Defaults to
+    /// [`DEFAULT_STATEMENT_TIMEOUT`].
+    pub statement_timeout: Duration,
+    /// `TCP_USER_TIMEOUT` of each connection. Defaults to
+    /// [`DEFAULT_TCP_USER_TIMEOUT`].
+    pub tcp_user_timeout: Duration,
+    /// TCP keepalive idle time. Defaults to [`DEFAULT_KEEPALIVES_IDLE`].
+    pub keepalives_idle: Duration,
+    /// TCP keepalive probe interval. Defaults to [`DEFAULT_KEEPALIVES_INTERVAL`].
+    pub keepalives_interval: Duration,
+    /// TCP keepalive probes before giving up. Defaults to [`DEFAULT_KEEPALIVES_RETRIES`].
+    pub keepalives_retries: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            pool_size: DEFAULT_POOL_SIZE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            tcp_user_timeout: DEFAULT_TCP_USER_TIMEOUT,
+            keepalives_idle: DEFAULT_KEEPALIVES_IDLE,
+            keepalives_interval: DEFAULT_KEEPALIVES_INTERVAL,
+            keepalives_retries: DEFAULT_KEEPALIVES_RETRIES,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Applies the timeouts and keepalives to a connection config, so that a
+    /// partitioned database fails a call in seconds instead of hanging on the
+    /// kernel's defaults (minutes). A statement timeout already present in
+    /// the config's `options` is kept.
+    pub fn apply(&self, config: &mut tokio_postgres::Config) {
+        config
+            .connect_timeout(self.connect_timeout)
+            .tcp_user_timeout(self.tcp_user_timeout)
+            .keepalives(true)
+            .keepalives_idle(self.keepalives_idle)
+            .keepalives_interval(self.keepalives_interval)
+            .keepalives_retries(self.keepalives_retries);
+        let options = config.get_options().unwrap_or("").to_owned();
+        if !options.contains("statement_timeout") {
+            let timeout = format!("-c statement_timeout={}", self.statement_timeout.as_millis());
+            let joined = if options.is_empty() {
+                timeout
+            } else {
+                format!("{options} {timeout}")
+            };
+            config.options(joined);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("session-lock");
+        }
+    }
+}
+
+type Manager = PostgresConnectionManager<NoTls>;
+
+/// The [`Database`] over Postgres: a bb8 pool of tokio-postgres connections
+/// calling the session-lock SQL functions. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: Pool<Manager>,
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (a libpq-style URL or key=value
+    /// string) with [`StoreOptions::default`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| Error::InvalidArgument(format!("bad database URL: {e}")))?;
+        Self::from_config(config, StoreOptions::default()).await
+    }
+
+    /// Builds a pool for `config` with the given options. The pool connects
+    /// lazily: an unreachable database is reported by the first call.
+    pub async fn from_config(mut config: tokio_postgres::Config, options: StoreOptions) -> Result<Self> {
+        if options.pool_size == 0 {
+            return Err(Error::InvalidArgument("pool_size must be at least 1".into()));
+        }
+        options.apply(&mut config);
+        let pool = Pool::builder()
+            .max_size(options.pool_size)
+            .min_idle(Some(0))
+            .connection_timeout(options.connect_timeout)
+            // A broken connection is detected when a call fails and is then
+            // dropped by bb8; testing every checkout would add a round trip
+            // to every call.
+            .test_on_check_out(false)
+            .build_unchecked(Manager::new(config, NoTls));
+        Ok(PgStore { pool })
+    }
+
+    /// Wraps an existing pool.
+    pub fn from_pool(pool: Pool<Manager>) -> Self {
+        PgStore { pool }
+    }
+
+    /// The underlying pool, for queries of your own.
+    pub fn pool(&self) -> &Pool<Manager> {
+        &self.pool
+    }
+
+    async fn conn(&self) -> Result<PooledConnection<'_, Manager>> {
+        Ok(self.pool.get().await?)
+    }
+}
+
+impl Database for PgStore {
+    #[tracing::instrument(level = "debug", skip(self, params), fields(session.name = %params.name), err)]
+    async fn session_start(&self, params: &SessionStart) -> Result<SessionId> {
+        let conn = self.conn().await?;
+        let pid = i32::try_from(params.pid).unwrap_or(0);
+        let row = conn
+            .query_typed_one(
+                SESSION_START,
+                &[
+                    (&params.name, Type::TEXT),
+                    (&millis(params.ttl), Type::INT8),
+                    (&params.host, Type::TEXT),
+                    (&pid, Type::INT4),
+                ],
+            )
+            .await
+            .map_err(|e| Error::from_db(e, None))?;
+        row.try_get(0).map_err(|e| Error::from_db(e, None))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), err)]
+    async fn session_bump(&self, session: SessionId, ttl: Duration) -> Result<()> {
+        let conn = self.conn().await?;
+        conn.query_typed_one(SESSION_BUMP, &[(&session, Type::INT8), (&millis(ttl), Type::INT8)])
+            .await
+            .map_err(|e| Error::from_db(e, Some(session)))?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), err)]
+    async fn session_end(&self, session: SessionId) -> Result<bool> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_typed_one(SESSION_END, &[(&session, Type::INT8)])
+            .await
+            .map_err(|e| Error::from_db(e, Some(session)))?;
+        row.try_get(0).map_err(|e| Error::from_db(e, Some(session)))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), err)]
+    async fn work_get<T: ScanTask>(&self, params: WorkGet) -> Result<Work<T>> {
+        let max_tasks = i32::try_from(params.max_tasks).map_err(|_| {
+            Error::InvalidArgument(format!("max_tasks {} is out of range", params.max_tasks))
+        })?;
+        let conn = self.conn().await?;
+        let rows = conn
+            .query_typed(
+                T::QUERIES.get_work,
+                &[
+                    (&params.session, Type::INT8),
+                    (&max_tasks, Type::INT4),
+                    (&millis(params.ttl), Type::INT8),
+                ],
+            )
+            .await
+            .map_err(|e| Error::from_db(e, Some(params.session)))?;
+        let mut work = Work {
+            tasks: Vec::with_capacity(rows.len()),
+            unreadable: Vec::new(),
+        };
+        for row in &rows {
+            match T::scan(row) {
+                Ok(task) => work.tasks.push(task),
+                Err(e) => work.unreadable.push(e),
+            }
+        }
+        Ok(work)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, ids), fields(tasks = ids.len()), err)]
+    async fn tasks_finish<T: ScanTask>(&self, session: SessionId, ids: &[TaskId]) -> Result<Vec<TaskId>> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query_typed(T::QUERIES.finish, &[(&session, Type::INT8), (&ids, Type::INT8_ARRAY)])
+            .await
+            .map_err(|e| Error::from_db(e, Some(session)))?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(|e| Error::from_db(e, Some(session))))
+            .collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), err)]
+    async fn sessions_reap(&self, older_than: Duration) -> Result<u64> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_typed_one(SESSIONS_REAP, &[(&millis(older_than), Type::INT8)])
+            .await
+            .map_err(|e| Error::from_db(e, None))?;
+        let reaped: i32 = row.try_get(0).map_err(|e| Error::from_db(e, None))?;
+        Ok(u64::try_from(reaped).unwrap_or(0))
+    }
+}
+
+impl DbFinder for PgStore {
+    type Db = PgStore;
+
+    async fn find(&self) -> Result<PgStore> {
+        Ok(self.clone())
+    }
+}
+
+/// Milliseconds of `d`, saturating: durations are validated long before they
+/// could overflow.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// This machine's host name, or "" when it cannot be read.
+pub(crate) fn local_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
