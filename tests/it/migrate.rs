@@ -1,0 +1,535 @@
+//! The migrator: once/always files, bookkeeping, checksums, concurrency and
+//! error reporting.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use session_lock::migrate::{MigrateError, MigrationKind, Migrator};
+use tokio_postgres::Client;
+
+use crate::harness::fresh_db;
+
+/// A scratch migrations directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "session-lock-migrate-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    fn write(&self, file: &str, sql: &str) -> &Self {
+        std::fs::write(self.0.join(file), sql).unwrap();
+        self
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn names(m: &Migrator, kind: MigrationKind) -> Vec<String> {
+    m.migrations()
+        .iter()
+        .filter(|m| m.kind == kind)
+        .map(|m| m.name())
+        .collect()
+}
+
+async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Rows of the bookkeeping table for one `set/file`.
+async fn recorded(client: &Client, set: &str, file: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM session_lock.schema_migration WHERE set_name = $1 AND file = $2",
+            &[&set, &file],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Advisory locks this session still holds.
+async fn held_advisory_locks(client: &Client) -> i64 {
+    count(
+        client,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+    )
+    .await
+}
+
+async fn table_exists(client: &Client, name: &str) -> bool {
+    client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn running_twice_applies_once_files_once() {
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    let migrator = Migrator::new().with_example();
+    let once = names(&migrator, MigrationKind::Once);
+    let always = names(&migrator, MigrationKind::Always);
+    assert!(once.contains(&"session_lock/0001_session_lock.up.sql".to_owned()));
+    assert!(once.contains(&"example/0001_example_task.up.sql".to_owned()));
+
+    let first = migrator.run(&mut client).await.unwrap();
+    assert_eq!(first.applied, once);
+    assert!(first.skipped.is_empty());
+    assert_eq!(first.reapplied, always);
+
+    let second = migrator.run(&mut client).await.unwrap();
+    assert!(second.applied.is_empty(), "{:?}", second.applied);
+    assert_eq!(second.skipped, once);
+    assert_eq!(second.reapplied, always);
+
+    let rows = count(
+        &client,
+        "SELECT count(*) FROM session_lock.schema_migration",
+    )
+    .await;
+    assert_eq!(rows as usize, migrator.migrations().len());
+    for m in migrator.migrations() {
+        let row = client
+            .query_one(
+                "SELECT kind, checksum FROM session_lock.schema_migration WHERE set_name = $1 AND file = $2",
+                &[&m.set, &m.file],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), m.kind.as_str());
+        assert_eq!(row.get::<_, String>(1), m.checksum());
+    }
+    assert_eq!(held_advisory_locks(&client).await, 0);
+}
+
+#[tokio::test]
+async fn user_dir_once_and_always_files() {
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    let dir = TempDir::new("once-always");
+    dir.write(
+        "0001_counter.up.sql",
+        "CREATE TABLE app_counter (n int);\nINSERT INTO app_counter VALUES (1);\n",
+    )
+    .write(
+        "0002_version.alwaysup.sql",
+        "CREATE OR REPLACE FUNCTION app_version() RETURNS int LANGUAGE plpgsql AS $$\nBEGIN\n  RETURN 1;\nEND;\n$$;\n",
+    )
+    .write("README.md", "not SQL: ignored");
+
+    for _ in 0..2 {
+        let report = Migrator::new()
+            .with_dir(dir.path())
+            .unwrap()
+            .run(&mut client)
+            .await
+            .unwrap();
+        assert!(
+            report
+                .reapplied
+                .contains(&"app/0002_version.alwaysup.sql".to_owned())
+        );
+    }
+    let version = "SELECT app_version()::int8";
+    assert_eq!(count(&client, version).await, 1);
+
+    dir.write(
+        "0002_version.alwaysup.sql",
+        "CREATE OR REPLACE FUNCTION app_version() RETURNS int LANGUAGE plpgsql AS $$\nBEGIN\n  RETURN 2;\nEND;\n$$;\n",
+    );
+    let migrator = Migrator::new().with_dir(dir.path()).unwrap();
+    let report = migrator.run(&mut client).await.unwrap();
+    assert_eq!(
+        report.skipped,
+        vec![
+            "session_lock/0001_session_lock.up.sql".to_owned(),
+            "app/0001_counter.up.sql".to_owned(),
+        ]
+    );
+    assert!(report.applied.is_empty());
+    assert_eq!(count(&client, "SELECT count(*) FROM app_counter").await, 1);
+    assert_eq!(count(&client, version).await, 2);
+
+    let checksum: String = client
+        .query_one(
+            "SELECT checksum FROM session_lock.schema_migration WHERE set_name = 'app' AND file = '0002_version.alwaysup.sql'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let now = migrator
+        .migrations()
+        .iter()
+        .find(|m| m.file == "0002_version.alwaysup.sql")
+        .unwrap()
+        .checksum();
+    assert_eq!(checksum, now);
+}
+
+#[tokio::test]
+async fn an_edited_once_file_is_refused() {
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    let dir = TempDir::new("edited");
+    let original = "CREATE TABLE edited_a (id int);\n";
+    dir.write("0001_a.up.sql", original);
+    Migrator::new()
+        .with_dir(dir.path())
+        .unwrap()
+        .run(&mut client)
+        .await
+        .unwrap();
+
+    dir.write("0001_a.up.sql", "CREATE TABLE edited_a (id bigint);\n")
+        .write("0002_b.up.sql", "CREATE TABLE edited_b (id int);\n")
+        .write(
+            "0003_c.alwaysup.sql",
+            "CREATE OR REPLACE FUNCTION edited_c() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$;\n",
+        );
+    let err = Migrator::new()
+        .with_dir(dir.path())
+        .unwrap()
+        .run(&mut client)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, MigrateError::Edited { .. }), "{msg}");
+    assert!(
+        msg.contains("migration app/0001_a.up.sql was edited after it was applied"),
+        "{msg}"
+    );
+    assert!(msg.contains("add a new file instead"), "{msg}");
+
+    // Nothing ran: neither the later once-file nor the always-file.
+    assert!(!table_exists(&client, "edited_b").await);
+    assert_eq!(recorded(&client, "app", "0002_b.up.sql").await, 0);
+    assert_eq!(recorded(&client, "app", "0003_c.alwaysup.sql").await, 0);
+    assert_eq!(held_advisory_locks(&client).await, 0);
+
+    // Restoring the file lets the run go on.
+    dir.write("0001_a.up.sql", original);
+    let report = Migrator::new()
+        .with_dir(dir.path())
+        .unwrap()
+        .run(&mut client)
+        .await
+        .unwrap();
+    assert_eq!(report.applied, vec!["app/0002_b.up.sql".to_owned()]);
+    assert!(table_exists(&client, "edited_b").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrators_apply_each_once_file_once() {
+    const MIGRATORS: usize = 8;
+    let db = fresh_db().await;
+    let dir = TempDir::new("concurrent");
+    dir.write(
+        "0001_hits.up.sql",
+        "CREATE TABLE hits (file text NOT NULL);\nINSERT INTO hits VALUES ('0001');\n",
+    )
+    .write("0002_more.up.sql", "INSERT INTO hits VALUES ('0002');\n")
+    .write(
+        "0003_fn.alwaysup.sql",
+        "CREATE OR REPLACE FUNCTION hits_total() RETURNS bigint LANGUAGE sql AS $$ SELECT count(*) FROM hits $$;\n",
+    );
+    let migrator = Arc::new(Migrator::new().with_example().with_dir(dir.path()).unwrap());
+
+    let mut clients = Vec::new();
+    for _ in 0..MIGRATORS {
+        clients.push(db.client().await);
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(MIGRATORS));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let migrator = migrator.clone();
+            let start = start.clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                migrator.run(&mut client).await
+            })
+        })
+        .collect();
+    let mut applied = Vec::new();
+    for task in tasks {
+        let report = task.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+        applied.extend(report.applied);
+    }
+    applied.sort();
+    let mut once = names(&migrator, MigrationKind::Once);
+    once.sort();
+    assert_eq!(
+        applied, once,
+        "each once-file applied by exactly one migrator"
+    );
+
+    let client = db.client().await;
+    for m in migrator.migrations() {
+        assert_eq!(recorded(&client, &m.set, &m.file).await, 1, "{}", m.name());
+    }
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM hits WHERE file = '0001'").await,
+        1
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM hits WHERE file = '0002'").await,
+        1
+    );
+    assert_eq!(count(&client, "SELECT hits_total()").await, 2);
+}
+
+#[tokio::test]
+async fn a_broken_file_names_file_line_and_statement() {
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    let dir = TempDir::new("broken");
+    dir.write("0001_ok.up.sql", "CREATE TABLE broken_ok (id int);\n")
+        .write(
+            "0002_broken.up.sql",
+            "-- creates two tables\nCREATE TABLE broken_fine (id int);\nCREATE TABLEE broken_bad (id int);\n",
+        );
+    let err = Migrator::new()
+        .with_dir(dir.path())
+        .unwrap()
+        .run(&mut client)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with(
+            "migration app/0002_broken.up.sql failed at line 3, column 8: syntax error at or near \"TABLEE\" (SQLSTATE 42601)"
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("\n  statement: CREATE TABLEE broken_bad (id int)"),
+        "{msg}"
+    );
+    match &err {
+        MigrateError::Failed {
+            set,
+            file,
+            line,
+            column,
+            statement,
+            ..
+        } => {
+            assert_eq!((set.as_str(), file.as_str()), ("app", "0002_broken.up.sql"));
+            assert_eq!((*line, *column), (Some(3), Some(8)));
+            assert_eq!(
+                statement.as_deref(),
+                Some("CREATE TABLEE broken_bad (id int)")
+            );
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+
+    // The earlier file stays applied; the broken one left nothing behind.
+    assert!(table_exists(&client, "broken_ok").await);
+    assert_eq!(recorded(&client, "app", "0001_ok.up.sql").await, 1);
+    assert!(!table_exists(&client, "broken_fine").await);
+    assert_eq!(recorded(&client, "app", "0002_broken.up.sql").await, 0);
+    assert_eq!(held_advisory_locks(&client).await, 0);
+}
+
+#[tokio::test]
+async fn stray_sql_files_and_unfilled_templates_are_refused() {
+    let stray = TempDir::new("stray");
+    stray
+        .write("0001_a.up.sql", "SELECT 1;")
+        .write("foo.sql", "SELECT 2;")
+        .write("notes.txt", "ignored");
+    let err = Migrator::new().with_dir(stray.path()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, MigrateError::UnexpectedFiles { .. }), "{msg}");
+    assert!(
+        msg.contains(&stray.path().join("foo.sql").display().to_string()),
+        "{msg}"
+    );
+    assert!(!msg.contains("0001_a.up.sql"), "{msg}");
+
+    let template = TempDir::new("template");
+    template.write("0001_ok.up.sql", "SELECT 1;").write(
+        "0002_task.up.sql",
+        "-- TODO(session-lock): name the table\nCREATE TABLE my_task (id bigint);\nALTER TABLE my_task ADD COLUMN todo int; -- TODO(session-lock) columns\n",
+    );
+    let err = Migrator::new().with_dir(template.path()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, MigrateError::TemplateNotFilled { .. }),
+        "{msg}"
+    );
+    assert!(msg.contains("the template is not filled in"), "{msg}");
+    let file = template
+        .path()
+        .join("0002_task.up.sql")
+        .display()
+        .to_string();
+    assert!(
+        msg.contains(&format!("{file}:1: -- TODO(session-lock): name the table")),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("{file}:3: ALTER TABLE my_task")),
+        "{msg}"
+    );
+    assert!(!msg.contains("0001_ok.up.sql"), "{msg}");
+
+    let missing = std::env::temp_dir().join("session-lock-migrate-does-not-exist");
+    let err = Migrator::new().with_dir(&missing).unwrap_err();
+    assert!(matches!(err, MigrateError::ReadDir { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&missing.display().to_string()),
+        "{err}"
+    );
+
+    let err = Migrator::new()
+        .with_named_dir("session_lock", stray.path())
+        .unwrap_err();
+    assert!(matches!(err, MigrateError::InvalidSetName { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn several_dirs_get_distinct_set_names() {
+    let a = TempDir::new("set-a");
+    a.write("0001_x.up.sql", "SELECT 1;");
+    let b = TempDir::new("set-b");
+    b.write("0001_x.up.sql", "SELECT 2;");
+    let c = TempDir::new("set-c");
+    c.write("0001_x.up.sql", "SELECT 3;");
+    let migrator = Migrator::new()
+        .with_dir(a.path())
+        .unwrap()
+        .with_dir(b.path())
+        .unwrap()
+        .with_named_dir("billing", c.path())
+        .unwrap()
+        .with_example();
+    let sets: Vec<&str> = migrator
+        .migrations()
+        .iter()
+        .map(|m| m.set.as_str())
+        .collect();
+    assert_eq!(
+        sets,
+        vec![
+            "session_lock",
+            "session_lock",
+            "example",
+            "example",
+            "app",
+            "app2",
+            "billing"
+        ]
+    );
+
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    let report = migrator.run(&mut client).await.unwrap();
+    assert!(report.applied.contains(&"app2/0001_x.up.sql".to_owned()));
+    assert!(report.applied.contains(&"billing/0001_x.up.sql".to_owned()));
+}
+
+#[tokio::test]
+async fn a_runtime_error_names_the_statement() {
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    let dir = TempDir::new("runtime");
+    dir.write(
+        "0001_div.alwaysup.sql",
+        "CREATE TABLE IF NOT EXISTS runtime_t (id int);\nINSERT INTO runtime_t VALUES (1);\n\n-- oops\nSELECT 1/0;\nSELECT 2;\n",
+    );
+    let err = Migrator::new()
+        .with_dir(dir.path())
+        .unwrap()
+        .run(&mut client)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with(
+            "migration app/0001_div.alwaysup.sql failed in the statement at line 5: division by zero (SQLSTATE 22012)"
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("\n  statement: SELECT 1/0\n") || msg.ends_with("statement: SELECT 1/0"),
+        "{msg}"
+    );
+    assert!(!table_exists(&client, "runtime_t").await, "rolled back");
+    assert_eq!(held_advisory_locks(&client).await, 0);
+
+    // Raised inside a function the file calls: the calling statement, and
+    // the server's context.
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    let dir = TempDir::new("runtime-fn");
+    dir.write(
+        "0001_fn.alwaysup.sql",
+        "CREATE OR REPLACE FUNCTION app_boom(d int) RETURNS int LANGUAGE plpgsql AS $$\nBEGIN\n  RETURN 1 / d;\nEND;\n$$;\n\nSELECT app_boom(0);\n",
+    );
+    let err = Migrator::new()
+        .with_dir(dir.path())
+        .unwrap()
+        .run(&mut client)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("migration app/0001_fn.alwaysup.sql failed in the statement at line 7"),
+        "{msg}"
+    );
+    assert!(msg.contains("statement: SELECT app_boom(0)"), "{msg}");
+    assert!(
+        msg.contains("where: PL/pgSQL function app_boom(integer) line 3"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn an_error_in_a_function_body_points_into_the_body() {
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    let dir = TempDir::new("body");
+    dir.write(
+        "0001_fn.alwaysup.sql",
+        "SELECT 1;\nCREATE OR REPLACE FUNCTION app_body() RETURNS int LANGUAGE plpgsql AS $fn$\nBEGIN\n  RETURN 1;\n  RETURNN 2;\nEND;\n$fn$;\n",
+    );
+    let err = Migrator::new()
+        .with_dir(dir.path())
+        .unwrap()
+        .run(&mut client)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("migration app/0001_fn.alwaysup.sql failed at line 5, column 3: syntax error at or near \"RETURNN\""),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("statement: CREATE OR REPLACE FUNCTION app_body()"),
+        "{msg}"
+    );
+}
