@@ -27,7 +27,7 @@ pub trait ScanTask: Task + Sized {
     /// with [`task_queries!`](crate::task_queries).
     const QUERIES: TaskQueries;
 
-    /// Reads one row. Use [`column`] to get errors that name the column.
+    /// Reads one row. Use [`column()`] to get errors that name the column.
     fn scan(row: &Row) -> Result<Self, ScanError>;
 }
 

@@ -1,3 +1,5 @@
 //! Integration tests against a real PostgreSQL started by the harness (one server
 //! per run, one database per test).
 mod harness;
+mod migrate;
+mod protocol;

@@ -1,0 +1,568 @@
+//! The SQL session protocol, exercised through the store against a real
+//! Postgres: shares, caps, rebalancing, expiry, fencing and reaping.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use session_lock::example::ExampleTask;
+use session_lock::{Database, Error, PgStore, SessionId, SessionStart, TaskId, WorkGet};
+
+use crate::harness::{TestDb, fresh_db, migrated_db};
+
+const TTL: Duration = Duration::from_secs(60);
+
+struct Setup {
+    db: TestDb,
+    store: PgStore,
+    client: tokio_postgres::Client,
+}
+
+async fn setup(tasks: usize) -> Setup {
+    let db = migrated_db().await;
+    let store = PgStore::connect(&db.url).await.expect("store connects");
+    let client = db.client().await;
+    seed(&client, tasks).await;
+    Setup { db, store, client }
+}
+
+async fn seed(client: &tokio_postgres::Client, tasks: usize) -> Vec<TaskId> {
+    let rows = client
+        .query(
+            "INSERT INTO example_task (payload) SELECT 'task ' || g FROM generate_series(1, $1::int) g RETURNING id",
+            &[&(tasks as i32)],
+        )
+        .await
+        .expect("seed tasks");
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+async fn start(store: &PgStore, name: &str) -> SessionId {
+    store
+        .session_start(&SessionStart::new(name, TTL))
+        .await
+        .expect("session starts")
+}
+
+async fn work(store: &PgStore, session: SessionId, max_tasks: u32) -> Vec<TaskId> {
+    try_work(store, session, max_tasks)
+        .await
+        .expect("get_work succeeds")
+}
+
+async fn try_work(
+    store: &PgStore,
+    session: SessionId,
+    max_tasks: u32,
+) -> session_lock::Result<Vec<TaskId>> {
+    let w = store
+        .work_get::<ExampleTask>(WorkGet {
+            session,
+            max_tasks,
+            ttl: TTL,
+        })
+        .await?;
+    assert!(
+        w.unreadable.is_empty(),
+        "every example row scans: {:?}",
+        w.unreadable
+    );
+    Ok(w.tasks.iter().map(|t| t.id).collect())
+}
+
+/// Open tasks held per session, from the table itself (None: unowned).
+async fn holdings(client: &tokio_postgres::Client) -> BTreeMap<Option<i64>, i64> {
+    client
+        .query(
+            "SELECT session_id, count(*) FROM example_task WHERE finished_at IS NULL GROUP BY 1",
+            &[],
+        )
+        .await
+        .expect("count holdings")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Makes a session's lease run out now, as if its heartbeats had stopped a
+/// TTL ago: deterministic, unlike sleeping past a short TTL.
+async fn expire(client: &tokio_postgres::Client, session: SessionId) {
+    let n = client
+        .execute(
+            "UPDATE session_lock.session SET expires_at = now() - interval '1 second', bumped_at = now() - interval '2 seconds' WHERE id = $1",
+            &[&session],
+        )
+        .await
+        .expect("expire session");
+    assert_eq!(n, 1, "session {session} exists");
+}
+
+fn assert_lost(result: session_lock::Result<impl std::fmt::Debug>, what: &str) {
+    match result {
+        Err(e @ Error::SessionLost { .. }) => {
+            assert!(e.is_session_lost());
+            assert_eq!(e.db_code(), Some("SL001"));
+        }
+        other => panic!("{what}: expected SessionLost (SL001), got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn share_is_ceil_of_open_over_live_capped_at_max_tasks() {
+    // (sessions, tasks, max_tasks, expected holdings after every session ticked twice)
+    let cases: &[(usize, usize, u32, &[i64])] = &[
+        (1, 20, 10, &[10]),
+        (1, 5, 10, &[5]),
+        (2, 20, 10, &[10, 10]),
+        (2, 15, 10, &[8, 7]),
+        (3, 20, 10, &[7, 7, 6]),
+        (3, 100, 10, &[10, 10, 10]),
+        (7, 20, 10, &[3, 3, 3, 3, 3, 3, 2]),
+        (7, 1000, 4, &[4, 4, 4, 4, 4, 4, 4]),
+    ];
+    for &(sessions, tasks, max_tasks, expected) in cases {
+        let s = setup(tasks).await;
+        let mut ids = Vec::new();
+        for _ in 0..sessions {
+            ids.push(start(&s.store, "share").await);
+        }
+        let mut held = Vec::new();
+        for _round in 0..2 {
+            held.clear();
+            for &id in &ids {
+                held.push(work(&s.store, id, max_tasks).await.len() as i64);
+            }
+        }
+        assert_eq!(
+            held, expected,
+            "{sessions} sessions, {tasks} tasks, max_tasks {max_tasks}"
+        );
+        let table = holdings(&s.client).await;
+        let assigned: i64 = table
+            .iter()
+            .filter(|(k, _)| k.is_some())
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(
+            assigned,
+            expected.iter().sum::<i64>(),
+            "the table agrees with what get_work returned"
+        );
+    }
+}
+
+#[tokio::test]
+async fn runners_of_different_names_do_not_share_a_count() {
+    let s = setup(20).await;
+    let a = start(&s.store, "alpha").await;
+    let b = start(&s.store, "beta").await;
+    // One live session of each name: each counts only itself, so each may
+    // take up to ceil(20 / 1) capped at 15, and beta gets what alpha left.
+    assert_eq!(work(&s.store, a, 15).await.len(), 15);
+    assert_eq!(work(&s.store, b, 15).await.len(), 5);
+}
+
+#[tokio::test]
+async fn a_joining_session_gets_its_share_within_two_ticks() {
+    let s = setup(20).await;
+    let a = start(&s.store, "join").await;
+    let b = start(&s.store, "join").await;
+    assert_eq!(work(&s.store, a, 10).await.len(), 10);
+    assert_eq!(work(&s.store, b, 10).await.len(), 10);
+
+    let c = start(&s.store, "join").await;
+    // Tick 1 of the newcomer: everything is held, nothing to pick up yet.
+    assert_eq!(work(&s.store, c, 10).await.len(), 0);
+    // The incumbents' next ticks release their surplus over ceil(20/3) = 7.
+    assert_eq!(work(&s.store, a, 10).await.len(), 7);
+    assert_eq!(work(&s.store, b, 10).await.len(), 7);
+    // Tick 2 of the newcomer: it holds the rest, within one of the others.
+    assert_eq!(work(&s.store, c, 10).await.len(), 6);
+    let table = holdings(&s.client).await;
+    assert_eq!(table.get(&None), None, "no task is left unowned");
+}
+
+#[tokio::test]
+async fn an_expired_sessions_tasks_move_to_the_survivors() {
+    let s = setup(20).await;
+    let ids = [
+        start(&s.store, "exp").await,
+        start(&s.store, "exp").await,
+        start(&s.store, "exp").await,
+    ];
+    for _ in 0..2 {
+        for &id in &ids {
+            work(&s.store, id, 10).await;
+        }
+    }
+    let dead = ids[2];
+    let dead_tasks = work(&s.store, dead, 10).await;
+    assert_eq!(dead_tasks.len(), 6);
+    expire(&s.client, dead).await;
+
+    let a = work(&s.store, ids[0], 10).await;
+    let b = work(&s.store, ids[1], 10).await;
+    assert_eq!((a.len(), b.len()), (10, 10), "two survivors split 20 tasks");
+    for t in &dead_tasks {
+        assert!(
+            a.contains(t) || b.contains(t),
+            "task {t} of the dead session moved to a survivor"
+        );
+    }
+    let reclaimed: bool = s
+        .client
+        .query_one(
+            "SELECT reclaimed_at IS NOT NULL FROM session_lock.session WHERE id = $1",
+            &[&dead],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reclaimed, "the dead session is marked reclaimed");
+    assert_lost(
+        try_work(&s.store, dead, 10).await,
+        "get_work of the reclaimed session",
+    );
+}
+
+#[tokio::test]
+async fn end_session_frees_its_tasks_on_the_others_next_tick() {
+    let s = setup(20).await;
+    let a = start(&s.store, "end").await;
+    let b = start(&s.store, "end").await;
+    assert_eq!(work(&s.store, a, 20).await.len(), 10);
+    assert_eq!(work(&s.store, b, 20).await.len(), 10);
+
+    assert!(
+        s.store.session_end(b).await.unwrap(),
+        "ending a live session reports it"
+    );
+    assert!(
+        !s.store.session_end(b).await.unwrap(),
+        "ending twice is a no-op"
+    );
+    assert_eq!(
+        work(&s.store, a, 20).await.len(),
+        20,
+        "a takes everything on its very next tick"
+    );
+    assert_lost(try_work(&s.store, b, 20).await, "get_work after end");
+}
+
+#[tokio::test]
+async fn a_lost_session_gets_sl001_from_bump_get_work_and_finish() {
+    let s = setup(5).await;
+    let a = start(&s.store, "lost").await;
+    let tasks = work(&s.store, a, 10).await;
+    s.store
+        .session_bump(a, TTL)
+        .await
+        .expect("a live session bumps");
+    expire(&s.client, a).await;
+
+    assert_lost(s.store.session_bump(a, TTL).await, "bump");
+    assert_lost(try_work(&s.store, a, 10).await, "get_work");
+    assert_lost(
+        s.store.tasks_finish::<ExampleTask>(a, &tasks).await,
+        "finish",
+    );
+    let missing = 987_654_321;
+    assert_lost(
+        s.store.session_bump(missing, TTL).await,
+        "bump of a missing session",
+    );
+    assert_lost(
+        try_work(&s.store, missing, 10).await,
+        "get_work of a missing session",
+    );
+    // Nothing was finished by the expired session.
+    let finished: i64 = s
+        .client
+        .query_one(
+            "SELECT count(*) FROM example_task WHERE finished_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(finished, 0);
+}
+
+#[tokio::test]
+async fn finish_is_fenced_to_the_tasks_the_session_still_holds() {
+    let s = setup(10).await;
+    let a = start(&s.store, "fence").await;
+    let b = start(&s.store, "fence").await;
+    let mine = work(&s.store, a, 10).await;
+    let theirs = work(&s.store, b, 10).await;
+    assert_eq!((mine.len(), theirs.len()), (5, 5));
+
+    let mut asked: Vec<TaskId> = mine[..3].to_vec();
+    asked.extend(&theirs[..2]);
+    asked.push(999_999); // no such task
+    let mut done = s
+        .store
+        .tasks_finish::<ExampleTask>(a, &asked)
+        .await
+        .unwrap();
+    done.sort();
+    assert_eq!(done, mine[..3].to_vec(), "only a's own tasks are finished");
+    // Finishing again returns nothing: they are no longer open.
+    assert!(
+        s.store
+            .tasks_finish::<ExampleTask>(a, &mine[..3])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let rows = s
+        .client
+        .query(
+            "SELECT id, finished_by FROM example_task WHERE finished_at IS NOT NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let finished: Vec<(i64, Option<i64>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        finished,
+        mine[..3]
+            .iter()
+            .map(|&id| (id, Some(a)))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_session_cannot_finish_tasks_that_moved_on() {
+    let s = setup(4).await;
+    let a = start(&s.store, "stall").await;
+    let held = work(&s.store, a, 10).await;
+    assert_eq!(held.len(), 4);
+    // a freezes past its TTL; b starts and takes the work over.
+    expire(&s.client, a).await;
+    let b = start(&s.store, "stall").await;
+    assert_eq!(work(&s.store, b, 10).await, held);
+    // a wakes up and tries to finish what it was running: rejected.
+    assert_lost(
+        s.store.tasks_finish::<ExampleTask>(a, &held).await,
+        "stale finish",
+    );
+    let done = s.store.tasks_finish::<ExampleTask>(b, &held).await.unwrap();
+    assert_eq!(done.len(), 4, "the new holder finishes them");
+}
+
+#[tokio::test]
+async fn reap_deletes_only_sessions_reclaimed_long_enough_ago() {
+    let s = setup(3).await;
+    let live = start(&s.store, "reap").await;
+    let ended = start(&s.store, "reap").await;
+    let expired_elsewhere = start(&s.store, "other-name").await;
+    work(&s.store, ended, 10).await;
+    s.store.session_end(ended).await.unwrap();
+    expire(&s.client, expired_elsewhere).await;
+    // live reclaims `ended` (same name), not `expired_elsewhere`.
+    work(&s.store, live, 10).await;
+
+    assert_eq!(
+        s.store
+            .sessions_reap(Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0,
+        "reclaimed just now: younger than the age"
+    );
+    assert_eq!(s.store.sessions_reap(Duration::ZERO).await.unwrap(), 1);
+    let left: Vec<i64> = s
+        .client
+        .query("SELECT id FROM session_lock.session ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        left,
+        vec![live, expired_elsewhere],
+        "the unreclaimed expired session stays until a session of its name frees its tasks"
+    );
+}
+
+#[tokio::test]
+async fn bad_arguments_are_rejected_with_a_clear_error() {
+    let s = setup(1).await;
+    let a = start(&s.store, "args").await;
+    for (max_tasks, what) in [(0, "zero"), (100_000, "enormous")] {
+        match try_work(&s.store, a, max_tasks).await {
+            Err(Error::InvalidArgument(msg)) => {
+                assert!(
+                    msg.contains("max_tasks"),
+                    "{what}: message names max_tasks: {msg}"
+                )
+            }
+            other => panic!("{what} max_tasks: expected InvalidArgument, got {other:?}"),
+        }
+    }
+    match s.store.session_start(&SessionStart::new("", TTL)).await {
+        Err(Error::InvalidArgument(msg)) => assert!(msg.contains("name"), "{msg}"),
+        other => panic!("empty name: expected InvalidArgument, got {other:?}"),
+    }
+    match s
+        .store
+        .session_start(&SessionStart::new("x", Duration::ZERO))
+        .await
+    {
+        Err(Error::InvalidArgument(msg)) => assert!(msg.contains("ttl"), "{msg}"),
+        other => panic!("zero ttl: expected InvalidArgument, got {other:?}"),
+    }
+    // The session survived the rejected calls and still works.
+    assert_eq!(work(&s.store, a, 10).await.len(), 1);
+    drop(s.db);
+}
+
+#[tokio::test]
+async fn an_unmigrated_database_says_to_run_migrate() {
+    let db = fresh_db().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let err = store
+        .session_start(&SessionStart::new("x", TTL))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotMigrated { .. }), "got {err:?}");
+    assert!(err.to_string().contains("session-lock migrate"), "{err}");
+}
+
+#[tokio::test]
+async fn pickup_uses_the_open_task_index_at_a_large_backlog() {
+    let s = setup(50_000).await;
+    s.client
+        .batch_execute("ANALYZE example_task")
+        .await
+        .unwrap();
+    let plan: String = s
+        .client
+        .query(
+            "EXPLAIN SELECT id FROM example_task WHERE session_id IS NULL AND finished_at IS NULL ORDER BY session_id, id LIMIT 10 FOR UPDATE SKIP LOCKED",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        plan.contains("example_task_open_idx"),
+        "pickup plan:\n{plan}"
+    );
+    let plan: String = s
+        .client
+        .query(
+            "EXPLAIN SELECT count(*) FROM (SELECT 1 FROM example_task WHERE finished_at IS NULL ORDER BY session_id, id LIMIT 100) t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        plan.contains("example_task_open_idx"),
+        "bounded count plan:\n{plan}"
+    );
+}
+
+/// A tiny deterministic generator, so a failing interleaving can be replayed.
+fn next(state: &mut u64) -> u64 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *state >> 33
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_sessions_never_hold_the_same_task() {
+    const SESSIONS: usize = 8;
+    const TICKS: usize = 40;
+    let s = setup(400).await;
+    // Which session believes it holds each task. A session claims its tasks
+    // after get_work commits and drops its claims before its next get_work,
+    // so its beliefs always lie inside its real holding in the database: two
+    // claims on one task can only mean the database handed one task to two
+    // live sessions.
+    let claims: Arc<Mutex<HashMap<TaskId, SessionId>>> = Arc::default();
+    let mut handles = Vec::new();
+    for n in 0..SESSIONS {
+        // Each session gets its own pooled store, hence its own connections.
+        let store = PgStore::connect(&s.db.url).await.unwrap();
+        let claims = claims.clone();
+        handles.push(tokio::spawn(async move {
+            let mut rng = 0x5eed_u64 + n as u64;
+            // Half the sessions join late, so surplus is released and
+            // re-picked while others run.
+            if n % 2 == 1 {
+                tokio::task::yield_now().await;
+            }
+            let mut session = start(&store, "race").await;
+            let mut mine: Vec<TaskId> = Vec::new();
+            let mut finished = 0usize;
+            for tick in 0..TICKS {
+                claims.lock().unwrap().retain(|_, s| *s != session);
+                if n % 3 == 0 && tick == TICKS / 2 {
+                    // Leave and rejoin under a new session mid-run.
+                    store.session_end(session).await.unwrap();
+                    session = start(&store, "race").await;
+                }
+                let max_tasks = 3 + (next(&mut rng) % 8) as u32;
+                mine = work(&store, session, max_tasks).await;
+                {
+                    let mut claims = claims.lock().unwrap();
+                    for &t in &mine {
+                        if let Some(other) = claims.insert(t, session) {
+                            panic!(
+                                "task {t} is held by session {other} and handed to {session} too"
+                            );
+                        }
+                    }
+                }
+                let some: Vec<TaskId> = mine
+                    .iter()
+                    .copied()
+                    .filter(|_| next(&mut rng) % 3 == 0)
+                    .collect();
+                let done = store
+                    .tasks_finish::<ExampleTask>(session, &some)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    done.len(),
+                    some.len(),
+                    "a live session finishes every task it holds"
+                );
+                finished += done.len();
+            }
+            let _ = mine;
+            finished
+        }));
+    }
+    let mut finished = 0;
+    for h in handles {
+        finished += h.await.expect("session task panicked");
+    }
+    let rows: i64 = s
+        .client
+        .query_one(
+            "SELECT count(*) FROM example_task WHERE finished_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        rows as usize, finished,
+        "every reported finish is in the table, once"
+    );
+    assert!(finished > 0);
+}
