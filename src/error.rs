@@ -128,7 +128,12 @@ fn mentions_session_lock(message: &str) -> bool {
 pub(crate) fn describe_db(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => {
-            let mut s = format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+            let mut s = format!(
+                "{}: {} (SQLSTATE {})",
+                db.severity(),
+                db.message(),
+                db.code().code()
+            );
             if let Some(d) = db.detail() {
                 s.push_str(&format!("; detail: {d}"));
             }
@@ -191,8 +196,16 @@ impl ScanError {
 impl fmt::Display for ScanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.task_id {
-            Some(id) => write!(f, "task {id}: cannot read column `{}`: {}", self.column, self.source),
-            None => write!(f, "cannot read column `{}` of a task row: {}", self.column, self.source),
+            Some(id) => write!(
+                f,
+                "task {id}: cannot read column `{}`: {}",
+                self.column, self.source
+            ),
+            None => write!(
+                f,
+                "cannot read column `{}` of a task row: {}",
+                self.column, self.source
+            ),
         }
     }
 }

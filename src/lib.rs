@@ -13,7 +13,9 @@ mod task;
 pub use error::{Error, Result, ScanError};
 pub use error::{SQLSTATE_INVALID_ARGUMENT, SQLSTATE_SESSION_LOST, SQLSTATE_TEMPLATE_UNFILLED};
 pub use migrate::{MigrateError, Migrator};
-pub use store::{Database, DbFinder, PgStore, SessionId, SessionStart, StoreOptions, Work, WorkGet};
+pub use store::{
+    Database, DbFinder, PgStore, SessionId, SessionStart, StoreOptions, Work, WorkGet,
+};
 pub use task::{ScanTask, Task, TaskId, TaskQueries, column};
 
 /// The names nearly every user needs.

@@ -34,7 +34,8 @@ pub const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(2);
 /// Default number of unanswered keepalive probes before the connection is dropped.
 pub const DEFAULT_KEEPALIVES_RETRIES: u32 = 3;
 
-const SESSION_START: &str = "SELECT session_lock.start_session($1, $2 * interval '1 millisecond', $3, $4)";
+const SESSION_START: &str =
+    "SELECT session_lock.start_session($1, $2 * interval '1 millisecond', $3, $4)";
 const SESSION_BUMP: &str = "SELECT session_lock.bump_session($1, $2 * interval '1 millisecond')";
 const SESSION_END: &str = "SELECT session_lock.end_session($1)";
 const SESSIONS_REAP: &str = "SELECT session_lock.reap_sessions($1 * interval '1 millisecond')";
@@ -91,15 +92,25 @@ pub struct Work<T> {
 /// one (for example to add metrics or routing).
 pub trait Database: Send + Sync + 'static {
     /// Starts a session and returns its id.
-    fn session_start(&self, params: &SessionStart) -> impl Future<Output = Result<SessionId>> + Send;
+    fn session_start(
+        &self,
+        params: &SessionStart,
+    ) -> impl Future<Output = Result<SessionId>> + Send;
     /// Extends a live session's lease. [`Error::SessionLost`] when it is not live.
-    fn session_bump(&self, session: SessionId, ttl: Duration) -> impl Future<Output = Result<()>> + Send;
+    fn session_bump(
+        &self,
+        session: SessionId,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Ends a session so that its tasks are free on the others' next tick.
     /// Returns false when it was already over. Idempotent.
     fn session_end(&self, session: SessionId) -> impl Future<Output = Result<bool>> + Send;
     /// Bumps the session, moves it to its fair share and returns its tasks.
     /// [`Error::SessionLost`] when it is not live.
-    fn work_get<T: ScanTask>(&self, params: WorkGet) -> impl Future<Output = Result<Work<T>>> + Send;
+    fn work_get<T: ScanTask>(
+        &self,
+        params: WorkGet,
+    ) -> impl Future<Output = Result<Work<T>>> + Send;
     /// Finishes those of `ids` the session still holds and returns them.
     /// [`Error::SessionLost`] when it is not live: nothing is finished then.
     fn tasks_finish<T: ScanTask>(
@@ -171,7 +182,10 @@ impl StoreOptions {
             .keepalives_retries(self.keepalives_retries);
         let options = config.get_options().unwrap_or("").to_owned();
         if !options.contains("statement_timeout") {
-            let timeout = format!("-c statement_timeout={}", self.statement_timeout.as_millis());
+            let timeout = format!(
+                "-c statement_timeout={}",
+                self.statement_timeout.as_millis()
+            );
             let joined = if options.is_empty() {
                 timeout
             } else {
@@ -206,9 +220,14 @@ impl PgStore {
 
     /// Builds a pool for `config` with the given options. The pool connects
     /// lazily: an unreachable database is reported by the first call.
-    pub async fn from_config(mut config: tokio_postgres::Config, options: StoreOptions) -> Result<Self> {
+    pub async fn from_config(
+        mut config: tokio_postgres::Config,
+        options: StoreOptions,
+    ) -> Result<Self> {
         if options.pool_size == 0 {
-            return Err(Error::InvalidArgument("pool_size must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "pool_size must be at least 1".into(),
+            ));
         }
         options.apply(&mut config);
         let pool = Pool::builder()
@@ -261,9 +280,12 @@ impl Database for PgStore {
     #[tracing::instrument(level = "debug", skip(self), err)]
     async fn session_bump(&self, session: SessionId, ttl: Duration) -> Result<()> {
         let conn = self.conn().await?;
-        conn.query_typed_one(SESSION_BUMP, &[(&session, Type::INT8), (&millis(ttl), Type::INT8)])
-            .await
-            .map_err(|e| Error::from_db(e, Some(session)))?;
+        conn.query_typed_one(
+            SESSION_BUMP,
+            &[(&session, Type::INT8), (&millis(ttl), Type::INT8)],
+        )
+        .await
+        .map_err(|e| Error::from_db(e, Some(session)))?;
         Ok(())
     }
 
@@ -308,10 +330,17 @@ impl Database for PgStore {
     }
 
     #[tracing::instrument(level = "debug", skip(self, ids), fields(tasks = ids.len()), err)]
-    async fn tasks_finish<T: ScanTask>(&self, session: SessionId, ids: &[TaskId]) -> Result<Vec<TaskId>> {
+    async fn tasks_finish<T: ScanTask>(
+        &self,
+        session: SessionId,
+        ids: &[TaskId],
+    ) -> Result<Vec<TaskId>> {
         let conn = self.conn().await?;
         let rows = conn
-            .query_typed(T::QUERIES.finish, &[(&session, Type::INT8), (&ids, Type::INT8_ARRAY)])
+            .query_typed(
+                T::QUERIES.finish,
+                &[(&session, Type::INT8), (&ids, Type::INT8_ARRAY)],
+            )
             .await
             .map_err(|e| Error::from_db(e, Some(session)))?;
         rows.iter()
