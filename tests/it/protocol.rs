@@ -566,3 +566,58 @@ async fn concurrent_sessions_never_hold_the_same_task() {
     );
     assert!(finished > 0);
 }
+
+/// A task type whose scan is wrong for the example table: `payload` is TEXT.
+#[derive(Debug)]
+struct MisreadTask {
+    id: TaskId,
+}
+
+impl session_lock::Task for MisreadTask {
+    fn id(&self) -> TaskId {
+        self.id
+    }
+}
+
+impl session_lock::ScanTask for MisreadTask {
+    const QUERIES: session_lock::TaskQueries = session_lock::task_queries!("public.example_task");
+
+    fn scan(row: &tokio_postgres::Row) -> Result<Self, session_lock::ScanError> {
+        let id = session_lock::column(row, None, "id")?;
+        let _: i64 = session_lock::column(row, Some(id), "payload")?;
+        Ok(MisreadTask { id })
+    }
+}
+
+#[tokio::test]
+async fn a_row_that_does_not_scan_is_reported_by_column_and_stays_assigned() {
+    let s = setup(2).await;
+    let a = start(&s.store, "scan").await;
+    let work = s
+        .store
+        .work_get::<MisreadTask>(WorkGet {
+            session: a,
+            max_tasks: 10,
+            ttl: TTL,
+        })
+        .await
+        .expect("get_work itself succeeds");
+    assert!(work.tasks.is_empty());
+    assert_eq!(work.unreadable.len(), 2, "both rows are reported");
+    let e = &work.unreadable[0];
+    assert_eq!(e.column, "payload");
+    assert!(e.task_id.is_some());
+    assert!(e.to_string().contains("`payload`"), "{e}");
+    // Nothing was dropped: the tasks are still held by the session.
+    assert_eq!(holdings(&s.client).await.get(&Some(a)), Some(&2));
+}
+
+#[tokio::test]
+async fn pooled_connections_carry_the_statement_timeout() {
+    let s = setup(0).await;
+    let conn = s.store.pool().get().await.expect("a pooled connection");
+    let row = conn.query_one("SHOW statement_timeout", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "30s");
+    let row = conn.query_one("SHOW application_name", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "session-lock");
+}
