@@ -47,6 +47,16 @@ pub enum Error {
     /// Waiting for a pooled connection timed out.
     #[error("timed out waiting for a database connection from the pool")]
     PoolTimedOut,
+    /// User code (a Tasker, DbFinder or ScanTask) panicked; the panic was
+    /// caught and the actor running it restarted.
+    #[error("user code panicked: {0}")]
+    Panicked(String),
+    /// A runner configuration value cannot work.
+    #[error("invalid runner configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// The runner has stopped and takes no more requests.
+    #[error("the runner has stopped")]
+    Stopped,
     /// Any other database error.
     #[error("database error: {}", describe_db(.0))]
     Db(#[source] tokio_postgres::Error),

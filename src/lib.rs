@@ -2,23 +2,41 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, unreachable_pub)]
 
+mod backoff;
+mod catch;
+pub mod config;
 #[cfg(feature = "embedded")]
 pub mod embedded;
 mod error;
 pub mod example;
+mod fetcher;
 pub mod migrate;
+mod reaper;
+mod session;
+pub mod status;
 pub mod store;
+pub mod supervisor;
 mod task;
+pub mod tasker;
+pub mod telemetry;
+mod workers;
 
+pub use config::{ConfigError, RunnerConfig, RunnerConfigBuilder};
 pub use error::{Error, Result, ScanError};
 pub use error::{SQLSTATE_INVALID_ARGUMENT, SQLSTATE_SESSION_LOST, SQLSTATE_TEMPLATE_UNFILLED};
 pub use migrate::{MigrateError, Migrator};
+pub use status::RunnerStatus;
 pub use store::{
-    Database, DbFinder, PgStore, SessionId, SessionStart, StoreOptions, Work, WorkGet,
+    Database, DbFinder, Listener, PgStore, SessionId, SessionStart, StoreOptions, Work, WorkGet,
 };
+pub use supervisor::{Runner, RunnerHandle, RunnerServer, Stop};
 pub use task::{ScanTask, Task, TaskId, TaskQueries, column};
+pub use tasker::{Progress, Tasker, TaskerError};
 
 /// The names nearly every user needs.
 pub mod prelude {
-    pub use crate::{Database, DbFinder, Error, PgStore, ScanTask, Task, TaskId, TaskQueries};
+    pub use crate::{
+        Database, DbFinder, Error, PgStore, Progress, Runner, RunnerConfig, RunnerHandle,
+        RunnerServer, ScanTask, Stop, Task, TaskId, TaskQueries, Tasker, TaskerError,
+    };
 }

@@ -5,6 +5,7 @@
 //! [`DbFinder`] on every tick so that the database may move.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bb8::{Pool, PooledConnection};
@@ -120,6 +121,32 @@ pub trait Database: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<TaskId>>> + Send;
     /// Deletes sessions reclaimed longer than `older_than` ago; returns how many.
     fn sessions_reap(&self, older_than: Duration) -> impl Future<Output = Result<u64>> + Send;
+    /// Listens on a notification channel on a connection of its own, so
+    /// that new tasks wake an idle runner. `None` when not supported, the
+    /// default: the runner then relies on its tick alone.
+    fn listen(
+        &self,
+        channel: &'static str,
+    ) -> impl Future<Output = Result<Option<Listener>>> + Send {
+        let _ = channel;
+        async { Ok(None) }
+    }
+}
+
+/// Notifications from one LISTEN connection. Dropping it closes the
+/// connection.
+#[derive(Debug)]
+pub struct Listener {
+    _client: tokio_postgres::Client,
+    rx: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl Listener {
+    /// Waits for the next notification; bursts are coalesced into one.
+    /// Returns false when the connection has closed.
+    pub async fn notified(&mut self) -> bool {
+        self.rx.recv().await.is_some()
+    }
 }
 
 /// Finds the current [`Database`] (the seed's `DBFinder`): called on every
@@ -199,13 +226,59 @@ impl StoreOptions {
     }
 }
 
-type Manager = PostgresConnectionManager<NoTls>;
+/// The pool's connection manager: bb8-postgres's, with every connection
+/// opened and driven on the runtime that created the store.
+///
+/// tokio-postgres splits a connection into a `Client` and a task that owns
+/// the socket. bb8-postgres spawns that task wherever `connect` is called, so
+/// a connection first needed by an actor on a short-lived arbiter would die
+/// with that arbiter and leave a dead client in a pool the whole service
+/// shares. Opening it on the store's home runtime (the actix System's, when
+/// the store is made in `main`) ties every connection to the process instead.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    inner: Arc<PostgresConnectionManager<NoTls>>,
+    home: tokio::runtime::Handle,
+}
+
+impl Manager {
+    fn new(config: tokio_postgres::Config) -> Self {
+        Manager {
+            inner: Arc::new(PostgresConnectionManager::new(config, NoTls)),
+            home: tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = tokio_postgres::Client;
+    type Error = tokio_postgres::Error;
+
+    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        let inner = self.inner.clone();
+        match self.home.spawn(async move { inner.connect().await }).await {
+            Ok(res) => res,
+            // The home runtime has shut down: connect here rather than fail.
+            Err(_) => self.inner.connect().await,
+        }
+    }
+
+    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
+        self.inner.is_valid(conn).await
+    }
+
+    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
+        self.inner.has_broken(conn)
+    }
+}
 
 /// The [`Database`] over Postgres: a bb8 pool of tokio-postgres connections
 /// calling the session-lock SQL functions. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: Pool<Manager>,
+    /// For connections outside the pool (LISTEN needs one of its own).
+    config: Arc<tokio_postgres::Config>,
 }
 
 impl PgStore {
@@ -220,6 +293,10 @@ impl PgStore {
 
     /// Builds a pool for `config` with the given options. The pool connects
     /// lazily: an unreachable database is reported by the first call.
+    ///
+    /// Connections are opened and driven on the Tokio runtime this is called
+    /// on: in an actix application, call it from `main` (the System's
+    /// arbiter), which lives as long as the process.
     pub async fn from_config(
         mut config: tokio_postgres::Config,
         options: StoreOptions,
@@ -238,13 +315,11 @@ impl PgStore {
             // dropped by bb8; testing every checkout would add a round trip
             // to every call.
             .test_on_check_out(false)
-            .build_unchecked(Manager::new(config, NoTls));
-        Ok(PgStore { pool })
-    }
-
-    /// Wraps an existing pool.
-    pub fn from_pool(pool: Pool<Manager>) -> Self {
-        PgStore { pool }
+            .build_unchecked(Manager::new(config.clone()));
+        Ok(PgStore {
+            pool,
+            config: Arc::new(config),
+        })
     }
 
     /// The underlying pool, for queries of your own.
@@ -358,6 +433,53 @@ impl Database for PgStore {
         let reaped: i32 = row.try_get(0).map_err(|e| Error::from_db(e, None))?;
         Ok(u64::try_from(reaped).unwrap_or(0))
     }
+
+    async fn listen(&self, channel: &'static str) -> Result<Option<Listener>> {
+        self.listen_on(channel).await
+    }
+}
+
+impl PgStore {
+    async fn listen_on(&self, channel: &'static str) -> Result<Option<Listener>> {
+        use futures_util::future::poll_fn;
+        use tokio_postgres::AsyncMessage;
+
+        let (client, mut connection) = self
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(|e| Error::from_db(e, None))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
+                match msg {
+                    // A full channel already holds a wake-up: coalesce.
+                    Ok(AsyncMessage::Notification(_)) => {
+                        let _ = tx.try_send(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "listen connection closed");
+                        break;
+                    }
+                }
+            }
+        });
+        // LISTEN takes no bind parameters; the channel is a constant chosen
+        // in code (TaskQueries::notify_channel), quoted as an identifier.
+        client
+            .batch_execute(&format!("LISTEN {}", quote_ident(channel)))
+            .await
+            .map_err(|e| Error::from_db(e, None))?;
+        Ok(Some(Listener {
+            _client: client,
+            rx,
+        }))
+    }
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 impl DbFinder for PgStore {

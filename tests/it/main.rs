@@ -3,3 +3,4 @@
 mod harness;
 mod migrate;
 mod protocol;
+mod runner;

@@ -1,0 +1,29 @@
+//! Panics in user code (Tasker, DbFinder, ScanTask) become errors: a panic
+//! inside an actor's future is not supervised by actix, it would just kill
+//! the actor.
+
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
+
+use crate::error::Error;
+
+/// Runs `fut`, turning a panic (in user code such as a DbFinder) into an
+/// error instead of killing the actor silently.
+pub(crate) async fn caught<T>(fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    match AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(res) => res,
+        Err(panic) => Err(Error::Panicked(panic_message(&panic))),
+    }
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}

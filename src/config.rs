@@ -1,0 +1,377 @@
+//! Runner configuration: a builder with documented defaults, validated at
+//! [`RunnerConfigBuilder::build`].
+
+use std::time::Duration;
+
+/// Default session lease: how long a session lives without a heartbeat.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(120);
+/// Default interval between heartbeats.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+/// Default most tasks one session holds at a time.
+pub const DEFAULT_MAX_TASKS: u32 = 10;
+/// Default interval between ticks when there is no more work to drain.
+pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
+/// Default number of tasker workers.
+pub const DEFAULT_WORKERS: usize = 4;
+/// Default time one batch may run before it is stopped.
+pub const DEFAULT_BATCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time `Stop` waits for tasks in flight before stopping them.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default age after which reclaimed sessions are deleted.
+pub const DEFAULT_REAP_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+/// Default interval between reaping runs.
+pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// Default longest wait between retries after a database error.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(10);
+/// The largest `max_tasks` the SQL functions accept.
+pub const MAX_TASKS_LIMIT: u32 = 10_000;
+/// The largest worker pool accepted.
+pub const MAX_WORKERS: usize = 1024;
+/// The longest TTL the SQL functions accept.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A configuration value that cannot work, named with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The runner name is empty or too long.
+    #[error("runner name {0:?} is invalid: it must be 1 to 200 characters")]
+    Name(String),
+    /// A duration or size is zero where it must not be.
+    #[error("{0} must be more than zero")]
+    Zero(&'static str),
+    /// A value is above its upper bound.
+    #[error("{what} is {value}, above the limit of {limit}")]
+    TooLarge {
+        /// The setting.
+        what: &'static str,
+        /// The value given.
+        value: String,
+        /// The largest value accepted.
+        limit: String,
+    },
+    /// The heartbeat is not well under the TTL: a single late heartbeat
+    /// would lose the session.
+    #[error(
+        "heartbeat {heartbeat:?} is not well under the session ttl {ttl:?}: it must be at most a third of it, so two heartbeats can fail before the lease runs out"
+    )]
+    HeartbeatTooSlow {
+        /// The heartbeat interval.
+        heartbeat: Duration,
+        /// The session TTL.
+        ttl: Duration,
+    },
+    /// The safety margin leaves no time between a heartbeat and the fence.
+    #[error(
+        "safety margin {margin:?} is too large for ttl {ttl:?} and heartbeat {heartbeat:?}: it must be less than ttl - heartbeat, or the runner would fence itself between two healthy heartbeats"
+    )]
+    MarginTooLarge {
+        /// The safety margin.
+        margin: Duration,
+        /// The session TTL.
+        ttl: Duration,
+        /// The heartbeat interval.
+        heartbeat: Duration,
+    },
+}
+
+/// How a runner behaves. Build one with [`RunnerConfig::builder`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunnerConfig {
+    pub(crate) name: String,
+    pub(crate) ttl: Duration,
+    pub(crate) heartbeat: Duration,
+    pub(crate) safety_margin: Duration,
+    pub(crate) max_tasks: u32,
+    pub(crate) tick: Duration,
+    pub(crate) jitter: Duration,
+    pub(crate) jitter_seed: Option<u64>,
+    pub(crate) workers: usize,
+    pub(crate) batch_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) drain_mode: bool,
+    pub(crate) listen: bool,
+    pub(crate) reap_after: Duration,
+    pub(crate) reap_interval: Duration,
+    pub(crate) retry_max: Duration,
+}
+
+impl RunnerConfig {
+    /// A builder for a runner called `name`. Sessions of one name share one
+    /// task table; runners of different names never interact.
+    pub fn builder(name: impl Into<String>) -> RunnerConfigBuilder {
+        RunnerConfigBuilder {
+            config: RunnerConfig {
+                name: name.into(),
+                ttl: DEFAULT_TTL,
+                heartbeat: DEFAULT_HEARTBEAT,
+                safety_margin: DEFAULT_TTL / 5,
+                max_tasks: DEFAULT_MAX_TASKS,
+                tick: DEFAULT_TICK,
+                jitter: DEFAULT_TICK,
+                jitter_seed: None,
+                workers: DEFAULT_WORKERS,
+                batch_timeout: DEFAULT_BATCH_TIMEOUT,
+                drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+                drain_mode: true,
+                listen: true,
+                reap_after: DEFAULT_REAP_AFTER,
+                reap_interval: DEFAULT_REAP_INTERVAL,
+                retry_max: DEFAULT_RETRY_MAX,
+            },
+            margin_set: false,
+        }
+    }
+
+    /// The runner's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The session lease.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+    /// The heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat
+    }
+    /// How long before the lease runs out the runner stops using its session.
+    pub fn safety_margin(&self) -> Duration {
+        self.safety_margin
+    }
+    /// The most tasks one session holds.
+    pub fn max_tasks(&self) -> u32 {
+        self.max_tasks
+    }
+    /// The tick interval.
+    pub fn tick(&self) -> Duration {
+        self.tick
+    }
+    /// The most random delay before the first tick.
+    pub fn jitter(&self) -> Duration {
+        self.jitter
+    }
+    /// The size of the worker pool.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+    /// The per-batch timeout.
+    pub fn batch_timeout(&self) -> Duration {
+        self.batch_timeout
+    }
+    /// The drain timeout of `Stop`.
+    pub fn drain_timeout(&self) -> Duration {
+        self.drain_timeout
+    }
+}
+
+/// Builds a [`RunnerConfig`]; every setter documents its default.
+#[derive(Debug, Clone)]
+pub struct RunnerConfigBuilder {
+    config: RunnerConfig,
+    margin_set: bool,
+}
+
+impl RunnerConfigBuilder {
+    /// How long a session lives without a heartbeat; its tasks move to the
+    /// other sessions this long after the process dies. At most 1 day.
+    /// Defaults to [`DEFAULT_TTL`] (2 minutes).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config.ttl = ttl;
+        self
+    }
+
+    /// The interval between heartbeats; at most a third of the TTL.
+    /// Defaults to [`DEFAULT_HEARTBEAT`] (30 seconds).
+    pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.config.heartbeat = heartbeat;
+        self
+    }
+
+    /// How long before the lease would run out, counted from the last
+    /// successful heartbeat on this process's monotonic clock, the runner
+    /// stops using its session (self-fencing), so a frozen or partitioned
+    /// instance stops before the others take its tasks over.
+    /// Defaults to a fifth of the TTL.
+    pub fn safety_margin(mut self, margin: Duration) -> Self {
+        self.config.safety_margin = margin;
+        self.margin_set = true;
+        self
+    }
+
+    /// The most tasks one session holds at a time, 1 to 10,000.
+    /// Defaults to [`DEFAULT_MAX_TASKS`] (10).
+    pub fn max_tasks(mut self, max_tasks: u32) -> Self {
+        self.config.max_tasks = max_tasks;
+        self
+    }
+
+    /// The interval between ticks when the runner is not draining a backlog.
+    /// Defaults to [`DEFAULT_TICK`] (1 second).
+    pub fn tick(mut self, tick: Duration) -> Self {
+        self.config.tick = tick;
+        self
+    }
+
+    /// The most random delay before the first tick, so instances started
+    /// together do not tick in step; zero disables it.
+    /// Defaults to the tick interval.
+    pub fn jitter(mut self, jitter: Duration) -> Self {
+        self.config.jitter = jitter;
+        self
+    }
+
+    /// Seeds the jitter, for reproducible runs. Defaults to a seed drawn per
+    /// process.
+    pub fn jitter_seed(mut self, seed: u64) -> Self {
+        self.config.jitter_seed = Some(seed);
+        self
+    }
+
+    /// The number of tasker workers a batch is spread over, 1 to 1024.
+    /// Defaults to [`DEFAULT_WORKERS`] (4).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.config.workers = workers;
+        self
+    }
+
+    /// How long one batch may run before its unfinished tasks are given up
+    /// (they stay assigned and run again next tick) and the worker restarted.
+    /// Defaults to [`DEFAULT_BATCH_TIMEOUT`] (60 seconds).
+    pub fn batch_timeout(mut self, timeout: Duration) -> Self {
+        self.config.batch_timeout = timeout;
+        self
+    }
+
+    /// How long `Stop` lets tasks in flight run before stopping them.
+    /// Defaults to [`DEFAULT_DRAIN_TIMEOUT`] (30 seconds).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// Whether a tick that filled its whole share starts the next one at
+    /// once instead of waiting for the tick interval. Defaults to true.
+    pub fn drain_mode(mut self, on: bool) -> Self {
+        self.config.drain_mode = on;
+        self
+    }
+
+    /// Whether to LISTEN on the task table's notify channel so that new
+    /// tasks wake an idle runner at once. Defaults to true (a no-op when the
+    /// task type names no channel).
+    pub fn listen(mut self, on: bool) -> Self {
+        self.config.listen = on;
+        self
+    }
+
+    /// How long after being reclaimed dead sessions are deleted.
+    /// Defaults to [`DEFAULT_REAP_AFTER`] (1 day).
+    pub fn reap_after(mut self, age: Duration) -> Self {
+        self.config.reap_after = age;
+        self
+    }
+
+    /// The interval between reaping runs.
+    /// Defaults to [`DEFAULT_REAP_INTERVAL`] (10 minutes).
+    pub fn reap_interval(mut self, interval: Duration) -> Self {
+        self.config.reap_interval = interval;
+        self
+    }
+
+    /// The longest wait between retries after a database error (waits grow
+    /// from 100 ms, with jitter). Defaults to [`DEFAULT_RETRY_MAX`] (10 seconds).
+    pub fn retry_max(mut self, max: Duration) -> Self {
+        self.config.retry_max = max;
+        self
+    }
+
+    /// Checks the configuration and returns it, or the first problem found.
+    pub fn build(self) -> Result<RunnerConfig, ConfigError> {
+        let mut c = self.config;
+        if !self.margin_set {
+            c.safety_margin = c.ttl / 5;
+        }
+        if c.name.is_empty() || c.name.chars().count() > 200 {
+            return Err(ConfigError::Name(c.name));
+        }
+        for (what, d) in [
+            ("ttl", c.ttl),
+            ("heartbeat", c.heartbeat),
+            ("tick", c.tick),
+            ("batch_timeout", c.batch_timeout),
+            ("drain_timeout", c.drain_timeout),
+            ("reap_interval", c.reap_interval),
+            ("retry_max", c.retry_max),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero(what));
+            }
+        }
+        if c.max_tasks == 0 {
+            return Err(ConfigError::Zero("max_tasks"));
+        }
+        if c.workers == 0 {
+            return Err(ConfigError::Zero("workers"));
+        }
+        if c.ttl > MAX_TTL {
+            return Err(ConfigError::TooLarge {
+                what: "ttl",
+                value: format!("{:?}", c.ttl),
+                limit: format!("{MAX_TTL:?}"),
+            });
+        }
+        if c.max_tasks > MAX_TASKS_LIMIT {
+            return Err(ConfigError::TooLarge {
+                what: "max_tasks",
+                value: c.max_tasks.to_string(),
+                limit: MAX_TASKS_LIMIT.to_string(),
+            });
+        }
+        if c.workers > MAX_WORKERS {
+            return Err(ConfigError::TooLarge {
+                what: "workers",
+                value: c.workers.to_string(),
+                limit: MAX_WORKERS.to_string(),
+            });
+        }
+        if c.heartbeat * 3 > c.ttl {
+            return Err(ConfigError::HeartbeatTooSlow {
+                heartbeat: c.heartbeat,
+                ttl: c.ttl,
+            });
+        }
+        if c.safety_margin >= c.ttl - c.heartbeat {
+            return Err(ConfigError::MarginTooLarge {
+                margin: c.safety_margin,
+                ttl: c.ttl,
+                heartbeat: c.heartbeat,
+            });
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_seeds_and_valid() {
+        let c = RunnerConfig::builder("r").build().unwrap();
+        assert_eq!(c.ttl(), Duration::from_secs(120));
+        assert_eq!(c.heartbeat(), Duration::from_secs(30));
+        assert_eq!(c.max_tasks(), 10);
+        assert_eq!(c.safety_margin(), Duration::from_secs(24));
+    }
+
+    #[test]
+    fn margin_follows_a_changed_ttl_unless_set() {
+        let c = RunnerConfig::builder("r")
+            .ttl(Duration::from_secs(10))
+            .heartbeat(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        assert_eq!(c.safety_margin(), Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,73 @@
+//! What a runner is doing, published on a watch channel: for readiness
+//! probes, status pages and tests that wait on "tick done" or "session
+//! renewed" instead of sleeping.
+
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::store::SessionId;
+
+/// A snapshot of one runner. Counters only grow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunnerStatus {
+    /// The runner's name.
+    pub name: String,
+    /// The session the runner may use now: started, renewed within its
+    /// lease, not fenced. `None` while starting, fenced, lost or stopped.
+    pub session: Option<SessionId>,
+    /// Sessions started, including replacements of lost ones.
+    pub session_starts: u64,
+    /// Sessions lost (expired, reclaimed, or fenced by this process).
+    pub session_losses: u64,
+    /// Heartbeats that succeeded.
+    pub heartbeats: u64,
+    /// Heartbeats that failed.
+    pub heartbeat_failures: u64,
+    /// Ticks completed.
+    pub ticks: u64,
+    /// Tasks handed to the workers.
+    pub fetched: u64,
+    /// Tasks completed and finished in the database.
+    pub finished: u64,
+    /// Tasks that failed, panicked, timed out or did not scan.
+    pub failed: u64,
+    /// Completed tasks whose finish the database refused.
+    pub rejected: u64,
+    /// Tasks the session held at its last get_work.
+    pub tasks_held: usize,
+    /// When the last tick completed.
+    pub last_tick: Option<SystemTime>,
+    /// Workers restarted after a panic or a timeout.
+    pub worker_restarts: u64,
+    /// Actors restarted by the supervisor.
+    pub actor_restarts: u64,
+    /// The last error seen, for operators.
+    pub last_error: Option<String>,
+    /// Whether the runner has stopped.
+    pub stopped: bool,
+}
+
+impl RunnerStatus {
+    /// Whether the runner holds a live session it may use.
+    pub fn is_ready(&self) -> bool {
+        self.session.is_some() && !self.stopped
+    }
+}
+
+/// The publishing side, shared by a runner's actors.
+pub(crate) type StatusTx = watch::Sender<RunnerStatus>;
+
+/// Waits until `pred` holds for the runner's status, or `timeout` passes;
+/// returns the status that satisfied it.
+pub async fn wait_for_status(
+    rx: &mut watch::Receiver<RunnerStatus>,
+    timeout: Duration,
+    pred: impl FnMut(&RunnerStatus) -> bool,
+) -> Option<RunnerStatus> {
+    match tokio::time::timeout(timeout, rx.wait_for(pred)).await {
+        Ok(Ok(status)) => Some(status.clone()),
+        _ => None,
+    }
+}

@@ -1,0 +1,364 @@
+//! The supervisor: starts a runner's actors, restarts those that fail, and
+//! stops them in order on [`Stop`]. Also [`RunnerServer`], which starts and
+//! stops several runners together (the seed's RunnerServer).
+//!
+//! Layout of one runner:
+//!
+//! ```text
+//!   RunnerSupervisor (caller's arbiter)     what the application holds
+//!     ├─ control arbiter: SessionActor ──LeaseChanged──► Fetcher ──RunSlice──┐
+//!     │                   Reaper         ◄──Renewed/Lost──                   │
+//!     └─ workers arbiter: Worker × N  ◄──────────────────────────────────────┘
+//! ```
+//!
+//! The session actor has an arbiter (thread) apart from the workers, so a
+//! Tasker that blocks its thread cannot starve the heartbeat. Every actor is
+//! started under actix's `Supervisor`: an actor that stops itself (a worker
+//! after a panic or timeout, the fetcher after a panic) is restarted in
+//! place with the same address.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use futures_util::future::join_all;
+use opentelemetry::metrics::Meter;
+use tokio::sync::{oneshot, watch};
+
+use crate::config::RunnerConfig;
+use crate::fetcher::{Drain, Fetcher};
+use crate::reaper::Reaper;
+use crate::session::{EndSession, SessionActor, Subscribe};
+use crate::status::{RunnerStatus, StatusTx};
+use crate::store::DbFinder;
+use crate::task::ScanTask;
+use crate::tasker::Tasker;
+use crate::telemetry::{Metrics, SCOPE};
+use crate::workers::Worker;
+
+/// Stops a runner (or every runner of a [`RunnerServer`]): no new tick
+/// starts, tasks in flight finish (up to the drain timeout, then they are
+/// stopped), completed tasks are finished, and the session is ended so its
+/// tasks are free for the others at once. Replies when all of that is done.
+/// Idempotent, and safe to send at any time.
+#[derive(Debug, Clone, Copy, Default, Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+/// A runner, configured but not started: the Tasker for one task type, the
+/// database it is found in, and its configuration.
+pub struct Runner<T, K, F> {
+    config: RunnerConfig,
+    finder: F,
+    tasker: K,
+    meter: Option<Meter>,
+    _task: PhantomData<fn() -> T>,
+}
+
+impl<T, K, F> std::fmt::Debug for Runner<T, K, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Runner<T, K, F> {
+    /// A runner of tasks `T`, run by `tasker`, in the database `finder`
+    /// finds on every tick.
+    pub fn new(config: RunnerConfig, finder: F, tasker: K) -> Self {
+        Runner {
+            config,
+            finder,
+            tasker,
+            meter: None,
+            _task: PhantomData,
+        }
+    }
+
+    /// Records metrics with `meter`. Defaults to the global meter provider's
+    /// meter named `session_lock`, a no-op unless the application installed
+    /// a provider.
+    pub fn meter(mut self, meter: Meter) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// Starts the runner's actors. Must be called inside an actix System
+    /// (for example in an actix-web `main`); the runner then runs until it
+    /// gets [`Stop`] or the System stops.
+    pub fn start(self) -> RunnerHandle {
+        let (status, rx) = watch::channel(RunnerStatus {
+            name: self.config.name.clone(),
+            ..RunnerStatus::default()
+        });
+        let name = self.config.name.clone();
+        let meter = self
+            .meter
+            .unwrap_or_else(|| opentelemetry::global::meter(SCOPE));
+        let metrics = Metrics::new(&meter, &self.config.name);
+        let supervisor = RunnerSupervisor::<T, K, F> {
+            config: Arc::new(self.config),
+            finder: Arc::new(self.finder),
+            tasker: Arc::new(self.tasker),
+            status,
+            metrics,
+            running: None,
+            state: State::Running,
+            stop_waiters: Vec::new(),
+        }
+        .start();
+        RunnerHandle {
+            name: name.into(),
+            stop: supervisor.recipient(),
+            status: rx,
+        }
+    }
+}
+
+/// What the application holds of a started runner.
+#[derive(Debug, Clone)]
+pub struct RunnerHandle {
+    name: Arc<str>,
+    stop: Recipient<Stop>,
+    status: watch::Receiver<RunnerStatus>,
+}
+
+impl RunnerHandle {
+    /// The runner's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sends [`Stop`] and waits until the runner has stopped.
+    pub async fn stop(&self) {
+        // A closed mailbox means the runner is already gone.
+        let _ = self.stop.send(Stop).await;
+    }
+
+    /// The recipient of [`Stop`], to send it yourself.
+    pub fn stop_recipient(&self) -> Recipient<Stop> {
+        self.stop.clone()
+    }
+
+    /// The runner's current status.
+    pub fn status(&self) -> RunnerStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status updates, to wait on (e.g. "ticked", "has a
+    /// session") instead of polling.
+    pub fn subscribe(&self) -> watch::Receiver<RunnerStatus> {
+        self.status.clone()
+    }
+}
+
+enum State {
+    Running,
+    Stopping,
+    Stopped,
+}
+
+struct Running<T: ScanTask, K: Tasker<T>, F: DbFinder> {
+    control: Arbiter,
+    workers_arbiter: Arbiter,
+    session: Addr<SessionActor<F>>,
+    fetcher: Addr<Fetcher<T, K, F>>,
+    _reaper: Addr<Reaper<F>>,
+    _workers: Arc<[Addr<Worker<T, K>>]>,
+}
+
+/// The actor that owns one runner's actors.
+pub struct RunnerSupervisor<T: ScanTask, K: Tasker<T>, F: DbFinder> {
+    config: Arc<RunnerConfig>,
+    finder: Arc<F>,
+    tasker: Arc<K>,
+    status: StatusTx,
+    metrics: Metrics,
+    running: Option<Running<T, K, F>>,
+    state: State,
+    stop_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl<T: ScanTask, K: Tasker<T>, F: DbFinder> std::fmt::Debug for RunnerSupervisor<T, K, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerSupervisor")
+            .field("name", &self.config.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Context<Self>) {
+        let control = Arbiter::new();
+        let workers_arbiter = Arbiter::new();
+        let workers: Arc<[Addr<Worker<T, K>>]> = (0..self.config.workers)
+            .map(|i| {
+                let runner: Arc<str> = self.config.name.as_str().into();
+                let tasker = self.tasker.clone();
+                let status = self.status.clone();
+                let metrics = self.metrics.clone();
+                Supervisor::start_in_arbiter(&workers_arbiter.handle(), move |_| {
+                    Worker::new(i, runner, tasker, status, metrics)
+                })
+            })
+            .collect();
+        let session = {
+            let (config, finder, status, metrics) = (
+                self.config.clone(),
+                self.finder.clone(),
+                self.status.clone(),
+                self.metrics.clone(),
+            );
+            Supervisor::start_in_arbiter(&control.handle(), move |_| {
+                SessionActor::new(config, finder, status, metrics)
+            })
+        };
+        let fetcher = {
+            let (config, finder, status, metrics) = (
+                self.config.clone(),
+                self.finder.clone(),
+                self.status.clone(),
+                self.metrics.clone(),
+            );
+            let (session, workers) = (session.clone(), workers.clone());
+            Supervisor::start_in_arbiter(&control.handle(), move |_| {
+                Fetcher::new(config, finder, status, metrics, session, workers)
+            })
+        };
+        session.do_send(Subscribe(fetcher.clone().recipient()));
+        let reaper = {
+            let (config, finder) = (self.config.clone(), self.finder.clone());
+            Supervisor::start_in_arbiter(&control.handle(), move |_| Reaper::new(config, finder))
+        };
+        tracing::info!(runner = %self.config.name, workers = self.config.workers, "runner started");
+        self.running = Some(Running {
+            control,
+            workers_arbiter,
+            session,
+            fetcher,
+            _reaper: reaper,
+            _workers: workers,
+        });
+    }
+}
+
+impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Stop> for RunnerSupervisor<T, K, F> {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Stop, _ctx: &mut Context<Self>) -> Self::Result {
+        match self.state {
+            State::Stopped => return Box::pin(actix::fut::ready(())),
+            State::Stopping => {
+                let (tx, rx) = oneshot::channel();
+                self.stop_waiters.push(tx);
+                return Box::pin(
+                    async move {
+                        let _ = rx.await;
+                    }
+                    .into_actor(self),
+                );
+            }
+            State::Running => self.state = State::Stopping,
+        }
+        let Some(running) = self.running.as_ref() else {
+            self.finish_stop();
+            return Box::pin(actix::fut::ready(()));
+        };
+        tracing::info!(runner = %self.config.name, "stopping: draining tasks in flight");
+        let fetcher = running.fetcher.clone();
+        let session = running.session.clone();
+        let drain_timeout = self.config.drain_timeout;
+        Box::pin(
+            async move {
+                // Order matters: the session must outlive the tasks in
+                // flight (db-scheduler #365: heartbeats stopped before the
+                // work did, and the work ran twice).
+                let _ = fetcher
+                    .send(Drain {
+                        timeout: drain_timeout,
+                    })
+                    .await;
+                let _ = session.send(EndSession).await;
+            }
+            .into_actor(self)
+            .map(|(), act, _ctx| act.finish_stop()),
+        )
+    }
+}
+
+impl<T: ScanTask, K: Tasker<T>, F: DbFinder> RunnerSupervisor<T, K, F> {
+    fn finish_stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.control.stop();
+            running.workers_arbiter.stop();
+        }
+        self.state = State::Stopped;
+        self.status.send_modify(|s| {
+            s.stopped = true;
+            s.session = None;
+        });
+        tracing::info!(runner = %self.config.name, "runner stopped");
+        for w in self.stop_waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+}
+
+type StartFn = Box<dyn FnOnce() -> RunnerHandle + Send>;
+
+/// Several runners (different names, taskers and tables) started and
+/// stopped together. Send it [`Stop`] to stop them all.
+#[derive(Default)]
+pub struct RunnerServer {
+    pending: Vec<StartFn>,
+    runners: Vec<RunnerHandle>,
+}
+
+impl std::fmt::Debug for RunnerServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerServer")
+            .field("runners", &self.runners)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+impl RunnerServer {
+    /// An empty server.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a runner, started with the others.
+    pub fn with<T: ScanTask, K: Tasker<T>, F: DbFinder>(mut self, runner: Runner<T, K, F>) -> Self {
+        self.pending.push(Box::new(move || runner.start()));
+        self
+    }
+
+    /// Starts every runner and returns the server's address and a handle on
+    /// each runner, in the order they were added. Must be called inside an
+    /// actix System.
+    pub fn start_all(mut self) -> (Addr<RunnerServer>, Vec<RunnerHandle>) {
+        let handles: Vec<RunnerHandle> = self.pending.drain(..).map(|start| start()).collect();
+        self.runners = handles.clone();
+        (Actor::start(self), handles)
+    }
+}
+
+impl Actor for RunnerServer {
+    type Context = Context<Self>;
+}
+
+impl Handler<Stop> for RunnerServer {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Stop, _ctx: &mut Context<Self>) -> Self::Result {
+        let runners = self.runners.clone();
+        Box::pin(async move {
+            join_all(runners.iter().map(|r| r.stop())).await;
+        })
+    }
+}

@@ -1,0 +1,136 @@
+//! Metrics through the OpenTelemetry metrics API, and the names of the spans
+//! the runner emits through `tracing`.
+//!
+//! The library only records: it never installs a global subscriber or meter
+//! provider. Without one installed by the application, everything here is a
+//! no-op. Spans follow OpenTelemetry conventions through the special fields
+//! `tracing-opentelemetry` understands (`otel.name`, `otel.kind`,
+//! `otel.status_code`), and attributes are low-cardinality: the runner name
+//! yes, task ids no.
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
+
+/// The instrumentation scope name of the meter, and the prefix of every
+/// span and metric name.
+pub const SCOPE: &str = "session_lock";
+
+/// Span name of one tick of a runner.
+pub const SPAN_TICK: &str = "session_lock.tick";
+/// Span name of the `get_work` call within a tick.
+pub const SPAN_GET_WORK: &str = "session_lock.get_work";
+/// Span name of running the batch on the workers within a tick.
+pub const SPAN_RUN_TASKS: &str = "session_lock.run_tasks";
+/// Span name of the fenced finish within a tick.
+pub const SPAN_FINISH: &str = "session_lock.finish";
+/// Span name of starting a session.
+pub const SPAN_SESSION_START: &str = "session_lock.session.start";
+/// Span name of a failed heartbeat.
+pub const SPAN_HEARTBEAT_FAILURE: &str = "session_lock.session.heartbeat_failure";
+/// Span name of a session found lost.
+pub const SPAN_SESSION_LOSS: &str = "session_lock.session.loss";
+/// Span name of ending a session.
+pub const SPAN_SESSION_END: &str = "session_lock.session.end";
+
+/// The runner's instruments, all attributed with the runner name only.
+#[derive(Debug, Clone)]
+pub(crate) struct Metrics {
+    attrs: [KeyValue; 1],
+    ticks: Counter<u64>,
+    fetched: Counter<u64>,
+    completed: Counter<u64>,
+    failed: Counter<u64>,
+    rejected: Counter<u64>,
+    tick_duration: Histogram<f64>,
+    heartbeat_failures: Counter<u64>,
+    session_losses: Counter<u64>,
+    worker_restarts: Counter<u64>,
+    held: Gauge<u64>,
+}
+
+impl Metrics {
+    pub(crate) fn new(meter: &Meter, runner: &str) -> Self {
+        Metrics {
+            attrs: [KeyValue::new("session_lock.runner", runner.to_owned())],
+            ticks: meter
+                .u64_counter("session_lock.ticks")
+                .with_description("Ticks run")
+                .with_unit("{tick}")
+                .build(),
+            fetched: meter
+                .u64_counter("session_lock.tasks.fetched")
+                .with_description("Tasks handed to the workers")
+                .with_unit("{task}")
+                .build(),
+            completed: meter
+                .u64_counter("session_lock.tasks.completed")
+                .with_description("Tasks completed and finished in the database")
+                .with_unit("{task}")
+                .build(),
+            failed: meter
+                .u64_counter("session_lock.tasks.failed")
+                .with_description("Tasks that failed, panicked, timed out or did not scan")
+                .with_unit("{task}")
+                .build(),
+            rejected: meter
+                .u64_counter("session_lock.tasks.rejected")
+                .with_description("Completed tasks whose finish the database refused (session lost or task moved)")
+                .with_unit("{task}")
+                .build(),
+            tick_duration: meter
+                .f64_histogram("session_lock.tick.duration")
+                .with_description("Duration of a tick, get_work to finish")
+                .with_unit("s")
+                .build(),
+            heartbeat_failures: meter
+                .u64_counter("session_lock.heartbeat.failures")
+                .with_description("Heartbeats that failed")
+                .with_unit("{heartbeat}")
+                .build(),
+            session_losses: meter
+                .u64_counter("session_lock.session.losses")
+                .with_description("Sessions lost: expired, reclaimed or fenced")
+                .with_unit("{session}")
+                .build(),
+            worker_restarts: meter
+                .u64_counter("session_lock.worker.restarts")
+                .with_description("Workers restarted after a panic or a timeout")
+                .with_unit("{restart}")
+                .build(),
+            held: meter
+                .u64_gauge("session_lock.tasks.held")
+                .with_description("Tasks the session held at its last tick")
+                .with_unit("{task}")
+                .build(),
+        }
+    }
+
+    pub(crate) fn tick(&self, seconds: f64) {
+        self.ticks.add(1, &self.attrs);
+        self.tick_duration.record(seconds, &self.attrs);
+    }
+    pub(crate) fn fetched(&self, n: usize) {
+        self.fetched.add(n as u64, &self.attrs);
+    }
+    pub(crate) fn completed(&self, n: usize) {
+        self.completed.add(n as u64, &self.attrs);
+    }
+    pub(crate) fn failed(&self, n: usize) {
+        self.failed.add(n as u64, &self.attrs);
+    }
+    pub(crate) fn rejected(&self, n: usize) {
+        self.rejected.add(n as u64, &self.attrs);
+    }
+    pub(crate) fn heartbeat_failure(&self) {
+        self.heartbeat_failures.add(1, &self.attrs);
+    }
+    pub(crate) fn session_loss(&self) {
+        self.session_losses.add(1, &self.attrs);
+    }
+    pub(crate) fn worker_restart(&self) {
+        self.worker_restarts.add(1, &self.attrs);
+    }
+    pub(crate) fn held(&self, n: usize) {
+        self.held.record(n as u64, &self.attrs);
+    }
+}
