@@ -41,14 +41,13 @@ async fn one_runner_finishes_every_task_exactly_once() {
     let runs: Arc<Mutex<HashMap<TaskId, u32>>> = Arc::default();
     let counted = runs.clone();
     let tasker = move |tasks: Vec<ExampleTask>, _progress: Progress| {
-        let runs = counted.clone();
-        async move {
-            let mut runs = runs.lock().unwrap();
+        {
+            let mut runs = counted.lock().unwrap();
             for t in &tasks {
                 *runs.entry(t.id()).or_default() += 1;
             }
-            Ok::<_, TaskerError>(tasks.iter().map(Task::id).collect())
         }
+        async move { Ok::<_, TaskerError>(tasks.iter().map(Task::id).collect()) }
     };
     let runner = Runner::new(fast_config("once").build().unwrap(), store, tasker).start();
     let mut status = runner.subscribe();
@@ -61,7 +60,7 @@ async fn one_runner_finishes_every_task_exactly_once() {
     let session = runner.status().session.expect("a live session");
     runner.stop().await;
 
-    let runs = runs.lock().unwrap();
+    let runs = runs.lock().unwrap().clone();
     assert_eq!(runs.len(), 200, "every task ran");
     assert!(runs.values().all(|&n| n == 1), "no task ran twice");
     let row = client
