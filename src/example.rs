@@ -21,6 +21,8 @@ pub struct ExampleTask {
     pub payload: String,
     /// When the task was inserted.
     pub created_at: SystemTime,
+    /// The session holding the task when it was fetched.
+    pub session_id: Option<i64>,
 }
 
 impl Task for ExampleTask {
@@ -39,6 +41,7 @@ impl ScanTask for ExampleTask {
             id,
             payload: column(row, Some(id), "payload")?,
             created_at: column(row, Some(id), "created_at")?,
+            session_id: column(row, Some(id), "session_id")?,
         })
     }
 }

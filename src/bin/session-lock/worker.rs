@@ -1,0 +1,186 @@
+//! `session-lock worker`: one runner over the worked example's table.
+//!
+//! Its tasker writes an `example_task_run` row per execution (started_at
+//! when it starts, finished_at when its work is done), sleeps `--work-ms`,
+//! and completes the task. Tools read those rows to count executions and
+//! duplicates. It prints `session_id=<id>` on stdout each time it holds a
+//! new session, and on SIGTERM or SIGINT sends Stop, drains and exits 0.
+
+use std::time::Duration;
+
+use clap::Args;
+use futures_util::future::join_all;
+use session_lock::example::ExampleTask;
+use session_lock::{Migrator, PgStore, Progress, Runner, RunnerConfig, Task, TaskId, TaskerError};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Debug, Args)]
+pub(crate) struct WorkerArgs {
+    /// The database, as a URL or key=value string.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// The runner name; workers of one name share the tasks.
+    #[arg(long, default_value = "example")]
+    name: String,
+    /// Tick interval in milliseconds.
+    #[arg(long)]
+    tick_ms: Option<u64>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Session TTL in milliseconds.
+    #[arg(long)]
+    ttl_ms: Option<u64>,
+    /// Most tasks this worker's session holds.
+    #[arg(long)]
+    max_tasks: Option<u32>,
+    /// Tasker workers.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Simulated work per task, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    work_ms: u64,
+    /// Most random delay before the first tick, in milliseconds.
+    #[arg(long)]
+    jitter_ms: Option<u64>,
+    /// Drain timeout on stop, in milliseconds.
+    #[arg(long)]
+    drain_timeout_ms: Option<u64>,
+}
+
+pub(crate) fn run(args: WorkerArgs) -> Result<(), String> {
+    let config = config(&args)?;
+    actix_rt::System::new().block_on(async move {
+        migrate(&args.database_url).await?;
+        let store = PgStore::connect(&args.database_url)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tasker = ExampleTasker {
+            store: store.clone(),
+            work: Duration::from_millis(args.work_ms),
+        };
+        let runner = Runner::new(config, store, tasker).start();
+
+        let mut status = runner.subscribe();
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        let mut printed = None;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                changed = status.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let session = status.borrow_and_update().session;
+                    if session.is_some() && session != printed {
+                        printed = session;
+                        if let Some(id) = session {
+                            println!("session_id={id}");
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!("signal received: stopping");
+        runner.stop().await;
+        let s = runner.status();
+        tracing::info!(finished = s.finished, failed = s.failed, "stopped");
+        Ok(())
+    })
+}
+
+fn config(args: &WorkerArgs) -> Result<RunnerConfig, String> {
+    let ms = Duration::from_millis;
+    let mut b = RunnerConfig::builder(args.name.clone());
+    if let Some(v) = args.ttl_ms {
+        b = b.ttl(ms(v));
+    }
+    if let Some(v) = args.heartbeat_ms {
+        b = b.heartbeat(ms(v));
+    }
+    if let Some(v) = args.tick_ms {
+        b = b.tick(ms(v)).jitter(ms(v));
+    }
+    if let Some(v) = args.jitter_ms {
+        b = b.jitter(ms(v));
+    }
+    if let Some(v) = args.max_tasks {
+        b = b.max_tasks(v);
+    }
+    if let Some(v) = args.workers {
+        b = b.workers(v);
+    }
+    if let Some(v) = args.drain_timeout_ms {
+        b = b.drain_timeout(ms(v));
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+async fn migrate(url: &str) -> Result<(), String> {
+    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("cannot connect to the database: {e}"))?;
+    let conn = tokio::spawn(connection);
+    Migrator::new()
+        .with_example()
+        .run(&mut client)
+        .await
+        .map_err(|e| e.to_string())?;
+    drop(client);
+    let _ = conn.await;
+    Ok(())
+}
+
+/// Records each execution in `example_task_run`, then works for `work`.
+struct ExampleTasker {
+    store: PgStore,
+    work: Duration,
+}
+
+impl ExampleTasker {
+    async fn execute(&self, task: &ExampleTask) -> Result<TaskId, TaskerError> {
+        let session = task.session_id.unwrap_or(0);
+        let conn = self.store.pool().get().await?;
+        let row = conn
+            .query_one(
+                "INSERT INTO example_task_run (task_id, session_id, started_at) VALUES ($1, $2, now()) RETURNING id",
+                &[&task.id, &session],
+            )
+            .await?;
+        let run: i64 = row.get(0);
+        drop(conn);
+        if !self.work.is_zero() {
+            tokio::time::sleep(self.work).await;
+        }
+        let conn = self.store.pool().get().await?;
+        conn.execute(
+            "UPDATE example_task_run SET finished_at = now() WHERE id = $1",
+            &[&run],
+        )
+        .await?;
+        Ok(task.id())
+    }
+}
+
+impl session_lock::Tasker<ExampleTask> for ExampleTasker {
+    async fn run(
+        &self,
+        tasks: Vec<ExampleTask>,
+        progress: Progress,
+    ) -> Result<Vec<TaskId>, TaskerError> {
+        let results = join_all(tasks.iter().map(|t| async {
+            let res = self.execute(t).await;
+            if let Ok(id) = res {
+                progress.complete(id);
+            }
+            res
+        }))
+        .await;
+        match results.into_iter().find_map(Result::err) {
+            Some(e) => Err(e),
+            None => Ok(Vec::new()),
+        }
+    }
+}
