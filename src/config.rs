@@ -29,6 +29,9 @@ pub const MAX_TASKS_LIMIT: u32 = 10_000;
 pub const MAX_WORKERS: usize = 1024;
 /// The longest TTL the SQL functions accept.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The longest any other duration setting may be (a year): far beyond any
+/// sensible value, and far from the overflow of `Instant` arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// A configuration value that cannot work, named with the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -120,6 +123,7 @@ impl RunnerConfig {
                 retry_max: DEFAULT_RETRY_MAX,
             },
             margin_set: false,
+            jitter_set: false,
         }
     }
 
@@ -170,6 +174,7 @@ impl RunnerConfig {
 pub struct RunnerConfigBuilder {
     config: RunnerConfig,
     margin_set: bool,
+    jitter_set: bool,
 }
 
 impl RunnerConfigBuilder {
@@ -218,6 +223,7 @@ impl RunnerConfigBuilder {
     /// Defaults to the tick interval.
     pub fn jitter(mut self, jitter: Duration) -> Self {
         self.config.jitter = jitter;
+        self.jitter_set = true;
         self
     }
 
@@ -292,6 +298,9 @@ impl RunnerConfigBuilder {
         if !self.margin_set {
             c.safety_margin = c.ttl / 5;
         }
+        if !self.jitter_set {
+            c.jitter = c.tick;
+        }
         if c.name.is_empty() || c.name.chars().count() > 200 {
             return Err(ConfigError::Name(c.name));
         }
@@ -306,6 +315,25 @@ impl RunnerConfigBuilder {
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Zero(what));
+            }
+        }
+        for (what, d) in [
+            ("heartbeat", c.heartbeat),
+            ("safety_margin", c.safety_margin),
+            ("tick", c.tick),
+            ("jitter", c.jitter),
+            ("batch_timeout", c.batch_timeout),
+            ("drain_timeout", c.drain_timeout),
+            ("reap_after", c.reap_after),
+            ("reap_interval", c.reap_interval),
+            ("retry_max", c.retry_max),
+        ] {
+            if d > MAX_DURATION {
+                return Err(ConfigError::TooLarge {
+                    what,
+                    value: format!("{d:?}"),
+                    limit: format!("{MAX_DURATION:?}"),
+                });
             }
         }
         if c.max_tasks == 0 {
@@ -335,7 +363,7 @@ impl RunnerConfigBuilder {
                 limit: MAX_WORKERS.to_string(),
             });
         }
-        if c.heartbeat * 3 > c.ttl {
+        if c.heartbeat.checked_mul(3).is_none_or(|h| h > c.ttl) {
             return Err(ConfigError::HeartbeatTooSlow {
                 heartbeat: c.heartbeat,
                 ttl: c.ttl,
@@ -363,6 +391,39 @@ mod tests {
         assert_eq!(c.heartbeat(), Duration::from_secs(30));
         assert_eq!(c.max_tasks(), 10);
         assert_eq!(c.safety_margin(), Duration::from_secs(24));
+    }
+
+    #[test]
+    fn jitter_follows_a_changed_tick_unless_set() {
+        let c = RunnerConfig::builder("r")
+            .tick(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        assert_eq!(c.jitter(), Duration::from_millis(300));
+        let c = RunnerConfig::builder("r")
+            .tick(Duration::from_millis(300))
+            .jitter(Duration::ZERO)
+            .build()
+            .unwrap();
+        assert_eq!(c.jitter(), Duration::ZERO);
+    }
+
+    #[test]
+    fn huge_durations_are_rejected_not_overflowed() {
+        let e = RunnerConfig::builder("r")
+            .heartbeat(Duration::MAX)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::TooLarge {
+                    what: "heartbeat",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -519,7 +519,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 })
                 // A worker stuck in blocking code never reaches its own
                 // timeout; this one does not depend on it.
-                .timeout(timeout + Duration::from_secs(5));
+                .timeout(timeout.saturating_add(Duration::from_secs(5)));
             async move {
                 request.await.unwrap_or_else(|e| SliceOutcome {
                     completed: Vec::new(),
