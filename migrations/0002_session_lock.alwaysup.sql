@@ -249,3 +249,21 @@ SELECT id, name, host, pid, started_at, bumped_at, expires_at,
  WHERE reclaimed_at IS NULL
    AND ended_at IS NULL
    AND expires_at > now();
+
+-- For operators: a task table's open tasks per holding session, with
+-- whether that session is live. p_held names the table's *_held function
+-- (from the task template); it is resolved by Postgres as a regproc, so
+-- only an existing function can be called, and its name is quoted by the
+-- regproc output when it is put into the query.
+CREATE OR REPLACE FUNCTION session_lock.task_overview(p_held regproc)
+RETURNS TABLE (session_id bigint, tasks bigint, live boolean)
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT h.session_id, h.tasks::bigint,
+                (h.session_id IS NOT NULL AND EXISTS (
+                    SELECT 1 FROM session_lock.live_session l WHERE l.id = h.session_id))
+           FROM %s() h', p_held);
+END;
+$$;

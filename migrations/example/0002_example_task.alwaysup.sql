@@ -130,6 +130,21 @@ BEGIN
 END;
 $$;
 
+-- Open tasks per holding session (NULL: unowned), for operators:
+-- `session-lock status` reads it through session_lock.task_overview.
+CREATE OR REPLACE FUNCTION public.example_task_held()
+RETURNS TABLE (session_id bigint, tasks bigint)
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN QUERY
+        SELECT t.session_id, count(*)
+          FROM public.example_task t
+         WHERE t.finished_at IS NULL
+         GROUP BY t.session_id;
+END;
+$$;
+
 -- ---------------------------------------------------------------------------
 -- Entry points the runner calls. Same body as in the template: only the
 -- names differ.

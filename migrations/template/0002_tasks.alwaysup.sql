@@ -138,6 +138,26 @@ BEGIN
 END;
 $$;
 
+-- TODO(session-lock): fill in my_task_held.
+-- Open tasks per holding session (NULL: unowned), for operators:
+-- `session-lock status --held my_task_held` reads it through
+-- session_lock.task_overview.
+-- Example body:
+--     RETURN QUERY
+--         SELECT t.session_id, count(*)
+--           FROM my_task t
+--          WHERE t.finished_at IS NULL
+--          GROUP BY t.session_id;
+CREATE OR REPLACE FUNCTION my_task_held()
+RETURNS TABLE (session_id bigint, tasks bigint)
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RAISE EXCEPTION 'task template function my_task_held is not filled in'
+        USING ERRCODE = 'SL002', HINT = 'Follow the TODO(session-lock) above it in the task template.';
+END;
+$$;
+
 -- ---------------------------------------------------------------------------
 -- Entry points the runner calls. Do not change their bodies: they are the
 -- protocol. Only rename my_task.

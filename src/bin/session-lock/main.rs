@@ -1,5 +1,6 @@
 //! `session-lock`: the example worker, the demo and the operator commands.
 
+mod ops;
 mod worker;
 
 use std::process::ExitCode;
@@ -18,13 +19,23 @@ struct Cli {
 enum Command {
     /// Run one runner over the worked example's table (public.example_task).
     Worker(worker::WorkerArgs),
+    /// Apply the session-lock migrations, and a directory of your own.
+    Migrate(ops::MigrateArgs),
+    /// Show the live sessions and the task counts of a task table.
+    Status(ops::StatusArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // Operator commands print their own report; long-running ones narrate.
+    init_logging(match cli.command {
+        Command::Migrate(_) | Command::Status(_) => "warn",
+        _ => "info",
+    });
     let result = match cli.command {
         Command::Worker(args) => worker::run(args),
+        Command::Migrate(args) => ops::migrate(args),
+        Command::Status(args) => ops::status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -35,14 +46,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr; `SESSION_LOCK_LOG` sets the filter (default `info`),
+/// Logs to stderr; `SESSION_LOCK_LOG` sets the filter (default: `default`),
 /// e.g. `session_lock=debug,warn`.
-fn init_logging() {
+fn init_logging(default: &str) {
     use tracing_subscriber::prelude::*;
     let filter: tracing_subscriber::filter::Targets = std::env::var("SESSION_LOCK_LOG")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| "info".parse().expect("a valid default filter"));
+        .unwrap_or_else(|| default.parse().unwrap_or_default());
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()

@@ -1,0 +1,148 @@
+//! The operator commands, run as a user would: `migrate` and `status`, and
+//! their one-line errors.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use session_lock::example::ExampleTask;
+use session_lock::{Database, PgStore, SessionStart, WorkGet};
+
+use crate::harness::fresh_db;
+
+fn session_lock(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_session-lock"))
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run session-lock")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A failure is exactly one line on stderr, non-zero, and no panic.
+fn assert_one_line_failure(out: &Output, expected: &str) {
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "should fail: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn migrate_then_status_shows_sessions_and_task_counts() {
+    let db = fresh_db().await;
+    let out = session_lock(&["migrate", "--database-url", &db.url, "--example"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("applied    session_lock/0001_session_lock.up.sql"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("applied    example/0001_example_task.up.sql"),
+        "{stdout}"
+    );
+    let again = session_lock(&["migrate", "--database-url", &db.url, "--example"]);
+    assert!(text(&again.stdout).contains("0 applied, 2 re-applied, 2 already applied"));
+
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO example_task (payload) SELECT 'p' FROM generate_series(1, 12)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let ttl = Duration::from_secs(60);
+    let live = store
+        .session_start(&SessionStart::new("status-test", ttl))
+        .await
+        .unwrap();
+    let dead = store
+        .session_start(&SessionStart::new("status-test", ttl))
+        .await
+        .unwrap();
+    for (session, max_tasks) in [(live, 5), (dead, 4)] {
+        store
+            .work_get::<ExampleTask>(WorkGet {
+                session,
+                max_tasks,
+                ttl,
+            })
+            .await
+            .unwrap();
+    }
+    client
+        .execute(
+            "UPDATE session_lock.session SET expires_at = now() - interval '1 s' WHERE id = $1",
+            &[&dead],
+        )
+        .await
+        .unwrap();
+
+    let out = session_lock(&["status", "--database-url", &db.url]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("live sessions: 1"), "{stdout}");
+    let row = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(&live.to_string()))
+        .unwrap_or_else(|| panic!("a row for session {live}: {stdout}"));
+    assert!(row.contains("status-test"), "{row}");
+    assert!(
+        row.contains(&std::process::id().to_string()),
+        "the pid of the session's process: {row}"
+    );
+    assert!(row.trim_end().ends_with(" 5"), "5 tasks held: {row}");
+    assert!(
+        stdout.contains("12 open, 5 assigned to live sessions, 3 unowned, 4 orphaned"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn operator_errors_are_one_line_and_name_the_problem() {
+    let unreachable = session_lock(&[
+        "status",
+        "--database-url",
+        "postgres://postgres@127.0.0.1:1/x",
+    ]);
+    assert_one_line_failure(&unreachable, "cannot connect to the database");
+
+    let bad_url = session_lock(&["migrate", "--database-url", "postgres://[oops"]);
+    assert_one_line_failure(&bad_url, "bad database URL");
+
+    let db = fresh_db().await;
+    let unmigrated = session_lock(&["status", "--database-url", &db.url]);
+    assert_one_line_failure(&unmigrated, "run `session-lock migrate");
+
+    let out = session_lock(&["migrate", "--database-url", &db.url]);
+    assert!(out.status.success());
+    let no_such_table = session_lock(&[
+        "status",
+        "--database-url",
+        &db.url,
+        "--held",
+        "public.nope_held",
+    ]);
+    assert_one_line_failure(
+        &no_such_table,
+        "task function public.nope_held does not exist",
+    );
+
+    let missing_dir = session_lock(&[
+        "migrate",
+        "--database-url",
+        &db.url,
+        "--dir",
+        "/nonexistent/dir",
+    ]);
+    assert_one_line_failure(&missing_dir, "/nonexistent/dir");
+}
