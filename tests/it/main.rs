@@ -4,3 +4,4 @@ mod harness;
 mod migrate;
 mod protocol;
 mod runner;
+mod cli;
