@@ -2,12 +2,15 @@
 //! that `migrations/example/` creates and fills the task template in for.
 //! The tests, the demo, the benchmarks and `session-lock worker` use it.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use futures_util::future::join_all;
 use tokio_postgres::Row;
 
 use crate::error::ScanError;
+use crate::store::PgStore;
 use crate::task::{ScanTask, Task, TaskId, TaskQueries, column};
+use crate::tasker::{Progress, Tasker, TaskerError};
 
 /// The channel `public.example_task` notifies on when tasks are inserted.
 pub const EXAMPLE_NOTIFY_CHANNEL: &str = "session_lock_example_task";
@@ -43,5 +46,69 @@ impl ScanTask for ExampleTask {
             created_at: column(row, Some(id), "created_at")?,
             session_id: column(row, Some(id), "session_id")?,
         })
+    }
+}
+
+/// The worked example's Tasker, used by `session-lock worker`, the demo and
+/// the example service.
+///
+/// For each task it writes an `example_task_run` row (`started_at`), works
+/// for the configured time, sets the row's `finished_at`, and reports the
+/// task complete. The run rows are how tools count executions: a task with
+/// two rows ran twice. The tasks of a slice run concurrently.
+#[derive(Debug, Clone)]
+pub struct ExampleTasker {
+    store: PgStore,
+    work: Duration,
+}
+
+impl ExampleTasker {
+    /// A tasker recording runs through `store` and working `work` per task.
+    pub fn new(store: PgStore, work: Duration) -> Self {
+        ExampleTasker { store, work }
+    }
+
+    async fn execute(&self, task: &ExampleTask) -> Result<TaskId, TaskerError> {
+        let session = task.session_id.unwrap_or(0);
+        let conn = self.store.pool().get().await?;
+        let row = conn
+            .query_one(
+                "INSERT INTO example_task_run (task_id, session_id, started_at) VALUES ($1, $2, now()) RETURNING id",
+                &[&task.id, &session],
+            )
+            .await?;
+        let run: i64 = row.get(0);
+        drop(conn);
+        if !self.work.is_zero() {
+            tokio::time::sleep(self.work).await;
+        }
+        let conn = self.store.pool().get().await?;
+        conn.execute(
+            "UPDATE example_task_run SET finished_at = now() WHERE id = $1",
+            &[&run],
+        )
+        .await?;
+        Ok(task.id)
+    }
+}
+
+impl Tasker<ExampleTask> for ExampleTasker {
+    async fn run(
+        &self,
+        tasks: Vec<ExampleTask>,
+        progress: Progress,
+    ) -> Result<Vec<TaskId>, TaskerError> {
+        let results = join_all(tasks.iter().map(|t| async {
+            let res = self.execute(t).await;
+            if let Ok(id) = res {
+                progress.complete(id);
+            }
+            res
+        }))
+        .await;
+        match results.into_iter().find_map(Result::err) {
+            Some(e) => Err(e),
+            None => Ok(Vec::new()),
+        }
     }
 }

@@ -81,6 +81,11 @@ impl Metrics {
                 .f64_histogram("session_lock.tick.duration")
                 .with_description("Duration of a tick, get_work to finish")
                 .with_unit("s")
+                // Seconds, from a millisecond tick to a batch near its timeout.
+                .with_boundaries(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0,
+                ])
                 .build(),
             heartbeat_failures: meter
                 .u64_counter("session_lock.heartbeat.failures")

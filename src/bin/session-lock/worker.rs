@@ -9,9 +9,8 @@
 use std::time::Duration;
 
 use clap::Args;
-use futures_util::future::join_all;
-use session_lock::example::ExampleTask;
-use session_lock::{Migrator, PgStore, Progress, Runner, RunnerConfig, Task, TaskId, TaskerError};
+use session_lock::example::ExampleTasker;
+use session_lock::{Migrator, PgStore, Runner, RunnerConfig};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Args)]
@@ -55,10 +54,7 @@ pub(crate) fn run(args: WorkerArgs) -> Result<(), String> {
         let store = PgStore::connect(&args.database_url)
             .await
             .map_err(|e| e.to_string())?;
-        let tasker = ExampleTasker {
-            store: store.clone(),
-            work: Duration::from_millis(args.work_ms),
-        };
+        let tasker = ExampleTasker::new(store.clone(), Duration::from_millis(args.work_ms));
         let runner = Runner::new(config, store, tasker).start();
 
         let mut status = runner.subscribe();
@@ -131,56 +127,4 @@ async fn migrate(url: &str) -> Result<(), String> {
     drop(client);
     let _ = conn.await;
     Ok(())
-}
-
-/// Records each execution in `example_task_run`, then works for `work`.
-struct ExampleTasker {
-    store: PgStore,
-    work: Duration,
-}
-
-impl ExampleTasker {
-    async fn execute(&self, task: &ExampleTask) -> Result<TaskId, TaskerError> {
-        let session = task.session_id.unwrap_or(0);
-        let conn = self.store.pool().get().await?;
-        let row = conn
-            .query_one(
-                "INSERT INTO example_task_run (task_id, session_id, started_at) VALUES ($1, $2, now()) RETURNING id",
-                &[&task.id, &session],
-            )
-            .await?;
-        let run: i64 = row.get(0);
-        drop(conn);
-        if !self.work.is_zero() {
-            tokio::time::sleep(self.work).await;
-        }
-        let conn = self.store.pool().get().await?;
-        conn.execute(
-            "UPDATE example_task_run SET finished_at = now() WHERE id = $1",
-            &[&run],
-        )
-        .await?;
-        Ok(task.id())
-    }
-}
-
-impl session_lock::Tasker<ExampleTask> for ExampleTasker {
-    async fn run(
-        &self,
-        tasks: Vec<ExampleTask>,
-        progress: Progress,
-    ) -> Result<Vec<TaskId>, TaskerError> {
-        let results = join_all(tasks.iter().map(|t| async {
-            let res = self.execute(t).await;
-            if let Ok(id) = res {
-                progress.complete(id);
-            }
-            res
-        }))
-        .await;
-        match results.into_iter().find_map(Result::err) {
-            Some(e) => Err(e),
-            None => Ok(Vec::new()),
-        }
-    }
 }
