@@ -419,6 +419,10 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
         let db = match caught(self.finder.find()).await {
             Ok(db) => db,
             Err(e) => {
+                // Keep the completed-but-unfinished tasks for the next try.
+                if !self.unfinished.is_empty() {
+                    report.unfinished = Some(self.unfinished.clone());
+                }
                 report.error = Some(e);
                 return report;
             }

@@ -103,7 +103,11 @@ impl<T: Task, K: Tasker<T>> Handler<RunSlice<T>> for Worker<T, K> {
         let tasker = self.tasker.clone();
         let timeout = msg.timeout;
         let fut = async move {
-            let run = AssertUnwindSafe(tasker.run(msg.tasks, progress.clone())).catch_unwind();
+            // The call itself goes inside the guarded future: a Tasker may
+            // panic before it even returns its future.
+            let reported = progress.clone();
+            let run = AssertUnwindSafe(async move { tasker.run(msg.tasks, reported).await })
+                .catch_unwind();
             let run = Abortable::new(tokio::time::timeout(timeout, run), msg.abort);
             let ending = match run.await {
                 Err(_aborted) => Ending::Aborted,
