@@ -186,9 +186,9 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         self.metrics.failed(report.failed);
         self.metrics.rejected(report.rejected);
         self.metrics.held(report.held);
-        span.record("session_lock.tasks.fetched", report.fetched);
-        span.record("session_lock.tasks.completed", report.finished);
-        span.record("session_lock.tasks.failed", report.failed);
+        span.record("session_lock.tasks.fetched", report.fetched as i64);
+        span.record("session_lock.tasks.completed", report.finished as i64);
+        span.record("session_lock.tasks.failed", report.failed as i64);
         if let Some(e) = &report.error {
             span.record("otel.status_code", "ERROR");
             span.record("error.message", field::display(e));
@@ -484,7 +484,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 SPAN_RUN_TASKS,
                 otel.name = SPAN_RUN_TASKS,
                 session_lock.runner = %self.config.name,
-                session_lock.tasks.count = report.fetched,
+                session_lock.tasks.count = report.fetched as i64,
             ))
             .await;
         let mut completed = Vec::with_capacity(report.fetched);
@@ -545,7 +545,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 db.system.name = "postgresql",
                 db.operation.name = "finish_tasks",
                 session_lock.runner = %self.config.name,
-                session_lock.tasks.count = ids.len(),
+                session_lock.tasks.count = ids.len() as i64,
             ))
             .await;
         match res {

@@ -273,7 +273,9 @@ impl<F: DbFinder> SessionActor<F> {
                 "no successful heartbeat within ttl - safety margin: fencing the session"
             );
             self.fenced = true;
+            self.metrics.fence();
             self.status.send_modify(|s| {
+                s.fences += 1;
                 s.last_error = Some(format!("session {session} fenced: no heartbeat in time"));
             });
             self.publish();

@@ -19,8 +19,13 @@ pub struct RunnerStatus {
     pub session: Option<SessionId>,
     /// Sessions started, including replacements of lost ones.
     pub session_starts: u64,
-    /// Sessions lost (expired, reclaimed, or fenced by this process).
+    /// Sessions the database reported lost (SL001: expired, ended or
+    /// reclaimed); each is replaced by a new session.
     pub session_losses: u64,
+    /// Times this process fenced its session because no renewal succeeded
+    /// within `ttl - safety_margin`. A fence is lifted if a later heartbeat
+    /// succeeds, and becomes a loss if it reports SL001.
+    pub fences: u64,
     /// Heartbeats that succeeded.
     pub heartbeats: u64,
     /// Heartbeats that failed.

@@ -39,8 +39,10 @@ use crate::workers::Worker;
 /// Stops a runner (or every runner of a [`RunnerServer`]): no new tick
 /// starts, tasks in flight finish (up to the drain timeout, then they are
 /// stopped), completed tasks are finished, and the session is ended so its
-/// tasks are free for the others at once. Replies when all of that is done.
-/// Idempotent, and safe to send at any time.
+/// tasks are free for the others at once. Replies when all of that is done,
+/// or at the latest after the drain timeout plus 20 s when the database does
+/// not answer (the session then expires after its TTL). Idempotent, and safe
+/// to send at any time.
 #[derive(Debug, Clone, Copy, Default, Message)]
 #[rtype(result = "()")]
 pub struct Stop;
@@ -276,12 +278,27 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Stop> for RunnerSupervisor<
                 // Order matters: the session must outlive the tasks in
                 // flight (db-scheduler #365: heartbeats stopped before the
                 // work did, and the work ran twice).
-                let _ = fetcher
-                    .send(Drain {
-                        timeout: drain_timeout,
-                    })
-                    .await;
-                let _ = session.send(EndSession).await;
+                // Both steps are bounded, so Stop always replies: a tick or a
+                // session start stuck in a DbFinder or a partitioned
+                // database is abandoned (its session then expires on its
+                // own) rather than holding the shutdown forever.
+                let drain = fetcher.send(Drain {
+                    timeout: drain_timeout,
+                });
+                if tokio::time::timeout(drain_timeout + STOP_GRACE, drain)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("drain did not finish in time; stopping anyway");
+                }
+                if tokio::time::timeout(STOP_GRACE, session.send(EndSession))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "ending the session did not finish in time; it will expire after its ttl"
+                    );
+                }
             }
             .into_actor(self)
             .map(|(), act, _ctx| act.finish_stop()),
@@ -306,6 +323,10 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> RunnerSupervisor<T, K, F> {
         }
     }
 }
+
+/// How long Stop waits, beyond the drain timeout, for the tick in flight to
+/// finish its tasks, and for the session to be ended.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 type StartFn = Box<dyn FnOnce() -> RunnerHandle + Send>;
 

@@ -44,6 +44,7 @@ pub(crate) struct Metrics {
     tick_duration: Histogram<f64>,
     heartbeat_failures: Counter<u64>,
     session_losses: Counter<u64>,
+    fences: Counter<u64>,
     worker_restarts: Counter<u64>,
     held: Gauge<u64>,
 }
@@ -94,8 +95,13 @@ impl Metrics {
                 .build(),
             session_losses: meter
                 .u64_counter("session_lock.session.losses")
-                .with_description("Sessions lost: expired, reclaimed or fenced")
+                .with_description("Sessions the database reported lost (SL001)")
                 .with_unit("{session}")
+                .build(),
+            fences: meter
+                .u64_counter("session_lock.session.fences")
+                .with_description("Times the runner fenced its session: no renewal within ttl - safety margin")
+                .with_unit("{fence}")
                 .build(),
             worker_restarts: meter
                 .u64_counter("session_lock.worker.restarts")
@@ -131,6 +137,9 @@ impl Metrics {
     }
     pub(crate) fn session_loss(&self) {
         self.session_losses.add(1, &self.attrs);
+    }
+    pub(crate) fn fence(&self) {
+        self.fences.add(1, &self.attrs);
     }
     pub(crate) fn worker_restart(&self) {
         self.worker_restarts.add(1, &self.attrs);

@@ -1,7 +1,10 @@
 //! Integration tests against a real PostgreSQL started by the harness (one server
 //! per run, one database per test).
+mod cli;
 mod harness;
 mod migrate;
 mod protocol;
 mod runner;
-mod cli;
+mod service;
+mod telemetry;
+mod worker;

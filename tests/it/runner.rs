@@ -1,16 +1,31 @@
 //! The runner's actors in-process against a real Postgres.
+//!
+//! Every test waits on signals (the runner's status channel, channels from
+//! inside its Tasker, or the database polled every few tens of milliseconds);
+//! the long deadlines are only guards against a hang.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use session_lock::config::ConfigError;
 use session_lock::example::ExampleTask;
 use session_lock::status::wait_for_status;
-use session_lock::{PgStore, Progress, Runner, RunnerConfig, Task, TaskId, TaskerError};
+use session_lock::{
+    DbFinder, Error, PgStore, Progress, Runner, RunnerConfig, RunnerHandle, RunnerServer,
+    RunnerStatus, SessionId, Stop, Task, TaskId, TaskerError,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
 
 use crate::harness::migrated_db;
 
 const DEADLINE: Duration = Duration::from_secs(60);
+/// A tick interval no test lives to see: only the first tick, a drain-mode
+/// tick or a NOTIFY can start work.
+const NEVER: Duration = Duration::from_secs(3600);
 
 fn fast_config(name: &str) -> session_lock::RunnerConfigBuilder {
     RunnerConfig::builder(name)
@@ -22,7 +37,7 @@ fn fast_config(name: &str) -> session_lock::RunnerConfigBuilder {
         .workers(4)
 }
 
-async fn seed(client: &tokio_postgres::Client, n: i32) {
+async fn seed(client: &Client, n: i32) {
     client
         .execute(
             "INSERT INTO example_task (payload) SELECT 'task ' || g FROM generate_series(1, $1) g",
@@ -30,6 +45,122 @@ async fn seed(client: &tokio_postgres::Client, n: i32) {
         )
         .await
         .unwrap();
+}
+
+/// Inserts one task per payload, in order, and returns their ids.
+async fn insert(client: &Client, payloads: &[&str]) -> Vec<TaskId> {
+    let mut ids = Vec::with_capacity(payloads.len());
+    for p in payloads {
+        let row = client
+            .query_one(
+                "INSERT INTO example_task (payload) VALUES ($1) RETURNING id",
+                &[p],
+            )
+            .await
+            .unwrap();
+        ids.push(row.get(0));
+    }
+    ids
+}
+
+/// A task's row: (session_id, finished_by, finished).
+async fn task_row(client: &Client, id: TaskId) -> (Option<SessionId>, Option<SessionId>, bool) {
+    let row = client
+        .query_one(
+            "SELECT session_id, finished_by, finished_at IS NOT NULL FROM example_task WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+async fn open_count(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM example_task WHERE finished_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn session_ended(client: &Client, session: SessionId) -> bool {
+    client
+        .query_one(
+            "SELECT ended_at IS NOT NULL FROM session_lock.session WHERE id = $1",
+            &[&session],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Polls a query returning one boolean every 25 ms until it is true.
+async fn poll_sql(client: &Client, what: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) {
+    let start = Instant::now();
+    loop {
+        let done: bool = client.query_one(sql, params).await.unwrap().get(0);
+        if done {
+            return;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until no task is open.
+async fn all_finished(client: &Client) {
+    poll_sql(
+        client,
+        "every task finished",
+        "SELECT NOT EXISTS (SELECT 1 FROM example_task WHERE finished_at IS NULL)",
+        &[],
+    )
+    .await;
+}
+
+/// Waits until the runner's status satisfies `pred`; panics with the last
+/// status after `timeout`.
+async fn status_until(
+    runner: &RunnerHandle,
+    what: &str,
+    timeout: Duration,
+    pred: impl FnMut(&RunnerStatus) -> bool,
+) -> RunnerStatus {
+    let mut rx = runner.subscribe();
+    match wait_for_status(&mut rx, timeout, pred).await {
+        Some(s) => s,
+        None => panic!("timed out waiting for {what}: {:?}", runner.status()),
+    }
+}
+
+/// How many times each task was handed to a Tasker.
+type Runs = Arc<Mutex<HashMap<TaskId, u32>>>;
+
+fn count_runs(runs: &Runs, tasks: &[ExampleTask]) {
+    let mut runs = runs.lock().unwrap();
+    for t in tasks {
+        *runs.entry(t.id()).or_default() += 1;
+    }
+}
+
+fn runs_of(runs: &Runs, id: TaskId) -> u32 {
+    runs.lock().unwrap().get(&id).copied().unwrap_or(0)
+}
+
+/// A Tasker that completes every task it is given, counting runs.
+fn completing(
+    runs: Runs,
+) -> impl Fn(Vec<ExampleTask>, Progress) -> std::future::Ready<Result<Vec<TaskId>, TaskerError>>
++ Send
++ Sync
++ 'static {
+    move |tasks: Vec<ExampleTask>, _progress: Progress| {
+        count_runs(&runs, &tasks);
+        std::future::ready(Ok(tasks.iter().map(Task::id).collect()))
+    }
 }
 
 #[actix_rt::test]
@@ -87,4 +218,985 @@ async fn one_runner_finishes_every_task_exactly_once() {
     assert!(ended, "Stop ended the session");
     let status = runner.status();
     assert!(status.stopped && status.session.is_none());
+}
+
+#[actix_rt::test]
+async fn stop_drains_a_task_in_flight_then_ends_the_session() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    let ids = insert(&client, &["t1", "t2", "t3", "t4", "t5"]).await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+
+    // Runner A holds two tasks in one slice, blocks on a gate, then completes
+    // only the first: the second stays held by its session. It ticks once.
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel::<Vec<TaskId>>();
+    let (gate_tx, gate_rx) = watch::channel(false);
+    let completed: Arc<Mutex<Vec<TaskId>>> = Arc::default();
+    let tasker = {
+        let completed = completed.clone();
+        move |tasks: Vec<ExampleTask>, progress: Progress| {
+            let ids: Vec<TaskId> = tasks.iter().map(Task::id).collect();
+            let (started, mut gate, completed) =
+                (started_tx.clone(), gate_rx.clone(), completed.clone());
+            async move {
+                let _ = started.send(ids.clone());
+                let _ = gate.wait_for(|open| *open).await;
+                progress.complete(ids[0]);
+                completed.lock().unwrap().push(ids[0]);
+                Ok::<_, TaskerError>(Vec::new())
+            }
+        }
+    };
+    let config = fast_config("drain-on-stop")
+        .max_tasks(2)
+        .workers(1)
+        .tick(NEVER)
+        .drain_mode(false)
+        .listen(false)
+        .build()
+        .unwrap();
+    let runner = Runner::new(config, store.clone(), tasker).start();
+    let in_flight = tokio::time::timeout(DEADLINE, started_rx.recv())
+        .await
+        .expect("the tasker started")
+        .unwrap();
+    assert_eq!(in_flight, ids[..2], "the runner took the two oldest tasks");
+    let session = runner.status().session.expect("a live session");
+
+    // Two Stops while the task is in flight: both wait for the drain.
+    let first = actix_rt::spawn({
+        let runner = runner.clone();
+        async move { runner.stop().await }
+    });
+    let second = actix_rt::spawn({
+        let stop = runner.stop_recipient();
+        async move { stop.send(Stop).await }
+    });
+    // A bounded "nothing happens" window: Stop must not reply, nor the
+    // session end, while the task runs.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !first.is_finished() && !second.is_finished(),
+        "Stop replied while a task was still in flight"
+    );
+    assert!(
+        !session_ended(&client, session).await,
+        "the session ended before its task in flight finished"
+    );
+    assert!(completed.lock().unwrap().is_empty());
+
+    gate_tx.send(true).unwrap();
+    tokio::time::timeout(DEADLINE, first)
+        .await
+        .expect("Stop replied")
+        .unwrap();
+    tokio::time::timeout(DEADLINE, second)
+        .await
+        .expect("the second Stop replied")
+        .unwrap()
+        .expect("the runner's mailbox was open");
+
+    // Checked right after Stop replied: the drained task is finished and the
+    // session is over.
+    assert_eq!(*completed.lock().unwrap(), vec![ids[0]]);
+    assert_eq!(
+        task_row(&client, ids[0]).await,
+        (Some(session), Some(session), true),
+        "the task in flight was finished by the session before Stop replied"
+    );
+    assert_eq!(
+        task_row(&client, ids[1]).await,
+        (Some(session), None, false),
+        "the task the tasker did not complete is still open"
+    );
+    for &id in &ids[2..] {
+        assert_eq!(task_row(&client, id).await, (None, None, false));
+    }
+    assert!(
+        session_ended(&client, session).await,
+        "Stop ended the session"
+    );
+    let status = runner.status();
+    assert!(status.stopped && status.session.is_none(), "{status:?}");
+
+    // Once stopped, Stop replies at once.
+    tokio::time::timeout(Duration::from_secs(5), runner.stop())
+        .await
+        .expect("a Stop after the runner stopped replied");
+
+    // A new runner of the same name takes every open task on its first tick,
+    // including the one the ended session still pointed at.
+    let batches: Arc<Mutex<Vec<Vec<TaskId>>>> = Arc::default();
+    let tasker_b = {
+        let batches = batches.clone();
+        move |tasks: Vec<ExampleTask>, _progress: Progress| {
+            let ids: Vec<TaskId> = tasks.iter().map(Task::id).collect();
+            batches.lock().unwrap().push(ids.clone());
+            std::future::ready(Ok::<_, TaskerError>(ids))
+        }
+    };
+    let config_b = fast_config("drain-on-stop")
+        .tick(NEVER)
+        .listen(false)
+        .build()
+        .unwrap();
+    let runner_b = Runner::new(config_b, store, tasker_b).start();
+    // Only one tick can happen: the tick is an hour and 4 tasks do not fill
+    // a share of 10 (no drain-mode tick).
+    let status_b = status_until(&runner_b, "the first tick", DEADLINE, |s| s.ticks >= 1).await;
+    assert_eq!(
+        (status_b.fetched, status_b.finished, status_b.failed),
+        (4, 4, 0),
+        "{status_b:?}"
+    );
+    let session_b = status_b.session.expect("runner B has a session");
+    assert_ne!(session_b, session);
+    let mut taken: Vec<TaskId> = batches.lock().unwrap().concat();
+    taken.sort_unstable();
+    assert_eq!(taken, ids[1..], "runner B took each remaining task once");
+    for &id in &ids[1..] {
+        assert_eq!(
+            task_row(&client, id).await,
+            (Some(session_b), Some(session_b), true)
+        );
+    }
+    runner_b.stop().await;
+    assert!(session_ended(&client, session_b).await);
+}
+
+#[actix_rt::test]
+async fn stop_replies_before_a_session_could_start() {
+    // Nothing listens on port 1: the session never starts.
+    let store = PgStore::connect("postgres://postgres@127.0.0.1:1/x")
+        .await
+        .unwrap();
+    let runner = Runner::new(
+        fast_config("unreachable").build().unwrap(),
+        store,
+        completing(Runs::default()),
+    )
+    .start();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(15), runner.stop())
+        .await
+        .expect("Stop replied although no session ever started");
+    let took = started.elapsed();
+    let status = runner.status();
+    assert!(status.stopped && status.session.is_none(), "{status:?}");
+    assert_eq!(status.session_starts, 0);
+    assert_eq!(status.ticks, 0);
+    // The start in flight is waited for: at most the store's connect timeout
+    // (5 s by default), never a retry loop.
+    assert!(took < Duration::from_secs(7), "Stop took {took:?}");
+    tokio::time::timeout(Duration::from_secs(1), runner.stop())
+        .await
+        .expect("a second Stop replied at once");
+}
+
+#[actix_rt::test]
+async fn a_panicking_tasker_is_caught_and_its_worker_restarted() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    let ids = insert(&client, &["a", "b", "boom", "c", "d"]).await;
+    let boom = ids[2];
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let runs = Runs::default();
+    let exploded = Arc::new(AtomicBool::new(false));
+    let tasker = {
+        let (runs, exploded) = (runs.clone(), exploded.clone());
+        move |tasks: Vec<ExampleTask>, progress: Progress| {
+            let (runs, exploded) = (runs.clone(), exploded.clone());
+            async move {
+                count_runs(&runs, &tasks);
+                let mut explode = false;
+                for t in &tasks {
+                    if t.payload == "boom" && !exploded.swap(true, Ordering::SeqCst) {
+                        explode = true;
+                    } else {
+                        progress.complete(t.id);
+                    }
+                }
+                if explode {
+                    panic!("boom (a deliberate panic in the tasker)");
+                }
+                Ok::<_, TaskerError>(Vec::new())
+            }
+        }
+    };
+    // One worker: the panicking task shares its slice with the others.
+    let config = fast_config("panicking").workers(1).build().unwrap();
+    let runner = Runner::new(config, store, tasker).start();
+    let status = status_until(&runner, "all 5 tasks finished", DEADLINE, |s| {
+        s.finished >= 5
+    })
+    .await;
+    let session = status.session.expect("the runner kept its session");
+    assert!(status.worker_restarts >= 1, "{status:?}");
+    assert_eq!(status.session_losses, 0, "{status:?}");
+    assert_eq!(status.session_starts, 1, "{status:?}");
+    assert!(status.failed >= 1, "{status:?}");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("panicked")),
+        "{status:?}"
+    );
+    assert_eq!(runs_of(&runs, boom), 2, "the panicking task ran again");
+    for &id in ids.iter().filter(|&&id| id != boom) {
+        assert_eq!(runs_of(&runs, id), 1, "task {id} ran once");
+    }
+    // The others were finished from the batch that panicked, before the
+    // panicking task's retry.
+    let early: bool = client
+        .query_one(
+            "SELECT bool_and(o.finished_at < b.finished_at) FROM example_task o, example_task b \
+             WHERE b.id = $1 AND o.id <> $1",
+            &[&boom],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(early, "the completed tasks were finished before the retry");
+    for &id in &ids {
+        assert_eq!(
+            task_row(&client, id).await,
+            (Some(session), Some(session), true)
+        );
+    }
+    // The restarted worker keeps serving.
+    let late = insert(&client, &["after the panic"]).await[0];
+    poll_sql(
+        &client,
+        "the task inserted after the panic finished",
+        "SELECT finished_at IS NOT NULL FROM example_task WHERE id = $1",
+        &[&late],
+    )
+    .await;
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_tasker_panicking_before_returning_its_future_is_caught_too() {
+    // A closure Tasker whose synchronous part (before the `async` block)
+    // panics: a plain mistake such as an index out of bounds.
+    let db = migrated_db().await;
+    let client = db.client().await;
+    let ids = insert(&client, &["boom", "a"]).await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let exploded = Arc::new(AtomicBool::new(false));
+    let tasker = move |tasks: Vec<ExampleTask>, _progress: Progress| {
+        if tasks.iter().any(|t| t.payload == "boom") && !exploded.swap(true, Ordering::SeqCst) {
+            panic!("boom (a deliberate panic before the tasker's future)");
+        }
+        std::future::ready(Ok::<_, TaskerError>(tasks.iter().map(Task::id).collect()))
+    };
+    let config = fast_config("panicking-early").workers(1).build().unwrap();
+    let runner = Runner::new(config, store, tasker).start();
+    let mut rx = runner.subscribe();
+    let done = wait_for_status(&mut rx, Duration::from_secs(10), |s| s.finished >= 2).await;
+    let status = runner.status();
+    runner.stop().await;
+    assert!(
+        done.is_some(),
+        "the tasks were not finished after the tasker panicked: {status:?}"
+    );
+    assert!(status.worker_restarts >= 1, "{status:?}");
+    for &id in &ids {
+        assert!(task_row(&client, id).await.2, "task {id} finished");
+    }
+}
+
+#[actix_rt::test]
+async fn an_erroring_tasker_keeps_completed_tasks_and_retries_the_rest() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    let ids = insert(&client, &["t1", "t2", "t3", "t4", "t5", "t6"]).await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let runs = Runs::default();
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let tasker = {
+        let runs = runs.clone();
+        move |tasks: Vec<ExampleTask>, progress: Progress| {
+            count_runs(&runs, &tasks);
+            let fail = !failed_once.swap(true, Ordering::SeqCst);
+            async move {
+                if fail {
+                    // Half done, then the rest of the batch fails.
+                    for t in &tasks[..3] {
+                        progress.complete(t.id);
+                    }
+                    return Err::<Vec<TaskId>, TaskerError>("the mail server is down".into());
+                }
+                Ok(tasks.iter().map(Task::id).collect())
+            }
+        }
+    };
+    let config = fast_config("erroring").workers(1).build().unwrap();
+    let runner = Runner::new(config, store, tasker).start();
+    let status = status_until(&runner, "all 6 tasks finished", DEADLINE, |s| {
+        s.finished >= 6
+    })
+    .await;
+    let session = status.session.expect("the runner kept its session");
+    assert_eq!(status.failed, 3, "{status:?}");
+    assert_eq!(status.worker_restarts, 0, "an error needs no restart");
+    assert_eq!(status.actor_restarts, 0, "{status:?}");
+    assert_eq!(status.session_losses, 0, "{status:?}");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("the mail server is down")),
+        "{status:?}"
+    );
+    for &id in &ids[..3] {
+        assert_eq!(runs_of(&runs, id), 1, "completed task {id} was not rerun");
+    }
+    for &id in &ids[3..] {
+        assert_eq!(runs_of(&runs, id), 2, "failed task {id} was retried once");
+    }
+    for &id in &ids {
+        assert_eq!(
+            task_row(&client, id).await,
+            (Some(session), Some(session), true)
+        );
+    }
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_hung_tasker_is_stopped_by_the_batch_timeout() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    let ids = insert(&client, &["ok1", "hang", "ok2"]).await;
+    let hang = ids[1];
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let runs = Runs::default();
+    let hung = Arc::new(AtomicBool::new(false));
+    let tasker = {
+        let runs = runs.clone();
+        move |tasks: Vec<ExampleTask>, progress: Progress| {
+            count_runs(&runs, &tasks);
+            let hung = hung.clone();
+            async move {
+                let mut hang = false;
+                for t in &tasks {
+                    if t.payload == "hang" && !hung.swap(true, Ordering::SeqCst) {
+                        hang = true;
+                    } else {
+                        progress.complete(t.id);
+                    }
+                }
+                if hang {
+                    futures_util::future::pending::<()>().await;
+                }
+                Ok::<_, TaskerError>(Vec::new())
+            }
+        }
+    };
+    let config = fast_config("hung")
+        .workers(1)
+        .batch_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let runner = Runner::new(config, store, tasker).start();
+    let first = status_until(&runner, "a session", DEADLINE, |s| s.session.is_some())
+        .await
+        .session
+        .unwrap();
+    let status = status_until(&runner, "all 3 tasks finished", DEADLINE, |s| {
+        s.finished >= 3
+    })
+    .await;
+    assert!(status.worker_restarts >= 1, "{status:?}");
+    assert_eq!(status.session, Some(first), "the runner kept its session");
+    assert_eq!(
+        (status.session_starts, status.session_losses),
+        (1, 0),
+        "{status:?}"
+    );
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("timed out")),
+        "{status:?}"
+    );
+    assert_eq!(runs_of(&runs, hang), 2, "the hung task ran again");
+    for &id in &ids {
+        assert_eq!(
+            task_row(&client, id).await,
+            (Some(first), Some(first), true)
+        );
+    }
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_tasker_reporting_foreign_or_duplicate_ids_is_contained() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    // With a share of 3 the runner holds t1..t3; t4 and t5 stay free.
+    let ids = insert(&client, &["t1", "t2", "t3", "t4", "t5"]).await;
+    let (free, missing) = (ids[4], 999_999);
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let runs = Runs::default();
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    // Later calls wait for the gate, so the first tick's outcome can be
+    // inspected before anything else happens.
+    let (gate_tx, gate_rx) = watch::channel(false);
+    let tasker = {
+        let runs = runs.clone();
+        move |tasks: Vec<ExampleTask>, progress: Progress| {
+            count_runs(&runs, &tasks);
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            let mut gate = gate_rx.clone();
+            let given: Vec<TaskId> = tasks.iter().map(Task::id).collect();
+            async move {
+                if call == 0 {
+                    // t1 twice (progress and return), t2 twice in the
+                    // return, t3 never; an id that does not exist and a
+                    // free task it was not given.
+                    progress.complete(given[0]);
+                    return Ok::<_, TaskerError>(vec![given[0], given[1], given[1], missing, free]);
+                }
+                let _ = gate.wait_for(|open| *open).await;
+                Ok(given)
+            }
+        }
+    };
+    let config = fast_config("foreign")
+        .max_tasks(3)
+        .workers(1)
+        .listen(false)
+        .build()
+        .unwrap();
+    let runner = Runner::new(config, store, tasker).start();
+    let status = status_until(&runner, "the first tick", DEADLINE, |s| s.ticks >= 1).await;
+    let session = status.session.expect("a session");
+    assert_eq!(
+        (
+            status.fetched,
+            status.finished,
+            status.failed,
+            status.rejected
+        ),
+        (3, 2, 1, 0),
+        "duplicates count once, foreign ids are not finished: {status:?}"
+    );
+    let error = status.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("not given")
+            && error.contains("999999")
+            && error.contains(&free.to_string()),
+        "the foreign ids are reported: {error:?}"
+    );
+    assert_eq!(
+        task_row(&client, ids[0]).await,
+        (Some(session), Some(session), true)
+    );
+    assert_eq!(
+        task_row(&client, ids[1]).await,
+        (Some(session), Some(session), true)
+    );
+    assert_eq!(
+        task_row(&client, ids[2]).await,
+        (Some(session), None, false),
+        "the unreported task stays held"
+    );
+    let (_, finished_by, finished) = task_row(&client, free).await;
+    assert!(
+        !finished && finished_by.is_none(),
+        "a task the tasker was not given was finished"
+    );
+    let phantom: i64 = client
+        .query_one(
+            "SELECT count(*) FROM example_task WHERE id = $1",
+            &[&missing],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(phantom, 0);
+
+    // The runner carries on: the rest is done normally.
+    gate_tx.send(true).unwrap();
+    let status = status_until(&runner, "all 5 tasks finished", DEADLINE, |s| {
+        s.finished >= 5
+    })
+    .await;
+    assert_eq!(status.finished, 5, "{status:?}");
+    assert_eq!(status.rejected, 0, "{status:?}");
+    assert_eq!(status.worker_restarts, 0, "{status:?}");
+    all_finished(&client).await;
+    assert_eq!(runs_of(&runs, ids[2]), 2, "the unreported task ran again");
+    for &id in [ids[0], ids[1], ids[3], free].iter() {
+        assert_eq!(runs_of(&runs, id), 1, "task {id} ran once");
+    }
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn notify_wakes_an_idle_runner() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let config = fast_config("notified").tick(NEVER).build().unwrap();
+    let runner = Runner::new(config, store, completing(Runs::default())).start();
+    let idle = status_until(&runner, "an idle first tick", DEADLINE, |s| {
+        s.session.is_some() && s.ticks >= 1
+    })
+    .await;
+    assert_eq!(idle.fetched, 0);
+
+    let id = insert(&client, &["wake up"]).await[0];
+    // Far less than the hour-long tick: only the notification can do it.
+    let status = status_until(
+        &runner,
+        "the notified task finished",
+        Duration::from_secs(10),
+        |s| s.finished >= 1,
+    )
+    .await;
+    let session = status.session.unwrap();
+    assert_eq!(
+        task_row(&client, id).await,
+        (Some(session), Some(session), true)
+    );
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn drain_mode_ticks_again_after_a_full_share() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    seed(&client, 100).await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    // An hour-long tick and no LISTEN: only drain mode can start a second tick.
+    let config = fast_config("draining")
+        .tick(NEVER)
+        .listen(false)
+        .build()
+        .unwrap();
+    let runner = Runner::new(config, store, completing(Runs::default())).start();
+    let status = status_until(&runner, "100 tasks finished", DEADLINE, |s| {
+        s.finished >= 100
+    })
+    .await;
+    assert!(status.ticks >= 10, "{status:?}");
+    assert_eq!(open_count(&client).await, 0);
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn without_drain_mode_a_full_share_waits_for_the_next_tick() {
+    // The negative control of drain_mode_ticks_again_after_a_full_share.
+    let db = migrated_db().await;
+    let client = db.client().await;
+    seed(&client, 100).await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let config = fast_config("not-draining")
+        .tick(NEVER)
+        .listen(false)
+        .drain_mode(false)
+        .build()
+        .unwrap();
+    let runner = Runner::new(config, store, completing(Runs::default())).start();
+    let status = status_until(&runner, "the first tick", DEADLINE, |s| s.ticks >= 1).await;
+    assert_eq!((status.fetched, status.finished), (10, 10), "{status:?}");
+    // A bounded "nothing happens" window: with drain mode on, the next tick
+    // would start within milliseconds; one second shows it does not.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = runner.status();
+    assert_eq!((status.ticks, status.finished), (1, 10), "{status:?}");
+    assert_eq!(open_count(&client).await, 90);
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn several_runners_start_and_stop_together() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    seed(&client, 40).await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let (runs_a, runs_b) = (Runs::default(), Runs::default());
+    let (addr, handles) = RunnerServer::new()
+        .with(Runner::new(
+            fast_config("server-a").build().unwrap(),
+            store.clone(),
+            completing(runs_a.clone()),
+        ))
+        .with(Runner::new(
+            fast_config("server-b").build().unwrap(),
+            store,
+            completing(runs_b.clone()),
+        ))
+        .start_all();
+    assert_eq!(handles.len(), 2);
+    assert_eq!(
+        [handles[0].name(), handles[1].name()],
+        ["server-a", "server-b"]
+    );
+    let mut sessions = Vec::new();
+    for h in &handles {
+        let s = status_until(h, "a session", DEADLINE, |s| s.session.is_some()).await;
+        sessions.push(s.session.unwrap());
+    }
+    assert_ne!(sessions[0], sessions[1]);
+    all_finished(&client).await;
+    // Every task ran once, by one runner or the other.
+    let (a, b) = (
+        runs_a.lock().unwrap().clone(),
+        runs_b.lock().unwrap().clone(),
+    );
+    assert_eq!(a.len() + b.len(), 40);
+    assert!(a.keys().all(|id| !b.contains_key(id)));
+    assert!(a.values().chain(b.values()).all(|&n| n == 1));
+
+    tokio::time::timeout(DEADLINE, addr.send(Stop))
+        .await
+        .expect("the server's Stop replied")
+        .unwrap();
+    for (h, &session) in handles.iter().zip(&sessions) {
+        let status = h.status();
+        assert!(status.stopped && status.session.is_none(), "{status:?}");
+        assert!(
+            session_ended(&client, session).await,
+            "session of {} ended",
+            h.name()
+        );
+        let name: String = client
+            .query_one(
+                "SELECT name FROM session_lock.session WHERE id = $1",
+                &[&session],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(name, h.name());
+    }
+}
+
+/// A PgStore behind a switch: while `cut` is set, finding the database fails
+/// as a network partition would.
+struct Partitioned {
+    store: PgStore,
+    cut: Arc<AtomicBool>,
+}
+
+impl DbFinder for Partitioned {
+    type Db = PgStore;
+
+    async fn find(&self) -> session_lock::Result<PgStore> {
+        if self.cut.load(Ordering::SeqCst) {
+            Err(Error::PoolTimedOut)
+        } else {
+            Ok(self.store.clone())
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_partitioned_database_fences_the_session_before_its_ttl() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    let finder = Partitioned {
+        store,
+        cut: cut.clone(),
+    };
+    // Default safety margin: ttl / 5 = 600 ms.
+    let config = RunnerConfig::builder("partitioned")
+        .ttl(Duration::from_secs(3))
+        .heartbeat(Duration::from_millis(500))
+        .tick(Duration::from_millis(50))
+        .jitter(Duration::ZERO)
+        .retry_max(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    assert_eq!(config.safety_margin(), Duration::from_millis(600));
+    let runs = Runs::default();
+    let runner = Runner::new(config, finder, completing(runs.clone())).start();
+    let session = status_until(&runner, "a session", DEADLINE, |s| {
+        s.session.is_some() && s.ticks >= 1
+    })
+    .await
+    .session
+    .unwrap();
+
+    let remaining_at_cut: f64 = client
+        .query_one(
+            "SELECT extract(epoch FROM expires_at - clock_timestamp())::float8 \
+             FROM session_lock.session WHERE id = $1",
+            &[&session],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    cut.store(true, Ordering::SeqCst);
+    let cut_at = Instant::now();
+    let fenced = status_until(&runner, "the fence", Duration::from_secs(10), |s| {
+        s.session.is_none()
+    })
+    .await;
+    let fenced_after = cut_at.elapsed();
+    // The server-side lease must still be live when the runner fenced
+    // itself. (A renewal in flight at the cut may have extended it; reading
+    // it now accounts for that.)
+    let (live, left): (bool, f64) = {
+        let row = client
+            .query_one(
+                "SELECT expires_at > clock_timestamp() AND ended_at IS NULL, \
+                 extract(epoch FROM expires_at - clock_timestamp())::float8 \
+                 FROM session_lock.session WHERE id = $1",
+                &[&session],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(
+        live,
+        "fenced {fenced_after:?} after the cut, but the lease had already run out \
+         ({left:.3} s left; {remaining_at_cut:.3} s left at the cut)"
+    );
+    // The last renewal was sent before the cut: the fence is due at most
+    // ttl - margin = 2.4 s later.
+    assert!(
+        fenced_after < Duration::from_secs(3),
+        "fenced {fenced_after:?} after the cut"
+    );
+    assert!(!fenced.stopped);
+    assert!(
+        fenced
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("fenced")),
+        "{fenced:?}"
+    );
+    assert!(fenced.heartbeat_failures >= 1, "{fenced:?}");
+
+    // Healed: a live session again (the same one if its lease survived, a
+    // new one otherwise), and new tasks are finished.
+    cut.store(false, Ordering::SeqCst);
+    let healed = status_until(&runner, "a session after the heal", DEADLINE, |s| {
+        s.session.is_some()
+    })
+    .await;
+    let now_session = healed.session.unwrap();
+    poll_sql(
+        &client,
+        "the session after the heal is live",
+        "SELECT expires_at > clock_timestamp() AND ended_at IS NULL \
+         FROM session_lock.session WHERE id = $1",
+        &[&now_session],
+    )
+    .await;
+    if now_session == session {
+        assert_eq!(healed.session_starts, 1, "{healed:?}");
+    } else {
+        assert!(healed.session_starts >= 2, "{healed:?}");
+    }
+    let ids = insert(&client, &["after the heal 1", "after the heal 2"]).await;
+    all_finished(&client).await;
+    for &id in &ids {
+        let (_, finished_by, _) = task_row(&client, id).await;
+        assert_eq!(finished_by, runner.status().session);
+        assert_eq!(runs_of(&runs, id), 1);
+    }
+    runner.stop().await;
+}
+
+#[test]
+fn every_invalid_configuration_gives_its_error() {
+    let s = Duration::from_secs;
+    let base = || RunnerConfig::builder("valid");
+    type Case = (
+        &'static str,
+        session_lock::RunnerConfigBuilder,
+        ConfigError,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "empty name",
+            RunnerConfig::builder(""),
+            ConfigError::Name(String::new()),
+            "runner name",
+        ),
+        (
+            "201-char name",
+            RunnerConfig::builder("n".repeat(201)),
+            ConfigError::Name("n".repeat(201)),
+            "runner name",
+        ),
+        (
+            "zero ttl",
+            base().ttl(Duration::ZERO),
+            ConfigError::Zero("ttl"),
+            "ttl",
+        ),
+        (
+            "zero heartbeat",
+            base().heartbeat(Duration::ZERO),
+            ConfigError::Zero("heartbeat"),
+            "heartbeat",
+        ),
+        (
+            "heartbeat above ttl/3",
+            base().ttl(s(30)).heartbeat(Duration::from_millis(10_001)),
+            ConfigError::HeartbeatTooSlow {
+                heartbeat: Duration::from_millis(10_001),
+                ttl: s(30),
+            },
+            "heartbeat",
+        ),
+        (
+            "heartbeat that would overflow",
+            base().heartbeat(Duration::MAX),
+            ConfigError::TooLarge {
+                what: "heartbeat",
+                value: format!("{:?}", Duration::MAX),
+                limit: format!("{:?}", s(365 * 24 * 3600)),
+            },
+            "heartbeat",
+        ),
+        (
+            "batch_timeout above a year",
+            base().batch_timeout(Duration::MAX),
+            ConfigError::TooLarge {
+                what: "batch_timeout",
+                value: format!("{:?}", Duration::MAX),
+                limit: format!("{:?}", s(365 * 24 * 3600)),
+            },
+            "batch_timeout",
+        ),
+        (
+            "zero tick",
+            base().tick(Duration::ZERO),
+            ConfigError::Zero("tick"),
+            "tick",
+        ),
+        (
+            "zero max_tasks",
+            base().max_tasks(0),
+            ConfigError::Zero("max_tasks"),
+            "max_tasks",
+        ),
+        (
+            "max_tasks 100000",
+            base().max_tasks(100_000),
+            ConfigError::TooLarge {
+                what: "max_tasks",
+                value: "100000".into(),
+                limit: "10000".into(),
+            },
+            "max_tasks",
+        ),
+        (
+            "zero workers",
+            base().workers(0),
+            ConfigError::Zero("workers"),
+            "workers",
+        ),
+        (
+            "5000 workers",
+            base().workers(5000),
+            ConfigError::TooLarge {
+                what: "workers",
+                value: "5000".into(),
+                limit: "1024".into(),
+            },
+            "workers",
+        ),
+        (
+            "ttl of 2 days",
+            base().ttl(s(2 * 24 * 3600)),
+            ConfigError::TooLarge {
+                what: "ttl",
+                value: format!("{:?}", s(2 * 24 * 3600)),
+                limit: format!("{:?}", s(24 * 3600)),
+            },
+            "ttl",
+        ),
+        (
+            "zero batch_timeout",
+            base().batch_timeout(Duration::ZERO),
+            ConfigError::Zero("batch_timeout"),
+            "batch_timeout",
+        ),
+        (
+            "zero drain_timeout",
+            base().drain_timeout(Duration::ZERO),
+            ConfigError::Zero("drain_timeout"),
+            "drain_timeout",
+        ),
+        (
+            "zero reap_interval",
+            base().reap_interval(Duration::ZERO),
+            ConfigError::Zero("reap_interval"),
+            "reap_interval",
+        ),
+        (
+            "zero retry_max",
+            base().retry_max(Duration::ZERO),
+            ConfigError::Zero("retry_max"),
+            "retry_max",
+        ),
+        (
+            "safety margin equal to ttl - heartbeat",
+            base().ttl(s(10)).heartbeat(s(3)).safety_margin(s(7)),
+            ConfigError::MarginTooLarge {
+                margin: s(7),
+                ttl: s(10),
+                heartbeat: s(3),
+            },
+            "safety margin",
+        ),
+        (
+            "safety margin above the ttl",
+            base().ttl(s(10)).heartbeat(s(3)).safety_margin(s(60)),
+            ConfigError::MarginTooLarge {
+                margin: s(60),
+                ttl: s(10),
+                heartbeat: s(3),
+            },
+            "safety margin",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (case, builder, expected, named) in cases {
+        let got = std::panic::catch_unwind(|| builder.build());
+        match got {
+            Ok(Err(e)) if e == expected => {
+                let shown = e.to_string();
+                if !shown.contains(named) {
+                    failures.push(format!("{case}: {shown:?} does not name {named:?}"));
+                }
+                let wrapped = Error::from(e).to_string();
+                if !wrapped.contains(&shown) {
+                    failures.push(format!("{case}: Error shows {wrapped:?}"));
+                }
+            }
+            Ok(Err(e)) => failures.push(format!("{case}: expected {expected:?}, got {e:?}")),
+            Ok(Ok(c)) => failures.push(format!("{case}: accepted {c:?}")),
+            Err(_) => failures.push(format!("{case}: build() panicked")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // The boundaries themselves are valid.
+    let edge = base()
+        .ttl(s(9))
+        .heartbeat(s(3))
+        .safety_margin(Duration::from_millis(5999))
+        .max_tasks(10_000)
+        .workers(1024)
+        .build()
+        .expect("heartbeat = ttl/3, margin just under ttl - heartbeat, max limits");
+    assert_eq!(edge.safety_margin(), Duration::from_millis(5999));
+    assert!(RunnerConfig::builder("n".repeat(200)).build().is_ok());
+    assert!(base().ttl(s(24 * 3600)).build().is_ok());
 }
