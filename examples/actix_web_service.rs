@@ -165,17 +165,14 @@ fn init_tracing() -> Result<Option<SdkTracerProvider>, String> {
 }
 
 async fn migrate(url: &str) -> Result<(), String> {
-    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let mut client = session_lock::connect_one(url)
         .await
         .map_err(|e| format!("cannot connect to the database: {e}"))?;
-    let conn = tokio::spawn(connection);
     Migrator::new()
         .with_example()
         .run(&mut client)
         .await
         .map_err(|e| e.to_string())?;
-    drop(client);
-    let _ = conn.await;
     Ok(())
 }
 

@@ -7,6 +7,14 @@
 --   SL002  a task-template function still has its placeholder body;
 --   SL003  an argument is out of range.
 --
+-- Privileges. The functions a runner calls directly (start, bump, end,
+-- reap) are SECURITY DEFINER with a pinned search_path: a runtime role
+-- needs only EXECUTE on them, never access to the tables. EXECUTE is revoked
+-- from PUBLIC on every function here and granted, at the end of this file,
+-- to the role session_lock_runtime when it exists (README: least privilege).
+-- task_overview stays with the caller's rights: it calls the function it is
+-- given, which must never run with the owner's.
+--
 -- Concurrency, in one paragraph. A task belongs to the session in its
 -- session_id column, so it can never be held by two sessions at once; the
 -- question is only whether a session may still *act* on what it holds. A
@@ -55,6 +63,7 @@ CREATE OR REPLACE FUNCTION session_lock.start_session(
 )
 RETURNS bigint
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_id bigint;
@@ -79,6 +88,7 @@ $$;
 CREATE OR REPLACE FUNCTION session_lock.bump_session(p_session bigint, p_ttl interval)
 RETURNS timestamptz
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_expires timestamptz;
@@ -105,6 +115,7 @@ $$;
 CREATE OR REPLACE FUNCTION session_lock.end_session(p_session bigint)
 RETURNS boolean
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     UPDATE session_lock.session
@@ -224,6 +235,7 @@ $$;
 CREATE OR REPLACE FUNCTION session_lock.reap_sessions(p_older_than interval)
 RETURNS integer
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_count integer;
@@ -265,5 +277,22 @@ BEGIN
                 (h.session_id IS NOT NULL AND EXISTS (
                     SELECT 1 FROM session_lock.live_session l WHERE l.id = h.session_id))
            FROM %s() h', p_held);
+END;
+$$;
+
+-- Least privilege (README): nobody but the owner may call these unless
+-- granted. The runtime role gets exactly the calls a runner makes.
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA session_lock FROM PUBLIC;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'session_lock_runtime') THEN
+        GRANT USAGE ON SCHEMA session_lock TO session_lock_runtime;
+        GRANT EXECUTE ON FUNCTION
+            session_lock.start_session(text, interval, text, integer),
+            session_lock.bump_session(bigint, interval),
+            session_lock.end_session(bigint),
+            session_lock.reap_sessions(interval)
+        TO session_lock_runtime;
+    END IF;
 END;
 $$;

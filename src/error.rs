@@ -47,6 +47,10 @@ pub enum Error {
     /// Waiting for a pooled connection timed out.
     #[error("timed out waiting for a database connection from the pool")]
     PoolTimedOut,
+    /// Opening a connection failed: unreachable, refused, wrong password,
+    /// TLS refused. Retried on the next call.
+    #[error("cannot connect to the database: {0}")]
+    Connect(String),
     /// User code (a Tasker, DbFinder or ScanTask) panicked; the panic was
     /// caught and the actor running it restarted.
     #[error("user code panicked: {0}")]
@@ -76,7 +80,7 @@ impl Error {
     /// serialisation conflicts, as opposed to bugs, bad input or a lost session.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::PoolTimedOut => true,
+            Error::PoolTimedOut | Error::Connect(_) => true,
             Error::Db(e) => match e.code() {
                 None => true, // closed connection, I/O error, timeout
                 Some(code) => {

@@ -19,6 +19,7 @@ pub mod supervisor;
 mod task;
 pub mod tasker;
 pub mod telemetry;
+pub mod tls;
 mod workers;
 
 pub use config::{ConfigError, RunnerConfig, RunnerConfigBuilder};
@@ -28,10 +29,12 @@ pub use migrate::{MigrateError, Migrator};
 pub use status::RunnerStatus;
 pub use store::{
     Database, DbFinder, Listener, PgStore, SessionId, SessionStart, StoreOptions, Work, WorkGet,
+    connect_one,
 };
 pub use supervisor::{Runner, RunnerHandle, RunnerServer, Stop};
 pub use task::{ScanTask, Task, TaskId, TaskQueries, column};
 pub use tasker::{Progress, Tasker, TaskerError};
+pub use tls::TlsMode;
 
 /// The names nearly every user needs.
 pub mod prelude {

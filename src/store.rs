@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use bb8::{Pool, PooledConnection};
 use bb8_postgres::PostgresConnectionManager;
-use tokio_postgres::NoTls;
 use tokio_postgres::types::Type;
 
 use crate::error::{Error, Result, ScanError};
 use crate::task::{ScanTask, TaskId};
+use crate::tls::{Tls, TlsMode};
 
 /// A session's id: the primary key of its `session_lock.session` row.
 pub type SessionId = i64;
@@ -161,6 +161,9 @@ pub trait DbFinder: Send + Sync + 'static {
 /// Connection and pool settings for [`PgStore`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
+    /// Encryption and server verification. Defaults to [`TlsMode::Prefer`],
+    /// as libpq; [`PgStore::connect`] takes it from the URL's `sslmode`.
+    pub tls: TlsMode,
     /// Most connections in the pool. Defaults to [`DEFAULT_POOL_SIZE`].
     pub pool_size: u32,
     /// Time allowed to open a connection, and to wait for one from the pool.
@@ -183,6 +186,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
+            tls: TlsMode::default(),
             pool_size: DEFAULT_POOL_SIZE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
@@ -237,14 +241,14 @@ impl StoreOptions {
 /// the store is made in `main`) ties every connection to the process instead.
 #[derive(Debug, Clone)]
 pub struct Manager {
-    inner: Arc<PostgresConnectionManager<NoTls>>,
+    inner: Arc<PostgresConnectionManager<Tls>>,
     home: tokio::runtime::Handle,
 }
 
 impl Manager {
-    fn new(config: tokio_postgres::Config) -> Self {
+    fn new(config: tokio_postgres::Config, tls: Tls) -> Self {
         Manager {
-            inner: Arc::new(PostgresConnectionManager::new(config, NoTls)),
+            inner: Arc::new(PostgresConnectionManager::new(config, tls)),
             home: tokio::runtime::Handle::current(),
         }
     }
@@ -272,23 +276,103 @@ impl bb8::ManageConnection for Manager {
     }
 }
 
+/// Keeps the latest failure to open a pooled connection, so that a caller
+/// waiting for a connection gets its cause (wrong password, TLS refused,
+/// connection refused) at once, instead of bb8's bare timeout.
+#[derive(Debug, Clone, Default)]
+struct ConnectErrors(Arc<ConnectErrorsInner>);
+
+#[derive(Debug, Default)]
+struct ConnectErrorsInner {
+    /// Sequence number and description of the latest failure.
+    latest: std::sync::Mutex<(u64, String)>,
+    notify: tokio::sync::Notify,
+}
+
+impl ConnectErrors {
+    fn seq(&self) -> u64 {
+        self.0
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+    }
+
+    /// Waits for a failure after `seq` and returns its description.
+    async fn after(&self, seq: u64) -> String {
+        loop {
+            let notified = self.0.notify.notified();
+            {
+                let latest = self
+                    .0
+                    .latest
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if latest.0 > seq {
+                    return latest.1.clone();
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+impl bb8::ErrorSink<tokio_postgres::Error> for ConnectErrors {
+    fn sink(&self, error: tokio_postgres::Error) {
+        let text = crate::error::describe_db(&error);
+        tracing::debug!(error = %text, "cannot open a database connection");
+        {
+            let mut latest = self
+                .0
+                .latest
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            latest.0 += 1;
+            latest.1 = text;
+        }
+        self.0.notify.notify_waiters();
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
+        Box::new(self.clone())
+    }
+}
+
 /// The [`Database`] over Postgres: a bb8 pool of tokio-postgres connections
 /// calling the session-lock SQL functions. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PgStore {
     pool: Pool<Manager>,
     /// For connections outside the pool (LISTEN needs one of its own).
     config: Arc<tokio_postgres::Config>,
+    tls: Tls,
+    connect_errors: ConnectErrors,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("pool", &self.pool)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PgStore {
     /// Connects to the database at `url` (a libpq-style URL or key=value
-    /// string) with [`StoreOptions::default`].
+    /// string) with [`StoreOptions::default`] and the TLS mode of its
+    /// `sslmode` (see [`tls`](crate::tls): `verify-full` with `sslrootcert`
+    /// checks the server).
     pub async fn connect(url: &str) -> Result<Self> {
-        let config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| Error::InvalidArgument(format!("bad database URL: {e}")))?;
-        Self::from_config(config, StoreOptions::default()).await
+        let (config, tls) = crate::tls::parse_url(url)?;
+        Self::from_config(
+            config,
+            StoreOptions {
+                tls,
+                ..StoreOptions::default()
+            },
+        )
+        .await
     }
 
     /// Builds a pool for `config` with the given options. The pool connects
@@ -307,7 +391,10 @@ impl PgStore {
             ));
         }
         options.apply(&mut config);
+        let tls = crate::tls::connector(&options.tls)?;
+        let connect_errors = ConnectErrors::default();
         let pool = Pool::builder()
+            .error_sink(Box::new(connect_errors.clone()))
             .max_size(options.pool_size)
             .min_idle(Some(0))
             .connection_timeout(options.connect_timeout)
@@ -315,10 +402,15 @@ impl PgStore {
             // dropped by bb8; testing every checkout would add a round trip
             // to every call.
             .test_on_check_out(false)
-            .build_unchecked(Manager::new(config.clone()));
+            // A failed connect is reported (see ConnectErrors) rather than
+            // retried silently until the caller's wait times out.
+            .retry_connection(false)
+            .build_unchecked(Manager::new(config.clone(), tls.clone()));
         Ok(PgStore {
             pool,
             config: Arc::new(config),
+            tls,
+            connect_errors,
         })
     }
 
@@ -328,7 +420,11 @@ impl PgStore {
     }
 
     async fn conn(&self) -> Result<PooledConnection<'_, Manager>> {
-        Ok(self.pool.get().await?)
+        let seq = self.connect_errors.seq();
+        tokio::select! {
+            conn = self.pool.get() => Ok(conn?),
+            cause = self.connect_errors.after(seq) => Err(Error::Connect(cause)),
+        }
     }
 }
 
@@ -446,7 +542,7 @@ impl PgStore {
 
         let (client, mut connection) = self
             .config
-            .connect(NoTls)
+            .connect(self.tls.clone())
             .await
             .map_err(|e| Error::from_db(e, None))?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -488,6 +584,29 @@ impl DbFinder for PgStore {
     async fn find(&self) -> Result<PgStore> {
         Ok(self.clone())
     }
+}
+
+/// Opens one connection to `url` outside any pool (for migrations and
+/// operator queries), honouring its `sslmode` and with the timeouts of
+/// [`StoreOptions::default`]. The connection is driven by a task on the
+/// current Tokio runtime and closes when the client is dropped.
+pub async fn connect_one(url: &str) -> Result<tokio_postgres::Client> {
+    let (mut config, tls) = crate::tls::parse_url(url)?;
+    let options = StoreOptions {
+        tls,
+        ..StoreOptions::default()
+    };
+    options.apply(&mut config);
+    let (client, connection) = config
+        .connect(crate::tls::connector(&options.tls)?)
+        .await
+        .map_err(|e| Error::from_db(e, None))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection closed");
+        }
+    });
+    Ok(client)
 }
 
 /// Milliseconds of `d`, saturating: durations are validated long before they

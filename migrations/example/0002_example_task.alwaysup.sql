@@ -1,5 +1,10 @@
 -- The worked example's task functions: migrations/template/0002_tasks.alwaysup.sql
 -- filled in for public.example_task. Re-applied on every run.
+--
+-- The entry points (get_work, finish_tasks, held) are SECURITY DEFINER with a
+-- pinned search_path, so a runtime role needs only EXECUTE on them; every
+-- name inside is schema-qualified. EXECUTE on the rest is revoked from
+-- PUBLIC: a runtime role cannot call pickup or release directly.
 
 -- New tasks wake idle runners at once (LISTEN session_lock_example_task)
 -- instead of waiting for their next tick. One notification per statement,
@@ -135,6 +140,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.example_task_held()
 RETURNS TABLE (session_id bigint, tasks bigint)
 LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN QUERY
@@ -160,6 +166,7 @@ CREATE OR REPLACE FUNCTION public.example_task_get_work(
 )
 RETURNS SETOF public.example_task
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_begin record;
@@ -189,9 +196,35 @@ $$;
 CREATE OR REPLACE FUNCTION public.example_task_finish_tasks(p_session bigint, p_ids bigint[])
 RETURNS SETOF bigint
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM session_lock.lock_session(p_session);
     RETURN QUERY SELECT * FROM public.example_task_finish(p_session, p_ids);
+END;
+$$;
+
+-- Least privilege (README): the runtime role may call the entry points only.
+REVOKE EXECUTE ON FUNCTION
+    public.example_task_notify(),
+    public.example_task_count(bigint),
+    public.example_task_count_for_session(bigint),
+    public.example_task_pickup(bigint, integer),
+    public.example_task_release(bigint[], integer),
+    public.example_task_get_for_session(bigint),
+    public.example_task_finish(bigint, bigint[]),
+    public.example_task_held(),
+    public.example_task_get_work(bigint, integer, interval),
+    public.example_task_finish_tasks(bigint, bigint[])
+FROM PUBLIC;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'session_lock_runtime') THEN
+        GRANT EXECUTE ON FUNCTION
+            public.example_task_get_work(bigint, integer, interval),
+            public.example_task_finish_tasks(bigint, bigint[]),
+            public.example_task_held()
+        TO session_lock_runtime;
+    END IF;
 END;
 $$;

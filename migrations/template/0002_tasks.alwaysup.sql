@@ -14,6 +14,12 @@
 --     LOCKED, so concurrent sessions take disjoint tasks without waiting;
 --   * finish touches only tasks whose session_id is the calling session.
 -- PL/pgSQL is used throughout because it caches the plans of its queries.
+--
+-- Privileges: the entry points (get_work, finish_tasks, held) are SECURITY
+-- DEFINER, so the role that runs your service needs only EXECUTE on them
+-- (README: least privilege). Their search_path is pinned to
+-- `pg_catalog, public, pg_temp`: if your table lives in another schema, put
+-- that schema where `public` is (or schema-qualify every name).
 
 -- TODO(session-lock): fill in my_task_count.
 -- The number of open tasks, counting no further than p_limit (the share never
@@ -151,6 +157,7 @@ $$;
 CREATE OR REPLACE FUNCTION my_task_held()
 RETURNS TABLE (session_id bigint, tasks bigint)
 LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
 BEGIN
     RAISE EXCEPTION 'task template function my_task_held is not filled in'
@@ -174,6 +181,7 @@ CREATE OR REPLACE FUNCTION my_task_get_work(
 )
 RETURNS SETOF my_task
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
 DECLARE
     v_begin record;
@@ -203,9 +211,36 @@ $$;
 CREATE OR REPLACE FUNCTION my_task_finish_tasks(p_session bigint, p_ids bigint[])
 RETURNS SETOF bigint
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
 BEGIN
     PERFORM session_lock.lock_session(p_session);
     RETURN QUERY SELECT * FROM my_task_finish(p_session, p_ids);
+END;
+$$;
+
+-- TODO(session-lock): rename my_task in the privileges below.
+-- Least privilege (README): nobody may call these but the owner, except the
+-- entry points, granted to session_lock_runtime when that role exists.
+REVOKE EXECUTE ON FUNCTION
+    my_task_count(bigint),
+    my_task_count_for_session(bigint),
+    my_task_pickup(bigint, integer),
+    my_task_release(bigint[], integer),
+    my_task_get_for_session(bigint),
+    my_task_finish(bigint, bigint[]),
+    my_task_held(),
+    my_task_get_work(bigint, integer, interval),
+    my_task_finish_tasks(bigint, bigint[])
+FROM PUBLIC;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'session_lock_runtime') THEN
+        GRANT EXECUTE ON FUNCTION
+            my_task_get_work(bigint, integer, interval),
+            my_task_finish_tasks(bigint, bigint[]),
+            my_task_held()
+        TO session_lock_runtime;
+    END IF;
 END;
 $$;

@@ -5,6 +5,7 @@ mod harness;
 mod migrate;
 mod protocol;
 mod runner;
+mod security;
 mod service;
 mod telemetry;
 mod worker;

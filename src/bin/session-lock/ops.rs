@@ -4,10 +4,9 @@
 //! database, a bad URL, missing migrations. Never a panic or a backtrace.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Args;
-use session_lock::{Migrator, StoreOptions};
+use session_lock::Migrator;
 
 #[derive(Debug, Args)]
 pub(crate) struct MigrateArgs {
@@ -142,22 +141,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-/// One connection with the library's timeouts, so an unreachable database
-/// fails in seconds.
+/// One connection with the library's timeouts and the URL's sslmode, so an
+/// unreachable database fails in seconds.
 async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
-    let mut config: tokio_postgres::Config =
-        url.parse().map_err(|e| format!("bad database URL: {e}"))?;
-    StoreOptions {
-        connect_timeout: Duration::from_secs(5),
-        ..StoreOptions::default()
-    }
-    .apply(&mut config);
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| format!("cannot connect to the database: {}", chain(&e)))?;
-    tokio::spawn(connection);
-    Ok(client)
+    session_lock::connect_one(url).await.map_err(|e| match e {
+        session_lock::Error::InvalidArgument(msg) => msg,
+        other => format!("cannot connect to the database: {other}"),
+    })
 }
 
 fn query_error(e: &tokio_postgres::Error, held: &str) -> String {
