@@ -1,6 +1,8 @@
 //! The worked example's task type: a row of `public.example_task`, the table
 //! that `migrations/example/` creates and fills the task template in for.
 //! The tests, the demo, the benchmarks and `session-lock worker` use it.
+//! [`NoopTasker`] completes every task at once, for measuring the
+//! coordination alone (`session-lock worker --noop`, the benchmarks).
 
 use std::time::{Duration, SystemTime};
 
@@ -110,5 +112,18 @@ impl Tasker<ExampleTask> for ExampleTasker {
             Some(e) => Err(e),
             None => Ok(Vec::new()),
         }
+    }
+}
+
+/// A Tasker that completes every task at once and records nothing: no
+/// `example_task_run` row, no sleep. `session-lock worker --noop` and the
+/// throughput benchmarks use it, so that they measure the coordination
+/// (get_work and finish) alone. Works for any task type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoopTasker;
+
+impl<T: Task> Tasker<T> for NoopTasker {
+    async fn run(&self, tasks: Vec<T>, _progress: Progress) -> Result<Vec<TaskId>, TaskerError> {
+        Ok(tasks.iter().map(Task::id).collect())
     }
 }

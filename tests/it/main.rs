@@ -1,5 +1,6 @@
 //! Integration tests against a real PostgreSQL started by the harness (one server
 //! per run, one database per test).
+mod bad_input;
 mod cli;
 mod harness;
 mod migrate;

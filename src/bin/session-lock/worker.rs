@@ -3,13 +3,15 @@
 //! Its tasker writes an `example_task_run` row per execution (started_at
 //! when it starts, finished_at when its work is done), sleeps `--work-ms`,
 //! and completes the task. Tools read those rows to count executions and
-//! duplicates. It prints `session_id=<id>` on stdout each time it holds a
-//! new session, and on SIGTERM or SIGINT sends Stop, drains and exits 0.
+//! duplicates. With `--noop` it completes every task at once and records
+//! nothing (`NoopTasker`), so throughput runs measure the coordination
+//! alone. It prints `session_id=<id>` on stdout each time it holds a new
+//! session, and on SIGTERM or SIGINT sends Stop, drains and exits 0.
 
 use std::time::Duration;
 
 use clap::Args;
-use session_lock::example::ExampleTasker;
+use session_lock::example::{ExampleTask, ExampleTasker, NoopTasker};
 use session_lock::{Migrator, PgStore, Runner, RunnerConfig};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -45,6 +47,10 @@ pub(crate) struct WorkerArgs {
     /// Drain timeout on stop, in milliseconds.
     #[arg(long)]
     drain_timeout_ms: Option<u64>,
+    /// Complete every task at once and record nothing (no example_task_run
+    /// rows, no --work-ms): for benchmarks of the coordination alone.
+    #[arg(long)]
+    noop: bool,
 }
 
 pub(crate) fn run(args: WorkerArgs) -> Result<(), String> {
@@ -54,8 +60,12 @@ pub(crate) fn run(args: WorkerArgs) -> Result<(), String> {
         let store = PgStore::connect(&args.database_url)
             .await
             .map_err(|e| e.to_string())?;
-        let tasker = ExampleTasker::new(store.clone(), Duration::from_millis(args.work_ms));
-        let runner = Runner::new(config, store, tasker).start();
+        let runner = if args.noop {
+            Runner::<ExampleTask, _, _>::new(config, store, NoopTasker).start()
+        } else {
+            let tasker = ExampleTasker::new(store.clone(), Duration::from_millis(args.work_ms));
+            Runner::new(config, store, tasker).start()
+        };
 
         let mut status = runner.subscribe();
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -115,16 +125,13 @@ fn config(args: &WorkerArgs) -> Result<RunnerConfig, String> {
 }
 
 async fn migrate(url: &str) -> Result<(), String> {
-    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let mut client = session_lock::connect_one(url)
         .await
         .map_err(|e| format!("cannot connect to the database: {e}"))?;
-    let conn = tokio::spawn(connection);
     Migrator::new()
         .with_example()
         .run(&mut client)
         .await
         .map_err(|e| e.to_string())?;
-    drop(client);
-    let _ = conn.await;
     Ok(())
 }
