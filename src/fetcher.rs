@@ -58,10 +58,15 @@ pub(crate) struct Fetcher<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     wake_pending: bool,
     next_tick: Option<SpawnHandle>,
     in_flight: Option<Aborts>,
-    /// Completed tasks whose finish failed on a transient error: finished
-    /// first thing next tick, if the session is still the same.
-    unfinished: Option<(SessionId, Vec<TaskId>)>,
+    /// Completed tasks not yet finished: deferred by drain mode so that the
+    /// next tick's get_work finishes them in the same call, or left over
+    /// from a finish that failed on a transient error. Finished first thing
+    /// next tick if the session is still the same (otherwise they are
+    /// lost to the old session, and run again: at-least-once).
+    to_finish: Option<(SessionId, Vec<TaskId>)>,
     drain_waiters: Vec<oneshot::Sender<()>>,
+    /// A finish of the carried tasks is in flight (on stop).
+    flushing: bool,
     backoff: Backoff,
     rng: fastrand::Rng,
     seed: u64,
@@ -93,8 +98,9 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             wake_pending: false,
             next_tick: None,
             in_flight: None,
-            unfinished: None,
+            to_finish: None,
             drain_waiters: Vec::new(),
+            flushing: false,
         }
     }
 
@@ -115,6 +121,51 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         }
     }
 
+    /// On stop: finishes the completed tasks still carried for the next
+    /// tick (if the session is still usable), then releases whoever waits
+    /// for the drain.
+    fn flush_then_release_drain(&mut self, ctx: &mut Context<Self>) {
+        let carried = match (self.to_finish.take(), self.lease) {
+            (Some((session, ids)), Some(lease)) if session == lease.session && !ids.is_empty() => {
+                Some((session, ids))
+            }
+            _ => None,
+        };
+        let Some((session, ids)) = carried else {
+            for w in self.drain_waiters.drain(..) {
+                let _ = w.send(());
+            }
+            return;
+        };
+        let finder = self.finder.clone();
+        let fut = caught(async move {
+            let db = finder.find().await?;
+            db.tasks_finish::<T>(session, &ids)
+                .await
+                .map(|done| (done.len(), ids.len()))
+        });
+        self.flushing = true;
+        ctx.spawn(fut.into_actor(self).map(|res, act, _| {
+            act.flushing = false;
+            match res {
+                Ok((done, asked)) => {
+                    act.metrics.completed(done);
+                    act.metrics.rejected(asked - done);
+                    act.status.send_modify(|s| {
+                        s.finished += done as u64;
+                        s.rejected += (asked - done) as u64;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(runner = %act.config.name, error = %e, "cannot finish the last batch on stop; its tasks will run again");
+                }
+            }
+            for w in act.drain_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }));
+    }
+
     fn tick(&mut self, ctx: &mut Context<Self>) {
         self.next_tick = None;
         if self.stopping || self.ticking {
@@ -129,7 +180,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         self.wake_pending = false;
         let aborts: Aborts = Arc::default();
         self.in_flight = Some(aborts.clone());
-        let unfinished = match self.unfinished.take() {
+        let to_finish = match self.to_finish.take() {
             Some((session, ids)) if session == lease.session => ids,
             _ => Vec::new(),
         };
@@ -152,7 +203,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             workers: self.workers.clone(),
             session: lease.session,
             aborts,
-            unfinished,
+            to_finish,
         };
         let started = Instant::now();
         let fut = AssertUnwindSafe(tick.run().instrument(span.clone())).catch_unwind();
@@ -197,8 +248,8 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             span.record("otel.status_code", "ERROR");
             span.record("error.message", field::display(e));
         }
-        if let Some(ids) = report.unfinished {
-            self.unfinished = Some((report.session, ids));
+        if let Some(ids) = report.to_finish {
+            self.to_finish = Some((report.session, ids));
         }
         self.status.send_modify(|s| {
             s.ticks += 1;
@@ -215,9 +266,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             }
         });
         if self.stopping {
-            for w in self.drain_waiters.drain(..) {
-                let _ = w.send(());
-            }
+            self.flush_then_release_drain(ctx);
             return;
         }
         if panicked {
@@ -229,9 +278,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             Some(e) if !e.is_session_lost() => self.backoff.next_delay(),
             _ => {
                 self.backoff.reset();
-                let drain = self.config.drain_mode
-                    && report.fetched >= self.config.max_tasks as usize
-                    && report.finished > 0;
+                let drain = report.drain_next;
                 if self.wake_pending || drain {
                     Duration::ZERO
                 } else {
@@ -349,17 +396,24 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Drain> for Fetcher<T, K, F>
         if let Some(handle) = self.next_tick.take() {
             ctx.cancel_future(handle);
         }
-        if !self.ticking {
-            return Box::pin(actix::fut::ready(()));
-        }
         let (tx, rx) = oneshot::channel();
         self.drain_waiters.push(tx);
+        if !self.ticking {
+            // Nothing in flight; finish what the last tick carried.
+            self.flush_then_release_drain(ctx);
+            return Box::pin(
+                async move {
+                    let _ = rx.await;
+                }
+                .into_actor(self),
+            );
+        }
         let timeout = msg.timeout;
         Box::pin(
             async move { tokio::time::timeout(timeout, rx).await.is_ok() }
                 .into_actor(self)
                 .then(|drained, act, _ctx| {
-                    let rest = (!drained && act.ticking).then(|| {
+                    let rest = (!drained && (act.ticking || act.flushing)).then(|| {
                         tracing::warn!(runner = %act.config.name, "drain timeout: stopping the tasks in flight");
                         act.abort_in_flight();
                         let (tx, rx) = oneshot::channel();
@@ -391,8 +445,10 @@ struct TickReport {
     failed: usize,
     /// Completed tasks whose finish the database refused.
     rejected: usize,
-    /// Completed tasks whose finish failed on a transient error.
-    unfinished: Option<Vec<TaskId>>,
+    /// Tasks this tick completed, or carried, that are not finished yet.
+    to_finish: Option<Vec<TaskId>>,
+    /// Whether the next tick should start at once (drain mode).
+    drain_next: bool,
     /// A failure of the tick itself.
     error: Option<Error>,
     /// The first failure of a task, for the span.
@@ -407,7 +463,7 @@ struct TickRun<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     workers: Arc<[Addr<Worker<T, K>>]>,
     session: SessionId,
     aborts: Aborts,
-    unfinished: Vec<TaskId>,
+    to_finish: Vec<TaskId>,
 }
 
 impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
@@ -420,28 +476,25 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             Ok(db) => db,
             Err(e) => {
                 // Keep the completed-but-unfinished tasks for the next try.
-                if !self.unfinished.is_empty() {
-                    report.unfinished = Some(self.unfinished.clone());
+                if !self.to_finish.is_empty() {
+                    report.to_finish = Some(self.to_finish.clone());
                 }
                 report.error = Some(e);
                 return report;
             }
         };
-        if !self.unfinished.is_empty() {
-            let ids = self.unfinished.clone();
-            self.finish(&db, ids, &mut report).await;
-            if report.error.is_some() {
-                return report;
-            }
-        }
 
+        // One call: finish what the last tick completed, then get work.
         let sent_at = Instant::now();
         let work = db
-            .work_get::<T>(WorkGet {
-                session: self.session,
-                max_tasks: self.config.max_tasks,
-                ttl: self.config.ttl,
-            })
+            .work_finish_and_get::<T>(
+                WorkGet {
+                    session: self.session,
+                    max_tasks: self.config.max_tasks,
+                    ttl: self.config.ttl,
+                },
+                &self.to_finish,
+            )
             .instrument(tracing::info_span!(
                 SPAN_GET_WORK,
                 otel.name = SPAN_GET_WORK,
@@ -449,15 +502,22 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 db.system.name = "postgresql",
                 db.operation.name = "get_work",
                 session_lock.runner = %self.config.name,
+                session_lock.tasks.finishing = self.to_finish.len() as i64,
             ))
             .await;
         let work = match work {
-            Ok(work) => work,
+            Ok(work) => {
+                report.finished += self.to_finish.len();
+                work
+            }
             Err(e) => {
                 if e.is_session_lost() {
                     self.session_actor.do_send(Lost {
                         session: self.session,
                     });
+                    report.rejected += self.to_finish.len();
+                } else if !self.to_finish.is_empty() {
+                    report.to_finish = Some(self.to_finish.clone());
                 }
                 report.error = Some(e);
                 return report;
@@ -495,7 +555,12 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 report.task_error.get_or_insert(e);
             }
         }
-        if !completed.is_empty() {
+        let full_share = report.fetched >= self.config.max_tasks as usize;
+        report.drain_next = self.config.drain_mode && full_share && !completed.is_empty();
+        if report.drain_next {
+            // The next tick starts at once: its get_work finishes these.
+            report.to_finish = Some(completed);
+        } else if !completed.is_empty() {
             self.finish(&db, completed, &mut report).await;
         }
         report
@@ -570,7 +635,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             }
             Err(e) => {
                 // Retried first thing next tick, if the session survives.
-                report.unfinished = Some(ids);
+                report.to_finish = Some(ids);
                 report.error = Some(e);
             }
         }

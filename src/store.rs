@@ -112,6 +112,24 @@ pub trait Database: Send + Sync + 'static {
         &self,
         params: WorkGet,
     ) -> impl Future<Output = Result<Work<T>>> + Send;
+    /// Finishes `finished` (the previous batch's completed tasks) and gets
+    /// work, in one call and one transaction when the database allows: a
+    /// busy runner then needs one round trip per tick. The finish is fenced
+    /// like [`tasks_finish`](Self::tasks_finish); ids the session no longer
+    /// holds are skipped (for a live session, only when a row was changed
+    /// outside session-lock). The default makes the two calls.
+    fn work_finish_and_get<T: ScanTask>(
+        &self,
+        params: WorkGet,
+        finished: &[TaskId],
+    ) -> impl Future<Output = Result<Work<T>>> + Send {
+        async move {
+            if !finished.is_empty() {
+                self.tasks_finish::<T>(params.session, finished).await?;
+            }
+            self.work_get::<T>(params).await
+        }
+    }
     /// Finishes those of `ids` the session still holds and returns them.
     /// [`Error::SessionLost`] when it is not live: nothing is finished then.
     fn tasks_finish<T: ScanTask>(
@@ -470,8 +488,16 @@ impl Database for PgStore {
         row.try_get(0).map_err(|e| Error::from_db(e, Some(session)))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), err)]
     async fn work_get<T: ScanTask>(&self, params: WorkGet) -> Result<Work<T>> {
+        self.work_finish_and_get::<T>(params, &[]).await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, finished), fields(finished = finished.len()), err)]
+    async fn work_finish_and_get<T: ScanTask>(
+        &self,
+        params: WorkGet,
+        finished: &[TaskId],
+    ) -> Result<Work<T>> {
         let max_tasks = i32::try_from(params.max_tasks).map_err(|_| {
             Error::InvalidArgument(format!("max_tasks {} is out of range", params.max_tasks))
         })?;
@@ -483,6 +509,7 @@ impl Database for PgStore {
                     (&params.session, Type::INT8),
                     (&max_tasks, Type::INT4),
                     (&millis(params.ttl), Type::INT8),
+                    (&finished, Type::INT8_ARRAY),
                 ],
             )
             .await

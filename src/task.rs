@@ -37,9 +37,11 @@ pub trait ScanTask: Task + Sized {
 /// every value travels as a bind parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskQueries {
-    /// Returns the session's tasks after moving it to its fair share.
-    /// Parameters: `$1` session id (BIGINT), `$2` max tasks (INTEGER), `$3`
-    /// session TTL in milliseconds (BIGINT).
+    /// Finishes the previous batch's completed tasks, then returns the
+    /// session's tasks after moving it to its fair share. Parameters: `$1`
+    /// session id (BIGINT), `$2` max tasks (INTEGER), `$3` session TTL in
+    /// milliseconds (BIGINT), `$4` ids to finish first (BIGINT[], may be
+    /// empty).
     pub get_work: &'static str,
     /// Fenced finish. Parameters: `$1` session id (BIGINT), `$2` task ids
     /// (BIGINT[]). Returns one row per task actually finished, its id first.
@@ -70,7 +72,7 @@ macro_rules! task_queries {
             get_work: concat!(
                 "SELECT * FROM ",
                 $prefix,
-                "_get_work($1, $2, $3 * interval '1 millisecond')"
+                "_get_work($1, $2, $3 * interval '1 millisecond', $4)"
             ),
             finish: concat!("SELECT * FROM ", $prefix, "_finish_tasks($1, $2)"),
             notify_channel: None,

@@ -156,13 +156,19 @@ $$;
 -- names differ.
 -- ---------------------------------------------------------------------------
 
--- Bumps the session (SL001 when it is lost), reclaims the tasks of expired
--- sessions of its name, moves the session towards its fair share (picking up
--- unowned tasks, or releasing its surplus) and returns the tasks it holds.
+-- Bumps the session (SL001 when it is lost), finishes p_finished (the
+-- previous batch's completed tasks, so that a busy runner needs one call
+-- per tick), reclaims the tasks of expired sessions of its name, moves the
+-- session towards its fair share (picking up unowned tasks, or releasing
+-- its surplus) and returns the tasks it holds.
+-- (Before p_finished existed the function had three arguments; an old
+-- three-argument version would make calls ambiguous.)
+DROP FUNCTION IF EXISTS public.example_task_get_work(bigint, integer, interval);
 CREATE OR REPLACE FUNCTION public.example_task_get_work(
     p_session bigint,
     p_max_tasks integer,
-    p_ttl interval
+    p_ttl interval,
+    p_finished bigint[] DEFAULT NULL
 )
 RETURNS SETOF public.example_task
 LANGUAGE plpgsql
@@ -174,6 +180,12 @@ DECLARE
     v_held  integer;
 BEGIN
     v_begin := session_lock.work_begin(p_session, p_max_tasks, p_ttl);
+    -- The previous batch's completed tasks, finished in the same call and
+    -- transaction: work_begin has just checked and locked the lease, so
+    -- this finish is fenced like finish_tasks.
+    IF cardinality(p_finished) > 0 THEN
+        PERFORM public.example_task_finish(p_session, p_finished);
+    END IF;
     IF cardinality(v_begin.reclaimed) > 0 THEN
         PERFORM public.example_task_release(v_begin.reclaimed, NULL);
     END IF;
@@ -214,14 +226,14 @@ REVOKE EXECUTE ON FUNCTION
     public.example_task_get_for_session(bigint),
     public.example_task_finish(bigint, bigint[]),
     public.example_task_held(),
-    public.example_task_get_work(bigint, integer, interval),
+    public.example_task_get_work(bigint, integer, interval, bigint[]),
     public.example_task_finish_tasks(bigint, bigint[])
 FROM PUBLIC;
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'session_lock_runtime') THEN
         GRANT EXECUTE ON FUNCTION
-            public.example_task_get_work(bigint, integer, interval),
+            public.example_task_get_work(bigint, integer, interval, bigint[]),
             public.example_task_finish_tasks(bigint, bigint[]),
             public.example_task_held()
         TO session_lock_runtime;

@@ -2,6 +2,7 @@
 //! per run, one database per test).
 mod bad_input;
 mod cli;
+mod demo;
 mod harness;
 mod migrate;
 mod protocol;

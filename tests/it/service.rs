@@ -11,8 +11,9 @@ use crate::harness::migrated_db;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// The example's binary. `cargo test` builds examples; a narrower run such
-/// as `cargo test --test it` may not, so build it then.
+/// The example's binary. `cargo test` builds examples, but a narrower run
+/// such as `cargo test --test it` does not, and would find a stale one (or
+/// none): build it (a no-op when it is fresh).
 fn service_binary() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_session-lock"));
     let path = bin
@@ -20,14 +21,12 @@ fn service_binary() -> PathBuf {
         .expect("target dir")
         .join("examples")
         .join("actix_web_service");
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--example", "actix_web_service"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build --example");
-        assert!(status.success(), "building the example service failed");
-    }
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--example", "actix_web_service"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build --example");
+    assert!(status.success(), "building the example service failed");
     path
 }
 
