@@ -1,5 +1,6 @@
 //! `session-lock`: the example worker, the demo and the operator commands.
 
+mod demo;
 mod ops;
 mod worker;
 
@@ -19,6 +20,9 @@ struct Cli {
 enum Command {
     /// Run one runner over the worked example's table (public.example_task).
     Worker(worker::WorkerArgs),
+    /// Watch tasks spread over worker processes, one killed, nothing lost
+    /// (starts a throwaway PostgreSQL unless DATABASE_URL is set).
+    Demo(demo::DemoArgs),
     /// Apply the session-lock migrations, and a directory of your own.
     Migrate(ops::MigrateArgs),
     /// Show the live sessions and the task counts of a task table.
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         Command::Worker(args) => worker::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Migrate(args) => ops::migrate(args),
         Command::Status(args) => ops::status(args),
     };
