@@ -121,15 +121,20 @@ CREATE TABLE IF NOT EXISTS session_lock.schema_migration (
     checksum   text        NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (set_name, file)
-);";
+);
+ALTER TABLE session_lock.schema_migration ADD COLUMN IF NOT EXISTS applied_by text;";
 
-const RECORD_ONCE: &str = "INSERT INTO session_lock.schema_migration (set_name, file, kind, checksum) \
-     VALUES ($1, $2, $3, $4)";
+const RECORD_ONCE: &str = "INSERT INTO session_lock.schema_migration (set_name, file, kind, checksum, applied_by) \
+     VALUES ($1, $2, $3, $4, $5)";
 
-const RECORD_ALWAYS: &str = "INSERT INTO session_lock.schema_migration (set_name, file, kind, checksum) \
-     VALUES ($1, $2, $3, $4) \
+const RECORD_ALWAYS: &str = "INSERT INTO session_lock.schema_migration (set_name, file, kind, checksum, applied_by) \
+     VALUES ($1, $2, $3, $4, $5) \
      ON CONFLICT (set_name, file) DO UPDATE \
-     SET kind = EXCLUDED.kind, checksum = EXCLUDED.checksum, applied_at = now()";
+     SET kind = EXCLUDED.kind, checksum = EXCLUDED.checksum, applied_at = now(), \
+         applied_by = EXCLUDED.applied_by";
+
+/// The version of session-lock recorded with each file it applies.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// How many characters of a failing statement an error message shows.
 const STATEMENT_DISPLAY_CHARS: usize = 200;
@@ -228,6 +233,10 @@ pub struct Report {
     pub skipped: Vec<String>,
     /// Always-files, re-applied by this run.
     pub reapplied: Vec<String>,
+    /// The crate's own always-files left alone because a newer release of
+    /// session-lock applied them (during a rolling upgrade, an old instance
+    /// restarting must not put back the old functions).
+    pub newer_kept: Vec<String>,
 }
 
 /// Why loading or applying migrations failed.
@@ -577,15 +586,19 @@ impl Migrator {
         client.batch_execute(BOOTSTRAP).await?;
         let rows = client
             .query(
-                "SELECT set_name, file, checksum FROM session_lock.schema_migration",
+                "SELECT set_name, file, checksum, applied_by FROM session_lock.schema_migration",
                 &[],
             )
             .await?;
         let mut recorded: HashMap<(String, String), String> = HashMap::with_capacity(rows.len());
+        let mut applied_by: HashMap<(String, String), String> = HashMap::new();
         for row in rows {
             let set: String = row.try_get(0)?;
             let file: String = row.try_get(1)?;
             let checksum: String = row.try_get(2)?;
+            if let Some(version) = row.try_get::<_, Option<String>>(3)? {
+                applied_by.insert((set.clone(), file.clone()), version);
+            }
             recorded.insert((set, file), checksum);
         }
 
@@ -635,6 +648,18 @@ impl Migrator {
                     tracing::info!(migration = %name, "migration applied");
                     report.applied.push(name);
                 }
+                MigrationKind::Always
+                    if is_embedded(&m.set)
+                        && applied_by
+                            .get(&(m.set.clone(), m.file.clone()))
+                            .is_some_and(|v| newer_than(v, VERSION)) =>
+                {
+                    tracing::warn!(
+                        migration = %name,
+                        "left as applied by a newer session-lock than {VERSION}; not downgrading its functions"
+                    );
+                    report.newer_kept.push(name);
+                }
                 MigrationKind::Always => {
                     apply(client, m, checksum).await?;
                     tracing::info!(migration = %name, "migration re-applied");
@@ -644,6 +669,24 @@ impl Migrator {
         }
         Ok(report)
     }
+}
+
+fn is_embedded(set: &str) -> bool {
+    set == CORE_SET || set == EXAMPLE_SET
+}
+
+/// Whether release `a` is newer than `b` ("1.2.10" > "1.2.9"; a
+/// pre-release suffix is ignored).
+fn newer_than(a: &str, b: &str) -> bool {
+    fn parts(v: &str) -> Vec<u64> {
+        v.split(['-', '+'])
+            .next()
+            .unwrap_or("")
+            .split('.')
+            .map(|p| p.parse().unwrap_or(0))
+            .collect()
+    }
+    parts(a) > parts(b)
 }
 
 async fn lock(client: &Client) -> Result<(), MigrateError> {
@@ -675,8 +718,11 @@ async fn apply(client: &mut Client, m: &Migration, checksum: &str) -> Result<(),
         MigrationKind::Once => RECORD_ONCE,
         MigrationKind::Always => RECORD_ALWAYS,
     };
+    // The crate's own sets record the release that applied them; a user's
+    // directory is versioned by its user.
+    let by = is_embedded(&m.set).then_some(VERSION);
     if let Err(e) = tx
-        .execute(record, &[&m.set, &m.file, &m.kind.as_str(), &checksum])
+        .execute(record, &[&m.set, &m.file, &m.kind.as_str(), &checksum, &by])
         .await
     {
         rollback(tx, m).await;
@@ -1125,6 +1171,14 @@ mod tests {
         );
         assert_eq!(MigrationKind::from_file_name("1_a.sql"), None);
         assert_eq!(MigrationKind::from_file_name(".up.sql"), None);
+    }
+
+    #[test]
+    fn releases_compare_numerically() {
+        assert!(newer_than("0.1.10", "0.1.9"));
+        assert!(newer_than("1.0.0", "0.9.9"));
+        assert!(!newer_than("0.1.0", "0.1.0"));
+        assert!(!newer_than("0.1.0-rc.1", "0.1.0"));
     }
 
     #[test]

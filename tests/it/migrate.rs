@@ -533,3 +533,43 @@ async fn an_error_in_a_function_body_points_into_the_body() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn an_older_release_does_not_downgrade_functions_a_newer_one_applied() {
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    Migrator::new().run(&mut client).await.unwrap();
+    let by: Option<String> = client
+        .query_one(
+            "SELECT applied_by FROM session_lock.schema_migration WHERE file = '0002_session_lock.alwaysup.sql'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(by.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+
+    // A newer release applied its own version of the functions...
+    client
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION session_lock.ideal_share(p_open_tasks bigint, p_live_sessions integer, p_max_tasks integer)
+             RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 42';
+             UPDATE session_lock.schema_migration SET applied_by = '999.0.0'
+              WHERE file = '0002_session_lock.alwaysup.sql';",
+        )
+        .await
+        .unwrap();
+    // ...and an old instance restarts during the rolling upgrade.
+    let report = Migrator::new().run(&mut client).await.unwrap();
+    assert_eq!(
+        report.newer_kept,
+        vec!["session_lock/0002_session_lock.alwaysup.sql".to_owned()]
+    );
+    assert!(report.reapplied.is_empty());
+    let share: i32 = client
+        .query_one("SELECT session_lock.ideal_share(10, 1, 10)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(share, 42, "the newer functions were left in place");
+}

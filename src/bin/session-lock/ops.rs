@@ -53,6 +53,9 @@ pub(crate) fn migrate(args: MigrateArgs) -> Result<(), String> {
         for name in &report.skipped {
             println!("unchanged  {name}");
         }
+        for name in &report.newer_kept {
+            println!("kept       {name} (applied by a newer session-lock)");
+        }
         println!(
             "migrations: {} applied, {} re-applied, {} already applied",
             report.applied.len(),
