@@ -27,3 +27,16 @@ pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         "panic with a non-string payload".to_owned()
     }
 }
+
+/// Runs `fut` for at most `limit`: an actor's call to user code or the
+/// database must never wait forever (a DbFinder that hangs, a request lost
+/// in a partition that a proxy acknowledges).
+pub(crate) async fn bounded<T>(
+    limit: std::time::Duration,
+    fut: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(res) => res,
+        Err(_) => Err(Error::Timeout(limit)),
+    }
+}

@@ -47,6 +47,10 @@ pub enum Error {
     /// Waiting for a pooled connection timed out.
     #[error("timed out waiting for a database connection from the pool")]
     PoolTimedOut,
+    /// A call got no answer within the call timeout; its connection was
+    /// discarded.
+    #[error("no answer from the database within {0:?}")]
+    Timeout(std::time::Duration),
     /// Opening a connection failed: unreachable, refused, wrong password,
     /// TLS refused. Retried on the next call.
     #[error("cannot connect to the database: {0}")]
@@ -80,7 +84,7 @@ impl Error {
     /// serialisation conflicts, as opposed to bugs, bad input or a lost session.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::PoolTimedOut | Error::Connect(_) => true,
+            Error::PoolTimedOut | Error::Connect(_) | Error::Timeout(_) => true,
             Error::Db(e) => match e.code() {
                 None => true, // closed connection, I/O error, timeout
                 Some(code) => {
@@ -169,10 +173,11 @@ pub(crate) fn describe_db(e: &tokio_postgres::Error) -> String {
     }
 }
 
-impl From<bb8::RunError<tokio_postgres::Error>> for Error {
-    fn from(e: bb8::RunError<tokio_postgres::Error>) -> Self {
+impl From<bb8::RunError<crate::store::ConnectError>> for Error {
+    fn from(e: bb8::RunError<crate::store::ConnectError>) -> Self {
         match e {
-            bb8::RunError::User(e) => Error::from_db(e, None),
+            bb8::RunError::User(crate::store::ConnectError::Db(e)) => Error::from_db(e, None),
+            bb8::RunError::User(e) => Error::Connect(e.to_string()),
             bb8::RunError::TimedOut => Error::PoolTimedOut,
         }
     }

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tracing::{Instrument, Span, field};
 
 use crate::backoff::{Backoff, process_seed};
-use crate::catch::{caught, panic_message};
+use crate::catch::{bounded, caught, panic_message};
 use crate::config::RunnerConfig;
 use crate::error::Error;
 use crate::session::{Lease, LeaseChanged, Lost, Renewed, SessionActor};
@@ -472,7 +472,10 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             session: self.session,
             ..TickReport::default()
         };
-        let db = match caught(self.finder.find()).await {
+        // Every database step of a tick is bounded by the TTL: past it the
+        // lease is gone anyway, and a tick must never hang.
+        let limit = self.config.ttl;
+        let db = match caught(bounded(limit, self.finder.find())).await {
             Ok(db) => db,
             Err(e) => {
                 // Keep the completed-but-unfinished tasks for the next try.
@@ -486,25 +489,27 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
 
         // One call: finish what the last tick completed, then get work.
         let sent_at = Instant::now();
-        let work = db
-            .work_finish_and_get::<T>(
+        let work = bounded(
+            limit,
+            db.work_finish_and_get::<T>(
                 WorkGet {
                     session: self.session,
                     max_tasks: self.config.max_tasks,
                     ttl: self.config.ttl,
                 },
                 &self.to_finish,
-            )
-            .instrument(tracing::info_span!(
-                SPAN_GET_WORK,
-                otel.name = SPAN_GET_WORK,
-                otel.kind = "client",
-                db.system.name = "postgresql",
-                db.operation.name = "get_work",
-                session_lock.runner = %self.config.name,
-                session_lock.tasks.finishing = self.to_finish.len() as i64,
-            ))
-            .await;
+            ),
+        )
+        .instrument(tracing::info_span!(
+            SPAN_GET_WORK,
+            otel.name = SPAN_GET_WORK,
+            otel.kind = "client",
+            db.system.name = "postgresql",
+            db.operation.name = "get_work",
+            session_lock.runner = %self.config.name,
+            session_lock.tasks.finishing = self.to_finish.len() as i64,
+        ))
+        .await;
         let work = match work {
             Ok(work) => {
                 report.finished += self.to_finish.len();
@@ -601,8 +606,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
     }
 
     async fn finish(&self, db: &F::Db, ids: Vec<TaskId>, report: &mut TickReport) {
-        let res = db
-            .tasks_finish::<T>(self.session, &ids)
+        let res = bounded(self.config.ttl, db.tasks_finish::<T>(self.session, &ids))
             .instrument(tracing::info_span!(
                 SPAN_FINISH,
                 otel.name = SPAN_FINISH,

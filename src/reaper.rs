@@ -10,7 +10,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use crate::backoff::process_seed;
-use crate::catch::caught;
+use crate::catch::{bounded, caught};
 use crate::config::RunnerConfig;
 use crate::store::{Database, DbFinder};
 
@@ -37,10 +37,10 @@ impl<F: DbFinder> Reaper<F> {
         let finder = self.finder.clone();
         let age = self.config.reap_after;
         let runner = self.config.name.clone();
-        let fut = caught(async move {
+        let fut = caught(bounded(self.config.ttl, async move {
             let db = finder.find().await?;
             db.sessions_reap(age).await
-        });
+        }));
         ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
             act.running = false;
             match res {

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::backoff::{Backoff, process_seed};
-use crate::catch::caught;
+use crate::catch::{bounded, caught};
 use crate::config::RunnerConfig;
 use crate::status::StatusTx;
 use crate::store::{Database, DbFinder, SessionId, SessionStart};
@@ -143,10 +143,14 @@ impl<F: DbFinder> SessionActor<F> {
         );
         let fut_span = span.clone();
         let sent_at = Instant::now();
-        let fut = async move {
+        // Bounded: a start stuck behind a partition must not block the
+        // retries (a timed-out start may leave a session row that simply
+        // expires).
+        let limit = self.config.ttl;
+        let fut = bounded(limit, async move {
             let db = finder.find().await?;
             db.session_start(&params).await
-        };
+        });
         let fut = caught(fut).instrument(fut_span);
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.starting = false;
@@ -193,10 +197,15 @@ impl<F: DbFinder> SessionActor<F> {
         let finder = self.finder.clone();
         let ttl = self.config.ttl;
         let sent_at = Instant::now();
-        let fut = caught(async move {
+        // Bounded by the time left before the fence: a bump that gets no
+        // answer by then is a failed heartbeat, retried, not one that never
+        // ends. (Not by the heartbeat interval: a slow but working link,
+        // say 500 ms each way, would then fail every heartbeat.)
+        let limit = self.config.ttl - self.config.safety_margin;
+        let fut = caught(bounded(limit, async move {
             let db = finder.find().await?;
             db.session_bump(session, ttl).await
-        });
+        }));
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.bumping = false;
             if act.session != Some(session) {

@@ -6,11 +6,13 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bb8::{Pool, PooledConnection};
 use bb8_postgres::PostgresConnectionManager;
-use tokio_postgres::types::Type;
+use tokio_postgres::Row;
+use tokio_postgres::types::{ToSql, Type};
 
 use crate::error::{Error, Result, ScanError};
 use crate::task::{ScanTask, TaskId};
@@ -190,6 +192,11 @@ pub struct StoreOptions {
     /// Server-side limit on any one statement. Defaults to
     /// [`DEFAULT_STATEMENT_TIMEOUT`].
     pub statement_timeout: Duration,
+    /// Client-side limit on any one call, for when the server never sees
+    /// the statement (a partition that a proxy acknowledges defeats TCP
+    /// timeouts). A connection whose call timed out is discarded. Defaults
+    /// to the statement timeout plus 5 seconds.
+    pub call_timeout: Duration,
     /// `TCP_USER_TIMEOUT` of each connection. Defaults to
     /// [`DEFAULT_TCP_USER_TIMEOUT`].
     pub tcp_user_timeout: Duration,
@@ -208,6 +215,7 @@ impl Default for StoreOptions {
             pool_size: DEFAULT_POOL_SIZE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            call_timeout: DEFAULT_STATEMENT_TIMEOUT + Duration::from_secs(5),
             tcp_user_timeout: DEFAULT_TCP_USER_TIMEOUT,
             keepalives_idle: DEFAULT_KEEPALIVES_IDLE,
             keepalives_interval: DEFAULT_KEEPALIVES_INTERVAL,
@@ -261,36 +269,106 @@ impl StoreOptions {
 pub struct Manager {
     inner: Arc<PostgresConnectionManager<Tls>>,
     home: tokio::runtime::Handle,
+    connect_timeout: Duration,
 }
 
 impl Manager {
-    fn new(config: tokio_postgres::Config, tls: Tls) -> Self {
+    fn new(config: tokio_postgres::Config, tls: Tls, connect_timeout: Duration) -> Self {
         Manager {
             inner: Arc::new(PostgresConnectionManager::new(config, tls)),
             home: tokio::runtime::Handle::current(),
+            connect_timeout,
         }
     }
 }
 
+/// Why a pooled connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The server or the network refused it.
+    #[error("{}", crate::error::describe_db(.0))]
+    Db(#[source] tokio_postgres::Error),
+    /// The whole connect (TCP, TLS, startup, authentication) took longer
+    /// than the connect timeout. tokio-postgres bounds only the TCP part; a
+    /// partition behind a proxy that accepts the TCP connection would
+    /// otherwise hold the attempt, and its pool slot, until the server's
+    /// authentication_timeout (a minute).
+    #[error("no answer while connecting within {0:?}")]
+    TimedOut(Duration),
+}
+
 impl bb8::ManageConnection for Manager {
-    type Connection = tokio_postgres::Client;
-    type Error = tokio_postgres::Error;
+    type Connection = PgConnection;
+    type Error = ConnectError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        let limit = self.connect_timeout;
         let inner = self.inner.clone();
-        match self.home.spawn(async move { inner.connect().await }).await {
+        let attempt = async move {
+            tokio::time::timeout(limit, inner.connect())
+                .await
+                .map_err(|_| ConnectError::TimedOut(limit))?
+                .map_err(ConnectError::Db)
+        };
+        let client = match self.home.spawn(attempt).await {
             Ok(res) => res,
             // The home runtime has shut down: connect here rather than fail.
-            Err(_) => self.inner.connect().await,
-        }
+            Err(_) => tokio::time::timeout(limit, self.inner.connect())
+                .await
+                .map_err(|_| ConnectError::TimedOut(limit))?
+                .map_err(ConnectError::Db),
+        }?;
+        Ok(PgConnection {
+            client,
+            abandoned: AtomicBool::new(false),
+        })
     }
 
     async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
-        self.inner.is_valid(conn).await
+        self.inner
+            .is_valid(&mut conn.client)
+            .await
+            .map_err(ConnectError::Db)
     }
 
     fn has_broken(&self, conn: &mut Self::Connection) -> bool {
-        self.inner.has_broken(conn)
+        conn.abandoned.load(Ordering::Relaxed) || self.inner.has_broken(&mut conn.client)
+    }
+}
+
+/// A pooled connection: a tokio-postgres `Client` (it derefs to one) that
+/// is thrown away instead of pooled once a call on it was abandoned.
+///
+/// A call abandoned mid-flight (timed out, or its future dropped) leaves a
+/// request outstanding whose answer may never come: behind a partition that
+/// a proxy acknowledges, TCP timeouts never fire, and reusing such a
+/// connection would hang every later call on it.
+#[derive(Debug)]
+pub struct PgConnection {
+    client: tokio_postgres::Client,
+    abandoned: AtomicBool,
+}
+
+impl std::ops::Deref for PgConnection {
+    type Target = tokio_postgres::Client;
+
+    fn deref(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+}
+
+/// Marks the connection abandoned unless the call it guards completed.
+struct InFlight<'a> {
+    conn: &'a PgConnection,
+    done: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.conn.abandoned.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -335,9 +413,9 @@ impl ConnectErrors {
     }
 }
 
-impl bb8::ErrorSink<tokio_postgres::Error> for ConnectErrors {
-    fn sink(&self, error: tokio_postgres::Error) {
-        let text = crate::error::describe_db(&error);
+impl bb8::ErrorSink<ConnectError> for ConnectErrors {
+    fn sink(&self, error: ConnectError) {
+        let text = error.to_string();
         tracing::debug!(error = %text, "cannot open a database connection");
         {
             let mut latest = self
@@ -351,7 +429,7 @@ impl bb8::ErrorSink<tokio_postgres::Error> for ConnectErrors {
         self.0.notify.notify_waiters();
     }
 
-    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<ConnectError>> {
         Box::new(self.clone())
     }
 }
@@ -365,6 +443,7 @@ pub struct PgStore {
     config: Arc<tokio_postgres::Config>,
     tls: Tls,
     connect_errors: ConnectErrors,
+    call_timeout: Duration,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -423,18 +502,43 @@ impl PgStore {
             // A failed connect is reported (see ConnectErrors) rather than
             // retried silently until the caller's wait times out.
             .retry_connection(false)
-            .build_unchecked(Manager::new(config.clone(), tls.clone()));
+            .build_unchecked(Manager::new(
+                config.clone(),
+                tls.clone(),
+                options.connect_timeout,
+            ));
         Ok(PgStore {
             pool,
             config: Arc::new(config),
             tls,
             connect_errors,
+            call_timeout: options.call_timeout,
         })
     }
 
     /// The underlying pool, for queries of your own.
     pub fn pool(&self) -> &Pool<Manager> {
         &self.pool
+    }
+
+    /// Runs one statement on a pooled connection, bounded by the call
+    /// timeout; the connection is discarded if the call does not complete.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+        session: Option<SessionId>,
+    ) -> Result<Vec<Row>> {
+        let conn = self.conn().await?;
+        let mut in_flight = InFlight {
+            conn: &conn,
+            done: false,
+        };
+        let rows = tokio::time::timeout(self.call_timeout, conn.query_typed(sql, params))
+            .await
+            .map_err(|_| Error::Timeout(self.call_timeout))?;
+        in_flight.done = true;
+        rows.map_err(|e| Error::from_db(e, session))
     }
 
     async fn conn(&self) -> Result<PooledConnection<'_, Manager>> {
@@ -449,10 +553,9 @@ impl PgStore {
 impl Database for PgStore {
     #[tracing::instrument(level = "debug", skip(self, params), fields(session.name = %params.name), err)]
     async fn session_start(&self, params: &SessionStart) -> Result<SessionId> {
-        let conn = self.conn().await?;
         let pid = i32::try_from(params.pid).unwrap_or(0);
-        let row = conn
-            .query_typed_one(
+        let rows = self
+            .query(
                 SESSION_START,
                 &[
                     (&params.name, Type::TEXT),
@@ -460,32 +563,29 @@ impl Database for PgStore {
                     (&params.host, Type::TEXT),
                     (&pid, Type::INT4),
                 ],
+                None,
             )
-            .await
-            .map_err(|e| Error::from_db(e, None))?;
-        row.try_get(0).map_err(|e| Error::from_db(e, None))
+            .await?;
+        first(&rows, None)
     }
 
     #[tracing::instrument(level = "debug", skip(self), err)]
     async fn session_bump(&self, session: SessionId, ttl: Duration) -> Result<()> {
-        let conn = self.conn().await?;
-        conn.query_typed_one(
+        self.query(
             SESSION_BUMP,
             &[(&session, Type::INT8), (&millis(ttl), Type::INT8)],
+            Some(session),
         )
-        .await
-        .map_err(|e| Error::from_db(e, Some(session)))?;
+        .await?;
         Ok(())
     }
 
     #[tracing::instrument(level = "debug", skip(self), err)]
     async fn session_end(&self, session: SessionId) -> Result<bool> {
-        let conn = self.conn().await?;
-        let row = conn
-            .query_typed_one(SESSION_END, &[(&session, Type::INT8)])
-            .await
-            .map_err(|e| Error::from_db(e, Some(session)))?;
-        row.try_get(0).map_err(|e| Error::from_db(e, Some(session)))
+        let rows = self
+            .query(SESSION_END, &[(&session, Type::INT8)], Some(session))
+            .await?;
+        first(&rows, Some(session))
     }
 
     async fn work_get<T: ScanTask>(&self, params: WorkGet) -> Result<Work<T>> {
@@ -501,9 +601,8 @@ impl Database for PgStore {
         let max_tasks = i32::try_from(params.max_tasks).map_err(|_| {
             Error::InvalidArgument(format!("max_tasks {} is out of range", params.max_tasks))
         })?;
-        let conn = self.conn().await?;
-        let rows = conn
-            .query_typed(
+        let rows = self
+            .query(
                 T::QUERIES.get_work,
                 &[
                     (&params.session, Type::INT8),
@@ -511,9 +610,9 @@ impl Database for PgStore {
                     (&millis(params.ttl), Type::INT8),
                     (&finished, Type::INT8_ARRAY),
                 ],
+                Some(params.session),
             )
-            .await
-            .map_err(|e| Error::from_db(e, Some(params.session)))?;
+            .await?;
         let mut work = Work {
             tasks: Vec::with_capacity(rows.len()),
             unreadable: Vec::new(),
@@ -533,14 +632,13 @@ impl Database for PgStore {
         session: SessionId,
         ids: &[TaskId],
     ) -> Result<Vec<TaskId>> {
-        let conn = self.conn().await?;
-        let rows = conn
-            .query_typed(
+        let rows = self
+            .query(
                 T::QUERIES.finish,
                 &[(&session, Type::INT8), (&ids, Type::INT8_ARRAY)],
+                Some(session),
             )
-            .await
-            .map_err(|e| Error::from_db(e, Some(session)))?;
+            .await?;
         rows.iter()
             .map(|row| row.try_get(0).map_err(|e| Error::from_db(e, Some(session))))
             .collect()
@@ -548,12 +646,10 @@ impl Database for PgStore {
 
     #[tracing::instrument(level = "debug", skip(self), err)]
     async fn sessions_reap(&self, older_than: Duration) -> Result<u64> {
-        let conn = self.conn().await?;
-        let row = conn
-            .query_typed_one(SESSIONS_REAP, &[(&millis(older_than), Type::INT8)])
-            .await
-            .map_err(|e| Error::from_db(e, None))?;
-        let reaped: i32 = row.try_get(0).map_err(|e| Error::from_db(e, None))?;
+        let rows = self
+            .query(SESSIONS_REAP, &[(&millis(older_than), Type::INT8)], None)
+            .await?;
+        let reaped: i32 = first(&rows, None)?;
         Ok(u64::try_from(reaped).unwrap_or(0))
     }
 
@@ -567,11 +663,16 @@ impl PgStore {
         use futures_util::future::poll_fn;
         use tokio_postgres::AsyncMessage;
 
-        let (client, mut connection) = self
+        let limit = self
             .config
-            .connect(self.tls.clone())
-            .await
-            .map_err(|e| Error::from_db(e, None))?;
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let (client, mut connection) =
+            tokio::time::timeout(limit, self.config.connect(self.tls.clone()))
+                .await
+                .map_err(|_| Error::Connect(format!("no answer within {limit:?}")))?
+                .map_err(|e| Error::from_db(e, None))?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
@@ -590,10 +691,13 @@ impl PgStore {
         });
         // LISTEN takes no bind parameters; the channel is a constant chosen
         // in code (TaskQueries::notify_channel), quoted as an identifier.
-        client
-            .batch_execute(&format!("LISTEN {}", quote_ident(channel)))
-            .await
-            .map_err(|e| Error::from_db(e, None))?;
+        tokio::time::timeout(
+            limit,
+            client.batch_execute(&format!("LISTEN {}", quote_ident(channel))),
+        )
+        .await
+        .map_err(|_| Error::Timeout(limit))?
+        .map_err(|e| Error::from_db(e, None))?;
         Ok(Some(Listener {
             _client: client,
             rx,
@@ -624,9 +728,11 @@ pub async fn connect_one(url: &str) -> Result<tokio_postgres::Client> {
         ..StoreOptions::default()
     };
     options.apply(&mut config);
-    let (client, connection) = config
-        .connect(crate::tls::connector(&options.tls)?)
+    let connect = config.connect(crate::tls::connector(&options.tls)?);
+    // tokio-postgres bounds only the TCP connect; bound the handshake too.
+    let (client, connection) = tokio::time::timeout(options.connect_timeout, connect)
         .await
+        .map_err(|_| Error::Connect(format!("no answer within {:?}", options.connect_timeout)))?
         .map_err(|e| Error::from_db(e, None))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -634,6 +740,17 @@ pub async fn connect_one(url: &str) -> Result<tokio_postgres::Client> {
         }
     });
     Ok(client)
+}
+
+/// The first column of the first row of a one-row result.
+fn first<'a, T: tokio_postgres::types::FromSql<'a>>(
+    rows: &'a [Row],
+    session: Option<SessionId>,
+) -> Result<T> {
+    let row = rows
+        .first()
+        .ok_or_else(|| Error::InvalidArgument("a session-lock function returned no row".into()))?;
+    row.try_get(0).map_err(|e| Error::from_db(e, session))
 }
 
 /// Milliseconds of `d`, saturating: durations are validated long before they
