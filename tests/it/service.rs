@@ -82,6 +82,7 @@ async fn the_example_service_serves_its_endpoints_and_drains_on_sigterm() {
     let db = migrated_db().await;
     let client = db.client().await;
     let port = free_port();
+    let collector = OtlpCollector::start();
     let mut child = Command::new(service_binary())
         .env("DATABASE_URL", &db.url)
         .env("PORT", port.to_string())
@@ -89,7 +90,7 @@ async fn the_example_service_serves_its_endpoints_and_drains_on_sigterm() {
         .env("HEARTBEAT_MS", "500")
         .env("TICK_MS", "100")
         .env("WORK_MS", "400")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -222,4 +223,88 @@ async fn the_example_service_serves_its_endpoints_and_drains_on_sigterm() {
         log.find("shutting down").unwrap() < log.find("runner stopped").unwrap(),
         "HTTP stops first, then the runner:\n{log}"
     );
+    // The spans went out over OTLP/HTTP (flushed at the latest on exit),
+    // and they carry the tick spans.
+    let exports = collector.requests();
+    assert!(
+        exports.iter().any(|(path, body)| path == "/v1/traces"
+            && body
+                .windows(b"session_lock.tick".len())
+                .any(|w| w == b"session_lock.tick")),
+        "an OTLP export of the tick spans reached the collector; got {:?}",
+        exports
+            .iter()
+            .map(|(p, b)| (p, b.len()))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// A stand-in OTLP/HTTP collector: records each request's path and body,
+/// answers 200.
+struct OtlpCollector {
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+}
+
+impl OtlpCollector {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+        let sink = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let sink = sink.clone();
+                std::thread::spawn(move || {
+                    let _ = serve_one(stream, &sink);
+                });
+            }
+        });
+        OtlpCollector { port, requests }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn requests(&self) -> Vec<(String, Vec<u8>)> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn serve_one(
+    stream: TcpStream,
+    sink: &std::sync::Mutex<Vec<(String, Vec<u8>)>>,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("")
+            .to_owned();
+        let mut length = 0usize;
+        loop {
+            let mut header = String::new();
+            reader.read_line(&mut header)?;
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        sink.lock().unwrap().push((path, body));
+        let mut out = stream.try_clone()?;
+        out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")?;
+    }
 }
