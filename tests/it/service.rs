@@ -239,18 +239,21 @@ async fn the_example_service_serves_its_endpoints_and_drains_on_sigterm() {
     );
 }
 
+/// Requests received: (path, body).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A stand-in OTLP/HTTP collector: records each request's path and body,
 /// answers 200.
 struct OtlpCollector {
     port: u16,
-    requests: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    requests: Received,
 }
 
 impl OtlpCollector {
     fn start() -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let requests: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+        let requests: Received = Default::default();
         let sink = requests.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().map_while(Result::ok) {
@@ -272,10 +275,7 @@ impl OtlpCollector {
     }
 }
 
-fn serve_one(
-    stream: TcpStream,
-    sink: &std::sync::Mutex<Vec<(String, Vec<u8>)>>,
-) -> std::io::Result<()> {
+fn serve_one(stream: TcpStream, sink: &Received) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     loop {
         let mut request_line = String::new();
