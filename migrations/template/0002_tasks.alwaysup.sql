@@ -204,9 +204,10 @@ BEGIN
     IF cardinality(v_begin.reclaimed) > 0 THEN
         PERFORM my_task_release(v_begin.reclaimed, NULL);
     END IF;
-    v_ideal := session_lock.ideal_share(
+    v_ideal := session_lock.fair_share(
         my_task_count(v_begin.live_sessions::bigint * p_max_tasks),
         v_begin.live_sessions,
+        v_begin.live_rank,
         p_max_tasks);
     v_held := my_task_count_for_session(p_session);
     IF v_held > v_ideal THEN

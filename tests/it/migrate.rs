@@ -552,7 +552,7 @@ async fn an_older_release_does_not_downgrade_functions_a_newer_one_applied() {
     // A newer release applied its own version of the functions...
     client
         .batch_execute(
-            "CREATE OR REPLACE FUNCTION session_lock.ideal_share(p_open_tasks bigint, p_live_sessions integer, p_max_tasks integer)
+            "CREATE OR REPLACE FUNCTION session_lock.fair_share(p_open_tasks bigint, p_live_sessions integer, p_live_rank integer, p_max_tasks integer)
              RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 42';
              UPDATE session_lock.schema_migration SET applied_by = '999.0.0'
               WHERE file = '0002_session_lock.alwaysup.sql';",
@@ -567,7 +567,7 @@ async fn an_older_release_does_not_downgrade_functions_a_newer_one_applied() {
     );
     assert!(report.reapplied.is_empty());
     let share: i32 = client
-        .query_one("SELECT session_lock.ideal_share(10, 1, 10)", &[])
+        .query_one("SELECT session_lock.fair_share(10, 1, 0, 10)", &[])
         .await
         .unwrap()
         .get(0);

@@ -108,7 +108,7 @@ fn assert_lost(result: session_lock::Result<impl std::fmt::Debug>, what: &str) {
 }
 
 #[tokio::test]
-async fn share_is_ceil_of_open_over_live_capped_at_max_tasks() {
+async fn share_is_floor_of_open_over_live_plus_one_for_the_oldest_capped_at_max_tasks() {
     // (sessions, tasks, max_tasks, expected holdings after every session ticked twice)
     let cases: &[(usize, usize, u32, &[i64])] = &[
         (1, 20, 10, &[10]),
@@ -620,4 +620,50 @@ async fn pooled_connections_carry_the_statement_timeout() {
     assert_eq!(row.get::<_, String>(0), "30s");
     let row = conn.query_one("SHOW application_name", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "session-lock");
+}
+
+#[tokio::test]
+async fn shares_stay_within_one_and_a_joiner_gets_its_share_in_two_ticks_under_the_cap() {
+    // The benchmark's case: 16 sessions, 115 tasks (under the cap of 10).
+    // With ceil(open / live) for everyone, early tickers took 8 each and
+    // the last ones 3 and 0.
+    let s = setup(115).await;
+    let mut ids = Vec::new();
+    for _ in 0..16 {
+        ids.push(start(&s.store, "fair").await);
+    }
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.clear();
+        for &id in &ids {
+            held.push(work(&s.store, id, 10).await.len());
+        }
+    }
+    assert_eq!(held.iter().sum::<usize>(), 115, "every task is held");
+    let (min, max) = (held.iter().min().unwrap(), held.iter().max().unwrap());
+    assert!(max - min <= 1, "spread at most 1: {held:?}");
+
+    // 4 sessions and 31 tasks, then a fifth joins: 31 / 5 = 6 rest 1.
+    let s = setup(31).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(start(&s.store, "join-fair").await);
+    }
+    for &id in &ids {
+        work(&s.store, id, 10).await;
+    }
+    let joiner = start(&s.store, "join-fair").await;
+    ids.push(joiner);
+    let mut held = Vec::new();
+    for _round in 0..2 {
+        held.clear();
+        for &id in &ids {
+            held.push(work(&s.store, id, 10).await.len());
+        }
+    }
+    assert_eq!(
+        held,
+        vec![7, 6, 6, 6, 6],
+        "the joiner holds its share after two ticks"
+    );
 }
