@@ -56,14 +56,17 @@ $$;
 -- TODO(session-lock): fill in my_task_pickup.
 -- Assigns up to p_count open, unowned tasks to p_session and returns how many.
 -- Example body (oldest first):
---     UPDATE my_task t
+--     UPDATE my_task
 --        SET session_id = p_session
---       FROM (SELECT id FROM my_task
---              WHERE session_id IS NULL AND finished_at IS NULL
---              ORDER BY session_id, id
---              LIMIT p_count
---                FOR UPDATE SKIP LOCKED) free
---      WHERE t.id = free.id;
+--      WHERE id = ANY (ARRAY(
+--                SELECT id FROM my_task
+--                 WHERE session_id IS NULL AND finished_at IS NULL
+--                 ORDER BY session_id, id
+--                 LIMIT p_count
+--                   FOR UPDATE SKIP LOCKED))
+--        AND session_id IS NULL;
+--   (Keep the `id = ANY (ARRAY(...))` shape: a join with the subquery gets a
+--   generic plan that scans the whole table.)
 --     GET DIAGNOSTICS v_count = ROW_COUNT;
 --     RETURN v_count;
 CREATE OR REPLACE FUNCTION my_task_pickup(p_session bigint, p_count integer)
@@ -84,14 +87,14 @@ $$;
 -- give back a session's surplus when others join, and to free the tasks of
 -- sessions that expired.
 -- Example body (newest first, so a session keeps what it has had longest):
---     UPDATE my_task t
+--     UPDATE my_task
 --        SET session_id = NULL
---       FROM (SELECT id FROM my_task
---              WHERE session_id = ANY (p_sessions) AND finished_at IS NULL
---              ORDER BY id DESC
---              LIMIT p_count
---                FOR UPDATE) held
---      WHERE t.id = held.id;
+--      WHERE id = ANY (ARRAY(
+--                SELECT id FROM my_task
+--                 WHERE session_id = ANY (p_sessions) AND finished_at IS NULL
+--                 ORDER BY id DESC
+--                 LIMIT p_count
+--                   FOR UPDATE));
 --     GET DIAGNOSTICS v_count = ROW_COUNT;
 --     RETURN v_count;
 CREATE OR REPLACE FUNCTION my_task_release(p_sessions bigint[], p_count integer)
