@@ -7,6 +7,7 @@ COPY src src
 COPY migrations migrations
 COPY examples examples
 COPY tests tests
+COPY benches benches
 COPY README.md README.md
 RUN cargo build --release --locked --example actix_web_service
 

@@ -1,0 +1,344 @@
+//! get_work latency against the backlog (BENCHMARKS.md, benchmark 1).
+//!
+//! One database per backlog (1k, 100k, 1M open tasks) on one durable
+//! server. For each number of live sessions (1, 10, 100) and max_tasks (10,
+//! 100), every database gets that many sessions, which take turns; a turn
+//! is one timed `PgStore::work_get` (the call a runner makes each tick:
+//! bump, reclaim, count, pick up its share, return its tasks), then,
+//! untimed, the session finishes what it got and as many new tasks are
+//! inserted, so the backlog stays where it is and every timed call picks up
+//! a full share, as in a drain.
+//!
+//! Two measurements per configuration:
+//! * criterion, one backlog after the other (mean and its confidence
+//!   interval, in criterion's own output);
+//! * the table: an interleaved pass, one turn on each backlog in rotation
+//!   plus two floor calls (`SELECT 1`, a one-row committed UPDATE), so that
+//!   the machine's noise, which on a shared 2-vCPU box changes from one
+//!   second to the next, falls on every backlog alike. p50 and p99 of the
+//!   individual calls come from this pass.
+//!
+//! `cargo bench --bench get_work`; `SESSION_LOCK_BENCH_BACKLOGS=1000,1000000`
+//! narrows the backlogs, `SESSION_LOCK_BENCH_QUICK=1` shortens everything,
+//! `SESSION_LOCK_BENCH_ROUNDS=N` sets the interleaved rounds (default 400).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion};
+use session_lock::example::ExampleTask;
+use session_lock::{Database, PgStore, SessionId, SessionStart, StoreOptions, WorkGet};
+use tokio_postgres::Client;
+
+use common::{Table, median, ms, quantile, verdict};
+
+const TTL: Duration = Duration::from_secs(3600);
+
+/// One backlog's database.
+struct Db {
+    backlog: u64,
+    store: PgStore,
+    client: Client,
+    sessions: Vec<SessionId>,
+    next: usize,
+}
+
+impl Db {
+    /// Ends every session and frees every open task, then starts `n`
+    /// sessions and lets each take and finish one share.
+    async fn prepare(&mut self, n: usize, max_tasks: u32) {
+        self.client
+            .batch_execute(
+                "UPDATE public.example_task SET session_id = NULL WHERE session_id IS NOT NULL AND finished_at IS NULL;
+                 DELETE FROM session_lock.session;",
+            )
+            .await
+            .expect("reset");
+        self.client
+            .batch_execute("VACUUM ANALYZE public.example_task")
+            .await
+            .expect("vacuum");
+        self.sessions.clear();
+        for _ in 0..n {
+            let id = self
+                .store
+                .session_start(&SessionStart::new("bench", TTL))
+                .await
+                .expect("session_start");
+            self.sessions.push(id);
+        }
+        for i in 0..n {
+            self.turn(i, max_tasks).await;
+        }
+        self.next = 0;
+    }
+
+    /// The next session's turn; returns the get_work latency in ms.
+    async fn next_turn(&mut self, max_tasks: u32) -> f64 {
+        let i = self.next % self.sessions.len();
+        self.next += 1;
+        self.turn(i, max_tasks).await.as_secs_f64() * 1e3
+    }
+
+    /// One turn: the timed get_work, then the untimed finish-and-replace.
+    async fn turn(&self, i: usize, max_tasks: u32) -> Duration {
+        let session = self.sessions[i];
+        let t0 = Instant::now();
+        let work = self
+            .store
+            .work_get::<ExampleTask>(WorkGet {
+                session,
+                max_tasks,
+                ttl: TTL,
+            })
+            .await
+            .expect("work_get");
+        let elapsed = t0.elapsed();
+        let ids: Vec<i64> = work.tasks.iter().map(|t| t.id).collect();
+        if !ids.is_empty() {
+            self.client
+                .execute(
+                    "WITH f AS (SELECT * FROM public.example_task_finish_tasks($1, $2))
+                     INSERT INTO public.example_task (payload) SELECT 'noop' FROM f",
+                    &[&session, &ids],
+                )
+                .await
+                .expect("finish and replace");
+        }
+        elapsed
+    }
+}
+
+/// The floor calls, on their own connection: a bare round trip and a
+/// one-row committed UPDATE (round trip + WAL fsync).
+async fn floor_calls(client: &Client) -> (f64, f64) {
+    let t0 = Instant::now();
+    client.query_one("SELECT 1", &[]).await.expect("select 1");
+    let a = t0.elapsed().as_secs_f64() * 1e3;
+    let t0 = Instant::now();
+    client
+        .execute("UPDATE bench_floor SET v = v + 1 WHERE k = 1", &[])
+        .await
+        .expect("update");
+    (a, t0.elapsed().as_secs_f64() * 1e3)
+}
+
+struct Pass {
+    sessions: usize,
+    max_tasks: u32,
+    /// Per backlog, in the order of `dbs`: latencies in ms.
+    calls: Vec<Vec<f64>>,
+    select1: Vec<f64>,
+    commit: Vec<f64>,
+}
+
+fn env_num(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn main() {
+    let quick = std::env::var_os("SESSION_LOCK_BENCH_QUICK").is_some();
+    let rounds = env_num("SESSION_LOCK_BENCH_ROUNDS").unwrap_or(if quick { 100 } else { 400 });
+    let backlogs: Vec<u64> = std::env::var("SESSION_LOCK_BENCH_BACKLOGS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 100_000, 1_000_000]);
+    let session_counts = [1usize, 10, 100];
+    let max_tasks_list = [10u32, 100];
+
+    common::start_results(
+        "get_work",
+        "Benchmark 1: get_work latency against the backlog",
+    );
+    let pg = common::start_server();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (mut dbs, floor_client) = rt.block_on(async {
+        let mut dbs = Vec::new();
+        let mut first_url = None;
+        for &backlog in &backlogs {
+            let url = common::create_db(&pg, &format!("bench_{backlog}")).await;
+            let store = PgStore::from_config(
+                url.parse().expect("url"),
+                StoreOptions {
+                    pool_size: 2,
+                    ..StoreOptions::default()
+                },
+            )
+            .await
+            .expect("store");
+            let client = common::connect(&url).await;
+            first_url.get_or_insert(url);
+            eprintln!("bench: seeding {backlog} open tasks");
+            common::seed(&client, backlog).await;
+            dbs.push(Db {
+                backlog,
+                store,
+                client,
+                sessions: Vec::new(),
+                next: 0,
+            });
+        }
+        let floor = common::connect(&first_url.expect("a backlog")).await;
+        (dbs, floor)
+    });
+
+    let mut c = Criterion::default()
+        .sample_size(if quick { 10 } else { 20 })
+        .warm_up_time(Duration::from_millis(if quick { 200 } else { 500 }))
+        .measurement_time(Duration::from_millis(if quick { 800 } else { 2000 }))
+        .without_plots()
+        .configure_from_args();
+
+    let mut passes = Vec::new();
+    for &n in &session_counts {
+        for &max_tasks in &max_tasks_list {
+            rt.block_on(async {
+                for db in dbs.iter_mut() {
+                    db.prepare(n, max_tasks).await;
+                }
+            });
+            let mut group =
+                c.benchmark_group(format!("get_work/sessions={n}/max_tasks={max_tasks}"));
+            for db in dbs.iter_mut() {
+                group.bench_function(BenchmarkId::new("open_tasks", db.backlog), |b| {
+                    b.iter_custom(|iters| {
+                        rt.block_on(async {
+                            let mut total = 0.0;
+                            for _ in 0..iters {
+                                total += db.next_turn(max_tasks).await;
+                            }
+                            Duration::from_secs_f64(total / 1e3)
+                        })
+                    })
+                });
+            }
+            group.finish();
+
+            // The interleaved pass.
+            let mut pass = Pass {
+                sessions: n,
+                max_tasks,
+                calls: vec![Vec::with_capacity(rounds); dbs.len()],
+                select1: Vec::with_capacity(rounds),
+                commit: Vec::with_capacity(rounds),
+            };
+            rt.block_on(async {
+                for r in 0..rounds {
+                    for k in 0..dbs.len() {
+                        // Rotate the order so no backlog always goes first.
+                        let j = (r + k) % dbs.len();
+                        let x = dbs[j].next_turn(max_tasks).await;
+                        pass.calls[j].push(x);
+                    }
+                    let (a, b) = floor_calls(&floor_client).await;
+                    pass.select1.push(a);
+                    pass.commit.push(b);
+                }
+            });
+            eprintln!(
+                "bench: get_work sessions={n} max_tasks={max_tasks}: p50 {}",
+                pass.calls
+                    .iter()
+                    .zip(&dbs)
+                    .map(|(xs, db)| format!("{}={:.2} ms", db.backlog, quantile(xs, 0.5)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            passes.push(pass);
+        }
+    }
+    report(&dbs, &passes, rounds);
+    drop(dbs);
+    drop(floor_client);
+    drop(rt);
+    drop(pg);
+}
+
+fn report(dbs: &[Db], passes: &[Pass], rounds: usize) {
+    let base = dbs.iter().position(|d| d.backlog == 1_000);
+    let top = dbs.iter().position(|d| d.backlog == 1_000_000);
+    let mut t = Table::new(
+        format!(
+            "get_work latency, interleaved pass ({rounds} calls per cell; ms). Floor = the same moments' bare round trip and one-row committed UPDATE"
+        ),
+        &[
+            "sessions",
+            "max_tasks",
+            "open tasks",
+            "p50",
+            "p99",
+            "p50 / p50 at 1k",
+            "floor SELECT 1 p50 / p99",
+            "floor commit p50 / p99",
+        ],
+    );
+    let mut targets = Table::new(
+        "get_work targets",
+        &["target", "configuration", "figure", "verdict"],
+    );
+    let mut ratios = Vec::new();
+    for p in passes {
+        for (k, db) in dbs.iter().enumerate() {
+            let xs = &p.calls[k];
+            let p50 = quantile(xs, 0.5);
+            let ratio = base.map(|b| p50 / quantile(&p.calls[b], 0.5));
+            t.row(vec![
+                p.sessions.to_string(),
+                p.max_tasks.to_string(),
+                db.backlog.to_string(),
+                ms(p50),
+                ms(quantile(xs, 0.99)),
+                ratio.map(|r| format!("{r:.2}x")).unwrap_or_default(),
+                format!(
+                    "{} / {}",
+                    ms(quantile(&p.select1, 0.5)),
+                    ms(quantile(&p.select1, 0.99))
+                ),
+                format!(
+                    "{} / {}",
+                    ms(quantile(&p.commit, 0.5)),
+                    ms(quantile(&p.commit, 0.99))
+                ),
+            ]);
+        }
+        if let (Some(b), Some(tp)) = (base, top) {
+            let r = quantile(&p.calls[tp], 0.5) / quantile(&p.calls[b], 0.5);
+            ratios.push(r);
+            targets.row(vec![
+                "p50 at 1M <= 1.5x p50 at 1k".into(),
+                format!(
+                    "{} session{}, max_tasks {}",
+                    p.sessions,
+                    if p.sessions == 1 { "" } else { "s" },
+                    p.max_tasks
+                ),
+                format!("{r:.2}x"),
+                verdict(r <= 1.5),
+            ]);
+        }
+    }
+    if let Some(tp) = top {
+        for p in passes.iter().filter(|p| p.sessions == 100) {
+            let p99 = quantile(&p.calls[tp], 0.99);
+            targets.row(vec![
+                "p99 < 5 ms at 1M, 100 sessions".into(),
+                format!("max_tasks {}", p.max_tasks),
+                format!(
+                    "{} ms (floor commit p99 {} ms)",
+                    ms(p99),
+                    ms(quantile(&p.commit, 0.99))
+                ),
+                verdict(p99 < 5.0),
+            ]);
+        }
+    }
+    t.emit("get_work");
+    targets.emit("get_work");
+    if !ratios.is_empty() {
+        eprintln!("bench: median p50 ratio 1M/1k = {:.2}x", median(&ratios));
+    }
+}
