@@ -165,15 +165,12 @@ fn init_tracing() -> Result<Option<SdkTracerProvider>, String> {
 }
 
 async fn migrate(url: &str) -> Result<(), String> {
-    let mut client = session_lock::connect_one(url)
-        .await
-        .map_err(|e| format!("cannot connect to the database: {e}"))?;
     Migrator::new()
         .with_example()
-        .run(&mut client)
+        .run_url(url)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 async fn serve() -> Result<(), String> {

@@ -582,6 +582,14 @@ impl Migrator {
         }
     }
 
+    /// Connects to `url` with [`connect_one`](crate::connect_one) (its
+    /// `sslmode` honoured, the connect bounded) and runs the migrations on
+    /// that connection, which is closed afterwards.
+    pub async fn run_url(&self, url: &str) -> crate::Result<Report> {
+        let mut client = crate::store::connect_one(url).await?;
+        Ok(self.run(&mut client).await?)
+    }
+
     async fn run_locked(&self, client: &mut Client) -> Result<Report, MigrateError> {
         client.batch_execute(BOOTSTRAP).await?;
         let rows = client

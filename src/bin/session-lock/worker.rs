@@ -125,13 +125,10 @@ fn config(args: &WorkerArgs) -> Result<RunnerConfig, String> {
 }
 
 async fn migrate(url: &str) -> Result<(), String> {
-    let mut client = session_lock::connect_one(url)
-        .await
-        .map_err(|e| format!("cannot connect to the database: {e}"))?;
     Migrator::new()
         .with_example()
-        .run(&mut client)
+        .run_url(url)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
