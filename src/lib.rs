@@ -29,7 +29,7 @@ pub use migrate::{MigrateError, Migrator};
 pub use status::RunnerStatus;
 pub use store::{
     Database, DbFinder, Listener, PgStore, SessionId, SessionStart, StoreOptions, Work, WorkGet,
-    connect_one,
+    connect_one, connect_one_with,
 };
 pub use supervisor::{Runner, RunnerHandle, RunnerServer, Stop};
 pub use task::{ScanTask, Task, TaskId, TaskQueries, column};

@@ -669,10 +669,7 @@ impl PgStore {
             .copied()
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let (client, mut connection) =
-            tokio::time::timeout(limit, self.config.connect(self.tls.clone()))
-                .await
-                .map_err(|_| Error::Connect(format!("no answer within {limit:?}")))?
-                .map_err(|e| Error::from_db(e, None))?;
+            bounded_connect(limit, self.config.connect(self.tls.clone())).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
@@ -722,24 +719,35 @@ impl DbFinder for PgStore {
 /// [`StoreOptions::default`]. The connection is driven by a task on the
 /// current Tokio runtime and closes when the client is dropped.
 pub async fn connect_one(url: &str) -> Result<tokio_postgres::Client> {
+    connect_one_with(url, StoreOptions::default()).await
+}
+
+/// [`connect_one`] with other timeouts and keepalives; the TLS mode always
+/// comes from the URL's `sslmode`.
+pub async fn connect_one_with(url: &str, options: StoreOptions) -> Result<tokio_postgres::Client> {
     let (mut config, tls) = crate::tls::parse_url(url)?;
-    let options = StoreOptions {
-        tls,
-        ..StoreOptions::default()
-    };
+    let options = StoreOptions { tls, ..options };
     options.apply(&mut config);
     let connect = config.connect(crate::tls::connector(&options.tls)?);
-    // tokio-postgres bounds only the TCP connect; bound the handshake too.
-    let (client, connection) = tokio::time::timeout(options.connect_timeout, connect)
-        .await
-        .map_err(|_| Error::Connect(format!("no answer within {:?}", options.connect_timeout)))?
-        .map_err(|e| Error::from_db(e, None))?;
+    let (client, connection) = bounded_connect(options.connect_timeout, connect).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "connection closed");
         }
     });
     Ok(client)
+}
+
+/// Runs a dedicated connect for at most `limit`: tokio-postgres bounds only
+/// the TCP connect, not the TLS, startup and authentication that follow.
+async fn bounded_connect<T>(
+    limit: Duration,
+    connect: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, connect)
+        .await
+        .map_err(|_| Error::Connect(format!("no answer within {limit:?}")))?
+        .map_err(|e| Error::from_db(e, None))
 }
 
 /// The first column of the first row of a one-row result.

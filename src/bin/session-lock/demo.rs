@@ -43,7 +43,7 @@ use session_lock::embedded::EmbeddedPostgres;
 use session_lock::{Migrator, RunnerConfig};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// The runner name of the demo's workers.
 const RUNNER_NAME: &str = "demo";
@@ -626,25 +626,26 @@ async fn migrate(client: &mut Client) -> Result<(), String> {
 }
 
 /// Connects the demo's own client: a connect timeout and a statement timeout,
-/// so a vanished database fails the demo instead of hanging it.
+/// so a vanished database fails the demo instead of hanging it; the URL's
+/// sslmode is honoured as everywhere else.
 async fn connect(url: &str) -> Result<Client, String> {
-    let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
-        format!("DATABASE_URL is not a valid PostgreSQL URL or key=value string: {e}")
-    })?;
-    config
-        .connect_timeout(Duration::from_secs(10))
-        .application_name("session-lock-demo");
-    let (client, connection) = config
-        .connect(NoTls)
+    let options = session_lock::StoreOptions {
+        connect_timeout: Duration::from_secs(10),
+        statement_timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let client = session_lock::connect_one_with(url, options)
         .await
-        .map_err(|e| db_error("cannot connect to the database", &e))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+        .map_err(|e| match e {
+            session_lock::Error::InvalidArgument(msg) => {
+                format!("DATABASE_URL is not a valid PostgreSQL URL or key=value string: {msg}")
+            }
+            other => format!("cannot connect to the database: {other}"),
+        })?;
     client
-        .batch_execute("SET statement_timeout = '20s'")
+        .batch_execute("SET application_name = 'session-lock-demo'")
         .await
-        .map_err(|e| db_error("setting the statement timeout", &e))?;
+        .map_err(|e| db_error("naming the connection", &e))?;
     Ok(client)
 }
 
