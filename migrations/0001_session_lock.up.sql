@@ -25,12 +25,19 @@ CREATE TABLE session_lock.session (
     -- reclaimed sessions are deleted by reap_sessions, so no task is ever left
     -- pointing at a session nobody will release.
     reclaimed_at TIMESTAMPTZ,
+    -- How many open tasks the session held when its last get_work or
+    -- finish_tasks committed (session_lock.record_held). The other sessions
+    -- of its name add these up instead of counting the tasks the live
+    -- sessions hold, so a get_work reads the task table only for its own
+    -- tasks and for as many free ones as its share could still need,
+    -- however large the backlog (README: fair shares).
+    held        INTEGER     NOT NULL DEFAULT 0 CHECK (held >= 0),
     CHECK (reclaimed_at IS NULL OR expires_at <= reclaimed_at)
 )
 -- Every heartbeat and every get_work rewrites its session's row. With room
--- left on each page and no index on the columns a bump changes
--- (expires_at, bumped_at), those are HOT updates: no index entry per
--- heartbeat, no index bloat however busy the runners are.
+-- left on each page and no index on the columns a bump or a get_work
+-- changes (expires_at, bumped_at, held), those are HOT updates: no index
+-- entry per heartbeat, no index bloat however busy the runners are.
 WITH (fillfactor = 50);
 
 COMMENT ON TABLE session_lock.session IS

@@ -20,7 +20,7 @@
 -- question is only whether a session may still *act* on what it holds. A
 -- session may act while its row is live: not expired, not ended, not
 -- reclaimed. Every function that acts for a session first locks that
--- session's row (bump: FOR UPDATE via UPDATE; finish: FOR SHARE) and checks
+-- session's row (bump: UPDATE; finish: FOR NO KEY UPDATE) and checks
 -- it is live, and a survivor reclaims an expired session only by locking its
 -- row (FOR UPDATE SKIP LOCKED) and stamping reclaimed_at in the same
 -- transaction that releases its tasks. Whichever transaction locks the row
@@ -129,7 +129,10 @@ $$;
 
 -- Locks a live session's row against reclaim for the rest of the transaction
 -- and returns its name. Raises SL001 when the session is not live. A fenced
--- finish calls this before touching any task.
+-- finish calls this before touching any task. FOR NO KEY UPDATE, the lock
+-- an UPDATE of the row takes, because the finish ends by recording the
+-- session's new held count: taking a weaker lock first and upgrading it
+-- would let two finishes of one session deadlock.
 CREATE OR REPLACE FUNCTION session_lock.lock_session(p_session bigint)
 RETURNS text
 LANGUAGE plpgsql
@@ -143,7 +146,7 @@ BEGIN
        AND expires_at > now()
        AND ended_at IS NULL
        AND reclaimed_at IS NULL
-       FOR SHARE;
+       FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'session % is lost: missing, expired, ended or reclaimed', p_session
             USING ERRCODE = 'SL001';
@@ -213,7 +216,7 @@ BEGIN
            FOR UPDATE SKIP LOCKED
     ), stamped AS (
         UPDATE session_lock.session s
-           SET reclaimed_at = now()
+           SET reclaimed_at = now(), held = 0
           FROM dead
          WHERE s.id = dead.id
         RETURNING s.id
@@ -252,6 +255,42 @@ AS $$
             + CASE WHEN p_live_rank < p_open_tasks % greatest(p_live_sessions, 1) THEN 1 ELSE 0 END,
         p_max_tasks
     )::integer
+$$;
+
+-- Open tasks held by the live sessions of p_session's name other than
+-- p_session itself, by their held counters (see the session table). STABLE,
+-- so that called inside the statement that also counts the free tasks it
+-- reads the same snapshot: a session moving tasks between "free" and "held"
+-- commits both sides at once, and the sum never counts a task twice or
+-- misses one because that commit fell between two reads.
+CREATE OR REPLACE FUNCTION session_lock.others_held(p_session bigint)
+RETURNS bigint
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN (SELECT coalesce(sum(o.held), 0)
+              FROM session_lock.session me
+              JOIN session_lock.session o ON o.name = me.name
+             WHERE me.id = p_session
+               AND o.id <> p_session
+               AND o.reclaimed_at IS NULL
+               AND o.expires_at > now());
+END;
+$$;
+
+-- Records that p_session now holds p_held open tasks. The last step of
+-- every get_work and finish_tasks, in their transaction, so that the
+-- counter and the tasks it counts change together.
+CREATE OR REPLACE FUNCTION session_lock.record_held(p_session bigint, p_held integer)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    UPDATE session_lock.session
+       SET held = p_held
+     WHERE id = p_session
+       AND held IS DISTINCT FROM p_held;
+END;
 $$;
 
 -- Deletes sessions that were reclaimed more than p_older_than ago and returns

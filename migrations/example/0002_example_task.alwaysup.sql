@@ -27,21 +27,24 @@ CREATE OR REPLACE TRIGGER example_task_notify
 -- Filled-in template functions.
 -- ---------------------------------------------------------------------------
 
--- Open tasks, counting no further than p_limit: the share never needs more.
--- ORDER BY the index's own order pins the plan to an index-only scan of
--- example_task_open_idx: without it the planner may pick a sequential scan
--- when its statistics still say most rows are open, and walk every finished
--- row at the head of the table.
-CREATE OR REPLACE FUNCTION public.example_task_count(p_limit bigint)
+-- Free tasks (open, held by no session), counting no further than p_limit.
+-- ORDER BY the index's own order pins the plan to an index-only scan of the
+-- (session_id IS NULL) range of example_task_open_idx: without it the
+-- planner may pick a sequential scan when its statistics still say most
+-- rows are open, and walk every finished row at the head of the table.
+-- (Before the held counters, get_work counted all open tasks with
+-- example_task_count.)
+DROP FUNCTION IF EXISTS public.example_task_count(bigint);
+CREATE OR REPLACE FUNCTION public.example_task_count_free(p_limit bigint)
 RETURNS bigint
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
     RETURN (SELECT count(*) FROM (
         SELECT 1 FROM public.example_task
-         WHERE finished_at IS NULL
+         WHERE session_id IS NULL AND finished_at IS NULL
          ORDER BY session_id, id
-         LIMIT p_limit) open_tasks);
+         LIMIT p_limit) free_tasks);
 END;
 $$;
 
@@ -180,6 +183,8 @@ SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_begin record;
+    v_bound bigint;
+    v_open  bigint;
     v_ideal integer;
     v_held  integer;
 BEGIN
@@ -193,17 +198,27 @@ BEGIN
     IF cardinality(v_begin.reclaimed) > 0 THEN
         PERFORM public.example_task_release(v_begin.reclaimed, NULL);
     END IF;
-    v_ideal := session_lock.fair_share(
-        public.example_task_count(v_begin.live_sessions::bigint * p_max_tasks),
-        v_begin.live_sessions,
-        v_begin.live_rank,
-        p_max_tasks);
     v_held := public.example_task_count_for_session(p_session);
+    -- The open tasks, as far as the share needs them (live sessions x
+    -- max_tasks): this session's, the other live sessions' by their held
+    -- counters, and the free ones, counted only up to what is still
+    -- missing. One statement, so the counters and the count share one
+    -- snapshot (this session's own tasks only it can change).
+    v_bound := v_begin.live_sessions::bigint * p_max_tasks;
+    SELECT v_held + o.held
+           + CASE WHEN v_held + o.held < v_bound
+                  THEN public.example_task_count_free(v_bound - v_held - o.held)
+                  ELSE 0 END
+      INTO v_open
+      FROM session_lock.others_held(p_session) AS o(held);
+    v_ideal := session_lock.fair_share(
+        v_open, v_begin.live_sessions, v_begin.live_rank, p_max_tasks);
     IF v_held > v_ideal THEN
-        PERFORM public.example_task_release(ARRAY[p_session], v_held - v_ideal);
+        v_held := v_held - public.example_task_release(ARRAY[p_session], v_held - v_ideal);
     ELSIF v_held < v_ideal THEN
-        PERFORM public.example_task_pickup(p_session, v_ideal - v_held);
+        v_held := v_held + public.example_task_pickup(p_session, v_ideal - v_held);
     END IF;
+    PERFORM session_lock.record_held(p_session, v_held);
     RETURN QUERY SELECT * FROM public.example_task_get_for_session(p_session);
 END;
 $$;
@@ -218,13 +233,14 @@ AS $$
 BEGIN
     PERFORM session_lock.lock_session(p_session);
     RETURN QUERY SELECT * FROM public.example_task_finish(p_session, p_ids);
+    PERFORM session_lock.record_held(p_session, public.example_task_count_for_session(p_session));
 END;
 $$;
 
 -- Least privilege (README): the runtime role may call the entry points only.
 REVOKE EXECUTE ON FUNCTION
     public.example_task_notify(),
-    public.example_task_count(bigint),
+    public.example_task_count_free(bigint),
     public.example_task_count_for_session(bigint),
     public.example_task_pickup(bigint, integer),
     public.example_task_release(bigint[], integer),

@@ -21,19 +21,21 @@
 -- `pg_catalog, public, pg_temp`: if your table lives in another schema, put
 -- that schema where `public` is (or schema-qualify every name).
 
--- TODO(session-lock): fill in my_task_count.
--- The number of open tasks, counting no further than p_limit (the share never
--- needs more, and a bounded count keeps get_work cheap at any backlog).
+-- TODO(session-lock): fill in my_task_count_free.
+-- The number of free tasks (open, held by no session), counting no further
+-- than p_limit. get_work asks only for as many as its share could still
+-- need, so a bounded count stays cheap at any backlog.
 -- Example body:
 --     RETURN (SELECT count(*) FROM (
---         SELECT 1 FROM my_task WHERE finished_at IS NULL
---              ORDER BY session_id, id LIMIT p_limit) open_tasks);
-CREATE OR REPLACE FUNCTION my_task_count(p_limit bigint)
+--         SELECT 1 FROM my_task
+--          WHERE session_id IS NULL AND finished_at IS NULL
+--          ORDER BY session_id, id LIMIT p_limit) free_tasks);
+CREATE OR REPLACE FUNCTION my_task_count_free(p_limit bigint)
 RETURNS bigint
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
-    RAISE EXCEPTION 'task template function my_task_count is not filled in'
+    RAISE EXCEPTION 'task template function my_task_count_free is not filled in'
         USING ERRCODE = 'SL002', HINT = 'Follow the TODO(session-lock) above it in the task template.';
 END;
 $$;
@@ -194,6 +196,8 @@ SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
 DECLARE
     v_begin record;
+    v_bound bigint;
+    v_open  bigint;
     v_ideal integer;
     v_held  integer;
 BEGIN
@@ -207,17 +211,27 @@ BEGIN
     IF cardinality(v_begin.reclaimed) > 0 THEN
         PERFORM my_task_release(v_begin.reclaimed, NULL);
     END IF;
-    v_ideal := session_lock.fair_share(
-        my_task_count(v_begin.live_sessions::bigint * p_max_tasks),
-        v_begin.live_sessions,
-        v_begin.live_rank,
-        p_max_tasks);
     v_held := my_task_count_for_session(p_session);
+    -- The open tasks, as far as the share needs them (live sessions x
+    -- max_tasks): this session's, the other live sessions' by their held
+    -- counters, and the free ones, counted only up to what is still
+    -- missing. One statement, so the counters and the count share one
+    -- snapshot (this session's own tasks only it can change).
+    v_bound := v_begin.live_sessions::bigint * p_max_tasks;
+    SELECT v_held + o.held
+           + CASE WHEN v_held + o.held < v_bound
+                  THEN my_task_count_free(v_bound - v_held - o.held)
+                  ELSE 0 END
+      INTO v_open
+      FROM session_lock.others_held(p_session) AS o(held);
+    v_ideal := session_lock.fair_share(
+        v_open, v_begin.live_sessions, v_begin.live_rank, p_max_tasks);
     IF v_held > v_ideal THEN
-        PERFORM my_task_release(ARRAY[p_session], v_held - v_ideal);
+        v_held := v_held - my_task_release(ARRAY[p_session], v_held - v_ideal);
     ELSIF v_held < v_ideal THEN
-        PERFORM my_task_pickup(p_session, v_ideal - v_held);
+        v_held := v_held + my_task_pickup(p_session, v_ideal - v_held);
     END IF;
+    PERFORM session_lock.record_held(p_session, v_held);
     RETURN QUERY SELECT * FROM my_task_get_for_session(p_session);
 END;
 $$;
@@ -232,6 +246,7 @@ AS $$
 BEGIN
     PERFORM session_lock.lock_session(p_session);
     RETURN QUERY SELECT * FROM my_task_finish(p_session, p_ids);
+    PERFORM session_lock.record_held(p_session, my_task_count_for_session(p_session));
 END;
 $$;
 
@@ -239,7 +254,7 @@ $$;
 -- Least privilege (README): nobody may call these but the owner, except the
 -- entry points, granted to session_lock_runtime when that role exists.
 REVOKE EXECUTE ON FUNCTION
-    my_task_count(bigint),
+    my_task_count_free(bigint),
     my_task_count_for_session(bigint),
     my_task_pickup(bigint, integer),
     my_task_release(bigint[], integer),

@@ -225,7 +225,7 @@ async fn template_functions_left_unfilled_name_themselves() {
     match &err {
         Error::TemplateUnfilled { detail } => {
             assert!(
-                detail.contains("my_task_count is not filled in"),
+                detail.contains("my_task_count_for_session is not filled in"),
                 "{detail}"
             )
         }

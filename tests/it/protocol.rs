@@ -459,7 +459,7 @@ async fn pickup_uses_the_open_task_index_at_a_large_backlog() {
     let plan: String = s
         .client
         .query(
-            "EXPLAIN SELECT count(*) FROM (SELECT 1 FROM example_task WHERE finished_at IS NULL ORDER BY session_id, id LIMIT 100) t",
+            "EXPLAIN SELECT count(*) FROM (SELECT 1 FROM example_task WHERE session_id IS NULL AND finished_at IS NULL ORDER BY session_id, id LIMIT 100) t",
             &[],
         )
         .await
@@ -470,7 +470,7 @@ async fn pickup_uses_the_open_task_index_at_a_large_backlog() {
         .join("\n");
     assert!(
         plan.contains("example_task_open_idx"),
-        "bounded count plan:\n{plan}"
+        "bounded count of free tasks plan:\n{plan}"
     );
 }
 
@@ -666,4 +666,169 @@ async fn shares_stay_within_one_and_a_joiner_gets_its_share_in_two_ticks_under_t
         vec![7, 6, 6, 6, 6],
         "the joiner holds its share after two ticks"
     );
+}
+
+/// Each session's `held` counter, as the other sessions read it.
+async fn held_counters(client: &tokio_postgres::Client) -> BTreeMap<i64, i64> {
+    client
+        .query(
+            "SELECT id, held::bigint FROM session_lock.session WHERE reclaimed_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("read held counters")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Open tasks held by each holding session, in session order.
+async fn held_per_session(client: &tokio_postgres::Client) -> Vec<i64> {
+    holdings(client)
+        .await
+        .into_iter()
+        .filter_map(|(session, n)| session.map(|_| n))
+        .collect()
+}
+
+/// Every unreclaimed session's counter equals the open tasks it holds.
+async fn assert_counters_match(client: &tokio_postgres::Client, after: &str) {
+    let table = holdings(client).await;
+    for (session, counter) in held_counters(client).await {
+        let actual = table.get(&Some(session)).copied().unwrap_or(0);
+        assert_eq!(
+            counter, actual,
+            "after {after}: session {session}'s held counter says {counter}, it holds {actual}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn held_counters_follow_pickup_release_finish_and_reclaim() {
+    // get_work counts the tasks of the other live sessions by their held
+    // counters instead of walking them, so a counter that drifted would
+    // skew every share: check it after each kind of change.
+    let s = setup(25).await;
+    let ids = [
+        start(&s.store, "held").await,
+        start(&s.store, "held").await,
+        start(&s.store, "held").await,
+    ];
+    for _ in 0..2 {
+        for &id in &ids {
+            work(&s.store, id, 10).await;
+        }
+    }
+    assert_counters_match(&s.client, "pickup").await;
+    assert_eq!(
+        held_counters(&s.client)
+            .await
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![9, 8, 8]
+    );
+
+    // The fenced finish.
+    let a_tasks = work(&s.store, ids[0], 10).await;
+    let done = s
+        .store
+        .tasks_finish::<ExampleTask>(ids[0], &a_tasks[..5])
+        .await
+        .expect("finish");
+    assert_eq!(done.len(), 5);
+    assert_counters_match(&s.client, "finish_tasks").await;
+
+    // The finish inside get_work.
+    let b_tasks = work(&s.store, ids[1], 10).await;
+    let w = s
+        .store
+        .work_finish_and_get::<ExampleTask>(
+            WorkGet {
+                session: ids[1],
+                max_tasks: 10,
+                ttl: TTL,
+            },
+            &b_tasks[..3],
+        )
+        .await
+        .expect("finish and get");
+    assert!(w.tasks.iter().all(|t| !b_tasks[..3].contains(&t.id)));
+    assert_counters_match(&s.client, "get_work with finished ids").await;
+
+    // 17 open tasks now: the session above its share releases the surplus
+    // and two more ticks each settle 6, 6, 5.
+    for _ in 0..2 {
+        for &id in &ids {
+            work(&s.store, id, 10).await;
+        }
+    }
+    assert_counters_match(&s.client, "rebalancing").await;
+    assert_eq!(held_per_session(&s.client).await, vec![6, 6, 5]);
+
+    // A new session joins: 17 / 4 = 4 rest 1; the others release.
+    let d = start(&s.store, "held").await;
+    for _ in 0..2 {
+        for &id in ids.iter().chain([&d]) {
+            work(&s.store, id, 10).await;
+        }
+    }
+    assert_counters_match(&s.client, "release to a joiner").await;
+    assert_eq!(held_per_session(&s.client).await, vec![5, 4, 4, 4]);
+
+    // An expired session's tasks are reclaimed, and its counter with them.
+    expire(&s.client, ids[2]).await;
+    work(&s.store, ids[0], 10).await;
+    let reclaimed: i32 = s
+        .client
+        .query_one(
+            "SELECT held FROM session_lock.session WHERE id = $1 AND reclaimed_at IS NOT NULL",
+            &[&ids[2]],
+        )
+        .await
+        .expect("the expired session is reclaimed")
+        .get(0);
+    assert_eq!(reclaimed, 0);
+    assert_counters_match(&s.client, "reclaim").await;
+    for &id in [ids[1], d, ids[0]].iter() {
+        work(&s.store, id, 10).await;
+    }
+    assert_counters_match(&s.client, "after the reclaim").await;
+    let table = holdings(&s.client).await;
+    assert_eq!(table.get(&None), None, "no task is left free: {table:?}");
+    assert_eq!(table.values().sum::<i64>(), 17, "{table:?}");
+}
+
+#[tokio::test]
+async fn a_share_ignores_a_counter_that_drifted_once_its_session_ticks() {
+    // Tasks finished behind session-lock's back (a direct UPDATE) leave
+    // their session's counter high until that session's next get_work:
+    // the others see a larger backlog for that long, never a smaller one,
+    // so nothing is released early and nobody is starved.
+    let s = setup(20).await;
+    let (a, b) = (
+        start(&s.store, "drift").await,
+        start(&s.store, "drift").await,
+    );
+    for _ in 0..2 {
+        work(&s.store, a, 10).await;
+        work(&s.store, b, 10).await;
+    }
+    s.client
+        .execute(
+            "UPDATE example_task SET finished_at = now() WHERE session_id = $1",
+            &[&a],
+        )
+        .await
+        .expect("finish a's tasks directly");
+    // b still believes a holds 10: 10 + 10 = 20 open, b keeps its 10.
+    assert_eq!(work(&s.store, b, 10).await.len(), 10);
+    // a's own tick corrects its counter (it counts its own tasks); nothing
+    // is free yet, and with 10 open tasks left b gives 5 back on its next
+    // tick, which a then picks up.
+    assert_eq!(work(&s.store, a, 10).await.len(), 0);
+    assert_counters_match(&s.client, "a's tick").await;
+    assert_eq!(work(&s.store, b, 10).await.len(), 5);
+    assert_eq!(work(&s.store, a, 10).await.len(), 5);
+    assert_counters_match(&s.client, "both ticked").await;
 }
