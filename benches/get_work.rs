@@ -2,12 +2,19 @@
 //!
 //! One database per backlog (1k, 100k, 1M open tasks) on one durable
 //! server. For each number of live sessions (1, 10, 100) and max_tasks (10,
-//! 100), every database gets that many sessions, which take turns; a turn
+//! 100), every database gets that many sessions, which take turns. A turn
 //! is one timed `PgStore::work_get` (the call a runner makes each tick:
-//! bump, reclaim, count, pick up its share, return its tasks), then,
-//! untimed, the session finishes what it got and as many new tasks are
-//! inserted, so the backlog stays where it is and every timed call picks up
-//! a full share, as in a drain.
+//! bump, reclaim, count, pick up its share, return its tasks) and, untimed,
+//! the session finishing its batch and inserting as many new tasks, so the
+//! backlog stays where it is and every timed call picks up a full share, as
+//! in a drain. Two kinds of turn, which differ in what the *other* sessions
+//! hold while one calls:
+//! * `busy`: a session finishes its batch just before its next call, so
+//!   between calls it holds the batch, as a runner does while its Tasker
+//!   runs it (a drain's steady state);
+//! * `idle`: a session finishes right after its call, so the others hold
+//!   nothing: every open task is free, the worst case for the bounded count
+//!   (it walks up to live sessions x max_tasks free tasks).
 //!
 //! Two measurements per configuration:
 //! * criterion, one backlog after the other (mean and its confidence
@@ -20,7 +27,9 @@
 //!
 //! `cargo bench --bench get_work`; `SESSION_LOCK_BENCH_BACKLOGS=1000,1000000`
 //! narrows the backlogs, `SESSION_LOCK_BENCH_QUICK=1` shortens everything,
-//! `SESSION_LOCK_BENCH_ROUNDS=N` sets the interleaved rounds (default 400).
+//! `SESSION_LOCK_BENCH_ROUNDS=N` sets the interleaved rounds (default 400),
+//! `SESSION_LOCK_BENCH_SESSIONS=100`, `SESSION_LOCK_BENCH_MAX_TASKS=100` and
+//! `SESSION_LOCK_BENCH_TURNS=busy` narrow the other axes.
 
 mod common;
 
@@ -35,19 +44,51 @@ use common::{Table, median, ms, quantile, verdict};
 
 const TTL: Duration = Duration::from_secs(3600);
 
+/// Which sessions hold their batch between calls (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Turns {
+    Busy,
+    Idle,
+}
+
+impl Turns {
+    fn name(self) -> &'static str {
+        match self {
+            Turns::Busy => "busy",
+            Turns::Idle => "idle",
+        }
+    }
+}
+
+impl std::str::FromStr for Turns {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "busy" => Ok(Turns::Busy),
+            "idle" => Ok(Turns::Idle),
+            other => Err(format!("unknown turn kind {other:?}: busy or idle")),
+        }
+    }
+}
+
 /// One backlog's database.
 struct Db {
     backlog: u64,
     store: PgStore,
     client: Client,
     sessions: Vec<SessionId>,
+    /// Per session, the batch it holds until its next turn (busy turns).
+    batches: Vec<Vec<i64>>,
+    turns: Turns,
     next: usize,
+    /// Tasks returned by the last timed call.
+    last_batch: usize,
 }
 
 impl Db {
     /// Ends every session and frees every open task, then starts `n`
     /// sessions and lets each take and finish one share.
-    async fn prepare(&mut self, n: usize, max_tasks: u32) {
+    async fn prepare(&mut self, n: usize, max_tasks: u32, turns: Turns) {
         self.client
             .batch_execute(
                 "UPDATE public.example_task SET session_id = NULL WHERE session_id IS NOT NULL AND finished_at IS NULL;
@@ -60,6 +101,8 @@ impl Db {
             .await
             .expect("vacuum");
         self.sessions.clear();
+        self.batches = vec![Vec::new(); n];
+        self.turns = turns;
         for _ in 0..n {
             let id = self
                 .store
@@ -74,16 +117,21 @@ impl Db {
         self.next = 0;
     }
 
-    /// The next session's turn; returns the get_work latency in ms.
-    async fn next_turn(&mut self, max_tasks: u32) -> f64 {
+    /// The next session's turn: the get_work latency in ms, and how many
+    /// tasks the call returned.
+    async fn next_turn(&mut self, max_tasks: u32) -> (f64, usize) {
         let i = self.next % self.sessions.len();
         self.next += 1;
-        self.turn(i, max_tasks).await.as_secs_f64() * 1e3
+        let elapsed = self.turn(i, max_tasks).await;
+        (elapsed.as_secs_f64() * 1e3, self.last_batch)
     }
 
-    /// One turn: the timed get_work, then the untimed finish-and-replace.
-    async fn turn(&self, i: usize, max_tasks: u32) -> Duration {
+    /// One turn: the timed get_work, and the untimed finish-and-replace
+    /// of the session's batch, before the call (busy) or after it (idle).
+    async fn turn(&mut self, i: usize, max_tasks: u32) -> Duration {
         let session = self.sessions[i];
+        let held = std::mem::take(&mut self.batches[i]);
+        self.finish_and_replace(session, &held).await;
         let t0 = Instant::now();
         let work = self
             .store
@@ -96,17 +144,27 @@ impl Db {
             .expect("work_get");
         let elapsed = t0.elapsed();
         let ids: Vec<i64> = work.tasks.iter().map(|t| t.id).collect();
-        if !ids.is_empty() {
-            self.client
-                .execute(
-                    "WITH f AS (SELECT * FROM public.example_task_finish_tasks($1, $2))
-                     INSERT INTO public.example_task (payload) SELECT 'noop' FROM f",
-                    &[&session, &ids],
-                )
-                .await
-                .expect("finish and replace");
+        self.last_batch = ids.len();
+        match self.turns {
+            Turns::Busy => self.batches[i] = ids,
+            Turns::Idle => self.finish_and_replace(session, &ids).await,
         }
         elapsed
+    }
+
+    /// Finishes `ids` for `session` and inserts as many new tasks.
+    async fn finish_and_replace(&self, session: SessionId, ids: &[i64]) {
+        if ids.is_empty() {
+            return;
+        }
+        self.client
+            .execute(
+                "WITH f AS (SELECT * FROM public.example_task_finish_tasks($1, $2))
+                 INSERT INTO public.example_task (payload) SELECT 'noop' FROM f",
+                &[&session, &ids],
+            )
+            .await
+            .expect("finish and replace");
     }
 }
 
@@ -125,10 +183,13 @@ async fn floor_calls(client: &Client) -> (f64, f64) {
 }
 
 struct Pass {
+    turns: Turns,
     sessions: usize,
     max_tasks: u32,
     /// Per backlog, in the order of `dbs`: latencies in ms.
     calls: Vec<Vec<f64>>,
+    /// Per backlog: tasks returned per call.
+    batches: Vec<Vec<f64>>,
     select1: Vec<f64>,
     commit: Vec<f64>,
 }
@@ -137,15 +198,28 @@ fn env_num(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
+/// A comma-separated list from the environment, or `default`.
+fn env_list<T: std::str::FromStr + Copy>(name: &str, default: &[T]) -> Vec<T> {
+    std::env::var(name)
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .filter(|v: &Vec<T>| !v.is_empty())
+        .unwrap_or_else(|| default.to_vec())
+}
+
 fn main() {
     let quick = std::env::var_os("SESSION_LOCK_BENCH_QUICK").is_some();
     let rounds = env_num("SESSION_LOCK_BENCH_ROUNDS").unwrap_or(if quick { 100 } else { 400 });
-    let backlogs: Vec<u64> = std::env::var("SESSION_LOCK_BENCH_BACKLOGS")
-        .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1_000, 100_000, 1_000_000]);
-    let session_counts = [1usize, 10, 100];
-    let max_tasks_list = [10u32, 100];
+    let backlogs: Vec<u64> = env_list("SESSION_LOCK_BENCH_BACKLOGS", &[1_000, 100_000, 1_000_000]);
+    let session_counts: Vec<usize> = env_list("SESSION_LOCK_BENCH_SESSIONS", &[1, 10, 100]);
+    let max_tasks_list: Vec<u32> = env_list("SESSION_LOCK_BENCH_MAX_TASKS", &[10, 100]);
+    let turn_kinds: Vec<Turns> = std::env::var("SESSION_LOCK_BENCH_TURNS")
+        .map(|s| {
+            s.split(',')
+                .map(|x| x.trim().parse().unwrap_or_else(|e| panic!("{e}")))
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![Turns::Busy, Turns::Idle]);
 
     common::start_results(
         "get_work",
@@ -179,7 +253,10 @@ fn main() {
                 store,
                 client,
                 sessions: Vec::new(),
+                batches: Vec::new(),
+                turns: Turns::Busy,
                 next: 0,
+                last_batch: 0,
             });
         }
         let floor = common::connect(&first_url.expect("a backlog")).await;
@@ -194,61 +271,69 @@ fn main() {
         .configure_from_args();
 
     let mut passes = Vec::new();
-    for &n in &session_counts {
-        for &max_tasks in &max_tasks_list {
-            rt.block_on(async {
-                for db in dbs.iter_mut() {
-                    db.prepare(n, max_tasks).await;
-                }
-            });
-            let mut group =
-                c.benchmark_group(format!("get_work/sessions={n}/max_tasks={max_tasks}"));
-            for db in dbs.iter_mut() {
-                group.bench_function(BenchmarkId::new("open_tasks", db.backlog), |b| {
-                    b.iter_custom(|iters| {
-                        rt.block_on(async {
-                            let mut total = 0.0;
-                            for _ in 0..iters {
-                                total += db.next_turn(max_tasks).await;
-                            }
-                            Duration::from_secs_f64(total / 1e3)
-                        })
-                    })
-                });
-            }
-            group.finish();
-
-            // The interleaved pass.
-            let mut pass = Pass {
-                sessions: n,
-                max_tasks,
-                calls: vec![Vec::with_capacity(rounds); dbs.len()],
-                select1: Vec::with_capacity(rounds),
-                commit: Vec::with_capacity(rounds),
-            };
-            rt.block_on(async {
-                for r in 0..rounds {
-                    for k in 0..dbs.len() {
-                        // Rotate the order so no backlog always goes first.
-                        let j = (r + k) % dbs.len();
-                        let x = dbs[j].next_turn(max_tasks).await;
-                        pass.calls[j].push(x);
+    for &turns in &turn_kinds {
+        for &n in &session_counts {
+            for &max_tasks in &max_tasks_list {
+                rt.block_on(async {
+                    for db in dbs.iter_mut() {
+                        db.prepare(n, max_tasks, turns).await;
                     }
-                    let (a, b) = floor_calls(&floor_client).await;
-                    pass.select1.push(a);
-                    pass.commit.push(b);
+                });
+                let mut group = c.benchmark_group(format!(
+                    "get_work/{}/sessions={n}/max_tasks={max_tasks}",
+                    turns.name()
+                ));
+                for db in dbs.iter_mut() {
+                    group.bench_function(BenchmarkId::new("open_tasks", db.backlog), |b| {
+                        b.iter_custom(|iters| {
+                            rt.block_on(async {
+                                let mut total = 0.0;
+                                for _ in 0..iters {
+                                    total += db.next_turn(max_tasks).await.0;
+                                }
+                                Duration::from_secs_f64(total / 1e3)
+                            })
+                        })
+                    });
                 }
-            });
-            eprintln!(
-                "bench: get_work sessions={n} max_tasks={max_tasks}: p50 {}",
-                pass.calls
-                    .iter()
-                    .zip(&dbs)
-                    .map(|(xs, db)| format!("{}={:.2} ms", db.backlog, quantile(xs, 0.5)))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
-            passes.push(pass);
+                group.finish();
+
+                // The interleaved pass.
+                let mut pass = Pass {
+                    turns,
+                    sessions: n,
+                    max_tasks,
+                    calls: vec![Vec::with_capacity(rounds); dbs.len()],
+                    batches: vec![Vec::with_capacity(rounds); dbs.len()],
+                    select1: Vec::with_capacity(rounds),
+                    commit: Vec::with_capacity(rounds),
+                };
+                rt.block_on(async {
+                    for r in 0..rounds {
+                        for k in 0..dbs.len() {
+                            // Rotate the order so no backlog always goes first.
+                            let j = (r + k) % dbs.len();
+                            let (x, n) = dbs[j].next_turn(max_tasks).await;
+                            pass.calls[j].push(x);
+                            pass.batches[j].push(n as f64);
+                        }
+                        let (a, b) = floor_calls(&floor_client).await;
+                        pass.select1.push(a);
+                        pass.commit.push(b);
+                    }
+                });
+                eprintln!(
+                    "bench: get_work {} turns, sessions={n} max_tasks={max_tasks}: p50 {}",
+                    turns.name(),
+                    pass.calls
+                        .iter()
+                        .zip(&dbs)
+                        .map(|(xs, db)| format!("{}={:.2} ms", db.backlog, quantile(xs, 0.5)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+                passes.push(pass);
+            }
         }
     }
     report(&dbs, &passes, rounds);
@@ -266,9 +351,11 @@ fn report(dbs: &[Db], passes: &[Pass], rounds: usize) {
             "get_work latency, interleaved pass ({rounds} calls per cell; ms). Floor = the same moments' bare round trip and one-row committed UPDATE"
         ),
         &[
+            "turns",
             "sessions",
             "max_tasks",
             "open tasks",
+            "tasks per call",
             "p50",
             "p99",
             "p50 / p50 at 1k",
@@ -287,9 +374,11 @@ fn report(dbs: &[Db], passes: &[Pass], rounds: usize) {
             let p50 = quantile(xs, 0.5);
             let ratio = base.map(|b| p50 / quantile(&p.calls[b], 0.5));
             t.row(vec![
+                p.turns.name().to_string(),
                 p.sessions.to_string(),
                 p.max_tasks.to_string(),
                 db.backlog.to_string(),
+                format!("{:.0}", quantile(&p.batches[k], 0.5)),
                 ms(p50),
                 ms(quantile(xs, 0.99)),
                 ratio.map(|r| format!("{r:.2}x")).unwrap_or_default(),
@@ -311,7 +400,8 @@ fn report(dbs: &[Db], passes: &[Pass], rounds: usize) {
             targets.row(vec![
                 "p50 at 1M <= 1.5x p50 at 1k".into(),
                 format!(
-                    "{} session{}, max_tasks {}",
+                    "{} turns, {} session{}, max_tasks {}",
+                    p.turns.name(),
                     p.sessions,
                     if p.sessions == 1 { "" } else { "s" },
                     p.max_tasks
@@ -326,7 +416,7 @@ fn report(dbs: &[Db], passes: &[Pass], rounds: usize) {
             let p99 = quantile(&p.calls[tp], 0.99);
             targets.row(vec![
                 "p99 < 5 ms at 1M, 100 sessions".into(),
-                format!("max_tasks {}", p.max_tasks),
+                format!("{} turns, max_tasks {}", p.turns.name(), p.max_tasks),
                 format!(
                     "{} ms (floor commit p99 {} ms)",
                     ms(p99),
