@@ -200,6 +200,8 @@ DECLARE
     v_open  bigint;
     v_ideal integer;
     v_held  integer;
+    v_want  integer;
+    v_got   integer;
 BEGIN
     v_begin := session_lock.work_begin(p_session, p_max_tasks, p_ttl);
     -- The previous batch's completed tasks, finished in the same call and
@@ -212,12 +214,28 @@ BEGIN
         PERFORM my_task_release(v_begin.reclaimed, NULL);
     END IF;
     v_held := my_task_count_for_session(p_session);
-    -- The open tasks, as far as the share needs them (live sessions x
-    -- max_tasks): this session's, the other live sessions' by their held
-    -- counters, and the free ones, counted only up to what is still
+    v_bound := v_begin.live_sessions::bigint * p_max_tasks;
+    v_want := p_max_tasks - v_held;
+    -- The share needs the open tasks up to v_bound (live sessions x
+    -- max_tasks). When this session's tasks and the other live sessions'
+    -- held counters leave at most v_want to find, the pickup is the count:
+    -- if it gets all v_want, the open tasks reach the bound, the share is
+    -- max_tasks, and the free tasks need no counting (during a drain, when
+    -- the others hold their batches, this is every call).
+    IF v_want > 0
+       AND v_bound - v_held - session_lock.others_held(p_session) <= v_want THEN
+        v_got := my_task_pickup(p_session, v_want);
+        v_held := v_held + v_got;
+        IF v_got = v_want THEN
+            PERFORM session_lock.record_held(p_session, v_held);
+            RETURN QUERY SELECT * FROM my_task_get_for_session(p_session);
+            RETURN;
+        END IF;
+    END IF;
+    -- Otherwise count: this session's tasks, the other live sessions' by
+    -- their held counters, and the free ones, only up to what is still
     -- missing. One statement, so the counters and the count share one
     -- snapshot (this session's own tasks only it can change).
-    v_bound := v_begin.live_sessions::bigint * p_max_tasks;
     SELECT v_held + o.held
            + CASE WHEN v_held + o.held < v_bound
                   THEN my_task_count_free(v_bound - v_held - o.held)

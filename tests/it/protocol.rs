@@ -832,3 +832,36 @@ async fn a_share_ignores_a_counter_that_drifted_once_its_session_ticks() {
     assert_eq!(work(&s.store, a, 10).await.len(), 5);
     assert_counters_match(&s.client, "both ticked").await;
 }
+
+#[tokio::test]
+async fn a_pickup_that_proves_a_full_backlog_stands_in_for_the_count() {
+    // When the other sessions' counters leave no more free tasks to find
+    // than this session wants, get_work picks up first and counts only if
+    // the pickup came up short. Both ways must give the same shares.
+    let s = setup(20).await;
+    let (a, b) = (
+        start(&s.store, "proof").await,
+        start(&s.store, "proof").await,
+    );
+    assert_eq!(work(&s.store, a, 10).await.len(), 10, "a counts: 20 open");
+    // b: a holds 10, so 10 more make the bound of 20: the pickup decides.
+    let b_tasks = work(&s.store, b, 10).await;
+    assert_eq!(b_tasks.len(), 10, "b's pickup finds all 10");
+    assert_counters_match(&s.client, "a full pickup").await;
+
+    // b finishes everything and 5 new tasks arrive: 15 open. b's pickup
+    // comes up short (5 of 10), so it counts: 15 / 2 gives b (the younger)
+    // 7, of which only the 5 free ones are there to take.
+    s.store
+        .tasks_finish::<ExampleTask>(b, &b_tasks)
+        .await
+        .expect("finish");
+    seed(&s.client, 5).await;
+    assert_eq!(work(&s.store, b, 10).await.len(), 5);
+    assert_counters_match(&s.client, "a short pickup").await;
+    // a's share is now 8: it releases 2, which b then picks up.
+    assert_eq!(work(&s.store, a, 10).await.len(), 8);
+    assert_eq!(work(&s.store, b, 10).await.len(), 7);
+    assert_counters_match(&s.client, "settled").await;
+    assert_eq!(held_per_session(&s.client).await, vec![8, 7]);
+}
