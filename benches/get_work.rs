@@ -16,6 +16,12 @@
 //!   nothing: every open task is free, the worst case for the bounded count
 //!   (it walks up to live sessions x max_tasks free tasks).
 //!
+//! Each timed call is followed, in the interleaved pass, by the raw-SQL
+//! claim of as many tasks on the same database (the drain benchmark's
+//! pgbench limit: one `UPDATE ... FOR UPDATE SKIP LOCKED` statement, no
+//! session), so that what the backlog costs PostgreSQL itself can be told
+//! apart from what it costs get_work.
+//!
 //! Two measurements per configuration:
 //! * criterion, one backlog after the other (mean and its confidence
 //!   interval, in criterion's own output);
@@ -83,6 +89,8 @@ struct Db {
     next: usize,
     /// Tasks returned by the last timed call.
     last_batch: usize,
+    /// The raw-SQL claim, prepared on `client`.
+    raw_claim: tokio_postgres::Statement,
 }
 
 impl Db {
@@ -152,6 +160,42 @@ impl Db {
         elapsed
     }
 
+    /// The raw-SQL model of the same pickup, the drain benchmark's pgbench
+    /// limit (BENCHMARKS.md, section 2): untimed, inserts `n` tasks (so
+    /// that `n` are free even when the sessions hold every other one);
+    /// timed, claims `n` free tasks with FOR UPDATE SKIP LOCKED in one
+    /// statement and commit; untimed, finishes what it claimed, so the
+    /// backlog stays put. It holds no session (session_id -1) and reads no
+    /// counter: what it costs at each backlog is what PostgreSQL itself
+    /// charges for claiming that many tasks there.
+    async fn raw_claim(&self, n: usize) -> f64 {
+        self.client
+            .execute(
+                "INSERT INTO public.example_task (payload) SELECT 'noop' FROM generate_series(1, $1::bigint)",
+                &[&(n as i64)],
+            )
+            .await
+            .expect("insert for the raw claim");
+        let t0 = Instant::now();
+        let row = self
+            .client
+            .query_one(&self.raw_claim, &[&(n as i64)])
+            .await
+            .expect("raw claim");
+        let elapsed = t0.elapsed().as_secs_f64() * 1e3;
+        let ids: Vec<i64> = row.get(0);
+        assert_eq!(ids.len(), n, "the raw claim finds its {n} free tasks");
+        self.client
+            .execute(
+                "UPDATE public.example_task SET finished_at = now(), finished_by = -1
+                  WHERE id = ANY ($1) AND session_id = -1 AND finished_at IS NULL",
+                &[&ids],
+            )
+            .await
+            .expect("finish raw claim");
+        elapsed
+    }
+
     /// Finishes `ids` for `session` and inserts as many new tasks.
     async fn finish_and_replace(&self, session: SessionId, ids: &[i64]) {
         if ids.is_empty() {
@@ -190,6 +234,8 @@ struct Pass {
     calls: Vec<Vec<f64>>,
     /// Per backlog: tasks returned per call.
     batches: Vec<Vec<f64>>,
+    /// Per backlog: the raw claim of as many tasks, in ms.
+    raw: Vec<Vec<f64>>,
     select1: Vec<f64>,
     commit: Vec<f64>,
 }
@@ -248,6 +294,19 @@ fn main() {
             first_url.get_or_insert(url);
             eprintln!("bench: seeding {backlog} open tasks");
             common::seed(&client, backlog).await;
+            let raw_claim = client
+                .prepare(
+                    "WITH claimed AS (
+                         UPDATE public.example_task SET session_id = -1
+                          WHERE id IN (SELECT id FROM public.example_task
+                                        WHERE session_id IS NULL AND finished_at IS NULL
+                                        ORDER BY session_id, id
+                                        LIMIT $1 FOR UPDATE SKIP LOCKED)
+                         RETURNING id)
+                     SELECT coalesce(array_agg(id), '{}') FROM claimed",
+                )
+                .await
+                .expect("prepare raw claim");
             dbs.push(Db {
                 backlog,
                 store,
@@ -257,6 +316,7 @@ fn main() {
                 turns: Turns::Busy,
                 next: 0,
                 last_batch: 0,
+                raw_claim,
             });
         }
         let floor = common::connect(&first_url.expect("a backlog")).await;
@@ -305,6 +365,7 @@ fn main() {
                     max_tasks,
                     calls: vec![Vec::with_capacity(rounds); dbs.len()],
                     batches: vec![Vec::with_capacity(rounds); dbs.len()],
+                    raw: vec![Vec::with_capacity(rounds); dbs.len()],
                     select1: Vec::with_capacity(rounds),
                     commit: Vec::with_capacity(rounds),
                 };
@@ -316,6 +377,10 @@ fn main() {
                             let (x, n) = dbs[j].next_turn(max_tasks).await;
                             pass.calls[j].push(x);
                             pass.batches[j].push(n as f64);
+                            if n > 0 {
+                                let y = dbs[j].raw_claim(n).await;
+                                pass.raw[j].push(y);
+                            }
                         }
                         let (a, b) = floor_calls(&floor_client).await;
                         pass.select1.push(a);
@@ -359,6 +424,8 @@ fn report(dbs: &[Db], passes: &[Pass], rounds: usize) {
             "p50",
             "p99",
             "p50 / p50 at 1k",
+            "raw claim p50 / p99",
+            "p50 / raw claim p50",
             "floor SELECT 1 p50 / p99",
             "floor commit p50 / p99",
         ],
@@ -384,6 +451,12 @@ fn report(dbs: &[Db], passes: &[Pass], rounds: usize) {
                 ratio.map(|r| format!("{r:.2}x")).unwrap_or_default(),
                 format!(
                     "{} / {}",
+                    ms(quantile(&p.raw[k], 0.5)),
+                    ms(quantile(&p.raw[k], 0.99))
+                ),
+                format!("{:.2}x", p50 / quantile(&p.raw[k], 0.5)),
+                format!(
+                    "{} / {}",
                     ms(quantile(&p.select1, 0.5)),
                     ms(quantile(&p.select1, 0.99))
                 ),
@@ -396,6 +469,7 @@ fn report(dbs: &[Db], passes: &[Pass], rounds: usize) {
         }
         if let (Some(b), Some(tp)) = (base, top) {
             let r = quantile(&p.calls[tp], 0.5) / quantile(&p.calls[b], 0.5);
+            let raw = quantile(&p.raw[tp], 0.5) / quantile(&p.raw[b], 0.5);
             ratios.push(r);
             targets.row(vec![
                 "p50 at 1M <= 1.5x p50 at 1k".into(),
@@ -406,7 +480,11 @@ fn report(dbs: &[Db], passes: &[Pass], rounds: usize) {
                     if p.sessions == 1 { "" } else { "s" },
                     p.max_tasks
                 ),
-                format!("{r:.2}x"),
+                format!(
+                    "{r:.2}x ({} vs {} tasks per call; raw claim {raw:.2}x)",
+                    quantile(&p.batches[tp], 0.5),
+                    quantile(&p.batches[b], 0.5)
+                ),
                 verdict(r <= 1.5),
             ]);
         }
