@@ -198,17 +198,7 @@ impl Db {
 
     /// Finishes `ids` for `session` and inserts as many new tasks.
     async fn finish_and_replace(&self, session: SessionId, ids: &[i64]) {
-        if ids.is_empty() {
-            return;
-        }
-        self.client
-            .execute(
-                "WITH f AS (SELECT * FROM public.example_task_finish_tasks($1, $2))
-                 INSERT INTO public.example_task (payload) SELECT 'noop' FROM f",
-                &[&session, &ids],
-            )
-            .await
-            .expect("finish and replace");
+        common::finish_and_replace(&self.client, session, ids).await;
     }
 }
 

@@ -1385,15 +1385,8 @@ async fn diag_get_work(ctx: &Ctx, backlog: u64, sessions: usize, max_tasks: u32)
                 .await
                 .expect("work_get");
             let done: Vec<i64> = work.tasks.iter().map(|t| t.id).collect();
-            if round > 0 && !done.is_empty() {
-                client
-                    .execute(
-                        "WITH f AS (SELECT * FROM public.example_task_finish_tasks($1, $2))
-                         INSERT INTO public.example_task (payload) SELECT 'noop' FROM f",
-                        &[&session, &done],
-                    )
-                    .await
-                    .expect("finish");
+            if round > 0 {
+                common::finish_and_replace(&client, session, &done).await;
             }
         }
     }

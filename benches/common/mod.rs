@@ -150,6 +150,22 @@ pub async fn seed(client: &Client, n: u64) {
     }
 }
 
+/// Finishes `ids` for `session` through the fenced finish and inserts as
+/// many new tasks, so that the backlog stays where it is.
+pub async fn finish_and_replace(client: &Client, session: i64, ids: &[i64]) {
+    if ids.is_empty() {
+        return;
+    }
+    client
+        .execute(
+            "WITH f AS (SELECT * FROM public.example_task_finish_tasks($1, $2))
+             INSERT INTO public.example_task (payload) SELECT 'noop' FROM f",
+            &[&session, &ids],
+        )
+        .await
+        .expect("finish and replace");
+}
+
 /// Sets `synchronous_commit` server-wide (ALTER SYSTEM + reload): open
 /// connections take it at their next statement.
 pub async fn set_synchronous_commit(client: &Client, on: bool) {
