@@ -19,8 +19,14 @@ ALTER TABLE my_task ADD COLUMN IF NOT EXISTS session_id BIGINT;
 -- BIGINT primary key if it is called something else.
 -- One index over open tasks serves every query of the protocol: pickup scans
 -- the (session_id IS NULL) range in id order, a session's tasks are the
--- (session_id = x) range, and the bounded count of open tasks is an
+-- (session_id = x) range, and the bounded count of free tasks is an
 -- index-only scan. Being partial, it stays as small as the open backlog.
 CREATE INDEX IF NOT EXISTS my_task_open_idx
     ON my_task (session_id, id)
     WHERE finished_at IS NULL;
+
+-- If this table will hold a deep backlog (100,000 open tasks and more), let
+-- autovacuum clear the dead index entries that pickups leave at the head of
+-- the queue sooner than its default 20 % of the table (README: Vacuum):
+--     ALTER TABLE my_task SET (autovacuum_vacuum_scale_factor = 0.01,
+--                              autovacuum_vacuum_threshold = 10000);
