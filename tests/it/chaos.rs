@@ -46,11 +46,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -63,7 +59,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, NoTls, Row};
 
-const BIN: &str = env!("CARGO_BIN_EXE_session-lock");
+use crate::process::WorkerProcess;
+
 /// The test's own connections: excluded from `pg_terminate_backend`.
 const APP: &str = "session-lock-chaos";
 const DB_NAME: &str = "chaos";
@@ -315,174 +312,24 @@ async fn pump(
 // Worker processes.
 // ---------------------------------------------------------------------------
 
-/// A running `session-lock worker`. Dropping it SIGKILLs and reaps it; when
-/// the test is failing, the end of its stderr is printed.
-struct Proc {
-    label: String,
-    child: Child,
-    sessions_rx: mpsc::UnboundedReceiver<i64>,
-    sessions: Vec<i64>,
-    log: PathBuf,
-}
+/// A running `session-lock worker` (see [`WorkerProcess`]).
+type Proc = WorkerProcess;
 
-impl Proc {
-    fn spawn(label: String, url: &str, work_ms: u64) -> Proc {
-        let log = std::env::temp_dir().join(format!(
-            "session-lock-chaos-{}-{}-{label}.log",
-            std::process::id(),
-            url.rsplit(':').next().unwrap_or("").replace('/', "-")
-        ));
-        let stderr = std::fs::File::create(&log)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
-        let ms = |d: Duration| d.as_millis().to_string();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("worker")
-            .args(["--database-url", url])
-            .args(["--ttl-ms", &ms(TTL)])
-            .args(["--heartbeat-ms", &ms(HEARTBEAT)])
-            .args(["--tick-ms", &ms(TICK)])
-            .args(["--max-tasks", &MAX_TASKS.to_string()])
-            .args(["--work-ms", &work_ms.to_string()])
-            .args(["--drain-timeout-ms", "10000"])
-            .env("SESSION_LOCK_LOG", "info")
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr);
-        // SAFETY: prctl is async-signal-safe; the worker dies with the thread
-        // that spawned it (the test's), should the test process be killed.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {BIN}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, sessions_rx) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if let Some(id) = line.trim().strip_prefix("session_id=") {
-                    if let Ok(id) = id.parse::<i64>() {
-                        let _ = tx.send(id);
-                    }
-                }
-            }
-        });
-        Proc {
-            label,
-            child,
-            sessions_rx,
-            sessions: Vec::new(),
-            log,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).expect("a pid fits an i32")
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child, not reaped yet (only Drop and
-        // wait_exit reap it).
-        let rc = unsafe { libc::kill(self.pid(), sig) };
-        assert_eq!(
-            rc,
-            0,
-            "kill({}, {sig}): {}",
-            self.pid(),
-            std::io::Error::last_os_error()
-        );
-    }
-
-    /// The session it announced last.
-    fn current_session(&mut self) -> Option<i64> {
-        while let Ok(id) = self.sessions_rx.try_recv() {
-            self.sessions.push(id);
-        }
-        self.sessions.last().copied()
-    }
-
-    /// Waits for a session announced after `after` (any, if `None`).
-    async fn new_session(&mut self, after: Option<i64>, within: Duration) -> i64 {
-        let deadline = Instant::now() + within;
-        loop {
-            let current = self.current_session();
-            if let Some(id) = current.filter(|&id| Some(id) != after) {
-                return id;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.sessions_rx.recv()).await {
-                Ok(Some(id)) => self.sessions.push(id),
-                Ok(None) => panic!(
-                    "worker {} closed its stdout (exit {:?}) without a new session; stderr:\n{}",
-                    self.label,
-                    self.child.try_wait(),
-                    self.log_tail(40)
-                ),
-                Err(_) => panic!(
-                    "worker {} announced no new session within {within:?}; stderr:\n{}",
-                    self.label,
-                    self.log_tail(40)
-                ),
-            }
-        }
-    }
-
-    fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait")
-    }
-
-    async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.exit_status() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < within,
-                "worker {} did not exit within {within:?}; stderr:\n{}",
-                self.label,
-                self.log_tail(40)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill(); // SIGKILL ends a stopped process too
-        }
-        let _ = self.child.wait();
-        if keep_logs() {
-            eprintln!("kept worker {} stderr: {}", self.label, self.log.display());
-        } else if std::thread::panicking() {
-            eprintln!(
-                "--- worker {} (pid {}) stderr, last lines ({}):\n{}",
-                self.label,
-                self.child.id(),
-                self.log.display(),
-                self.log_tail(25)
-            );
-        } else {
-            let _ = std::fs::remove_file(&self.log);
-        }
-    }
+/// Starts a chaos worker: the run's TTL, heartbeat, tick and share, tasks
+/// taking `work_ms`.
+fn spawn_proc(label: String, url: &str, work_ms: u64) -> Proc {
+    let ms = |d: Duration| d.as_millis().to_string();
+    let args = [
+        ("--ttl-ms", ms(TTL)),
+        ("--heartbeat-ms", ms(HEARTBEAT)),
+        ("--tick-ms", ms(TICK)),
+        ("--max-tasks", MAX_TASKS.to_string()),
+        ("--work-ms", work_ms.to_string()),
+        ("--drain-timeout-ms", "10000".to_string()),
+    ]
+    .into_iter()
+    .flat_map(|(k, v)| [k.to_string(), v]);
+    WorkerProcess::spawn(label, url, args, keep_logs())
 }
 
 /// `SESSION_LOCK_CHAOS_KEEP_LOGS=1`: keep every worker's stderr file.
@@ -506,7 +353,7 @@ impl Slot {
     fn spawn(index: usize, proxy: Proxy) -> Slot {
         let url = format!("postgres://postgres@127.0.0.1:{}/{DB_NAME}", proxy.port);
         let work_ms = WORK_MS[index];
-        let proc = Proc::spawn(format!("w{index}.0"), &url, work_ms);
+        let proc = spawn_proc(format!("w{index}.0"), &url, work_ms);
         Slot {
             index,
             work_ms,
@@ -522,7 +369,7 @@ impl Slot {
     fn respawn(&mut self) {
         self.generation += 1;
         let label = format!("w{}.{}", self.index, self.generation);
-        let new = Proc::spawn(label, &self.url, self.work_ms);
+        let new = spawn_proc(label, &self.url, self.work_ms);
         let old = std::mem::replace(&mut self.proc, new);
         self.retired.push(old);
     }

@@ -6,6 +6,7 @@ mod cli;
 mod demo;
 mod harness;
 mod migrate;
+mod process;
 mod protocol;
 mod runner;
 mod security;

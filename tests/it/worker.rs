@@ -10,27 +10,19 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use session_lock::embedded::{EmbeddedOptions, EmbeddedPostgres, ShutdownMode};
-use tokio::sync::mpsc;
 use tokio_postgres::{Client, NoTls};
 
 use crate::harness::migrated_db;
+use crate::process::WorkerProcess;
 
-const BIN: &str = env!("CARGO_BIN_EXE_session-lock");
 /// Guards every wait: far longer than any condition should take.
 const DEADLINE: Duration = Duration::from_secs(60);
 /// How often the database is polled.
 const POLL: Duration = Duration::from_millis(50);
-
-/// Numbers the stderr files of this process's workers.
-static NEXT_LOG: AtomicU64 = AtomicU64::new(0);
 
 /// A worker's settings, passed as its command-line flags.
 #[derive(Debug, Clone, Copy)]
@@ -70,140 +62,12 @@ impl Opts {
     }
 }
 
-/// A running `session-lock worker`. Dropping it SIGKILLs and reaps the
-/// process (if it still runs); when the test is failing, it also prints the
-/// end of the worker's stderr.
-struct Worker {
-    label: String,
-    child: Child,
-    sessions: mpsc::UnboundedReceiver<i64>,
-    log: PathBuf,
-}
+/// A running `session-lock worker` (see [`WorkerProcess`]).
+type Worker = WorkerProcess;
 
-impl Worker {
-    fn spawn(label: &str, url: &str, opts: Opts) -> Worker {
-        let log = std::env::temp_dir().join(format!(
-            "session-lock-worker-test-{}-{}-{label}.log",
-            std::process::id(),
-            NEXT_LOG.fetch_add(1, Ordering::Relaxed)
-        ));
-        let stderr = std::fs::File::create(&log)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
-        let mut child = Command::new(BIN)
-            .arg("worker")
-            .arg("--database-url")
-            .arg(url)
-            .args(opts.args())
-            .env("SESSION_LOCK_LOG", "info")
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {BIN}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, sessions) = mpsc::unbounded_channel();
-        let thread_label = label.to_string();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if let Some(id) = line.trim().strip_prefix("session_id=") {
-                    let id: i64 = id.parse().unwrap_or_else(|e| {
-                        panic!("worker {thread_label} printed a bad line {line:?}: {e}")
-                    });
-                    let _ = tx.send(id);
-                }
-            }
-        });
-        Worker {
-            label: label.to_string(),
-            child,
-            sessions,
-            log,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).expect("a pid fits an i32")
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: plain kill(2) on our own child, which is not reaped yet
-        // (we own the Child and only wait on it here or in Drop).
-        let rc = unsafe { libc::kill(self.pid(), sig) };
-        assert_eq!(
-            rc,
-            0,
-            "kill({}, {sig}) failed: {}",
-            self.pid(),
-            std::io::Error::last_os_error()
-        );
-    }
-
-    /// The next session the worker announces on stdout.
-    async fn next_session(&mut self, within: Duration) -> i64 {
-        match tokio::time::timeout(within, self.sessions.recv()).await {
-            Ok(Some(id)) => id,
-            Ok(None) => panic!(
-                "worker {} closed its stdout without a new session_id; stderr:\n{}",
-                self.label,
-                self.log_tail()
-            ),
-            Err(_) => panic!(
-                "worker {} printed no new session_id within {within:?}; stderr:\n{}",
-                self.label,
-                self.log_tail()
-            ),
-        }
-    }
-
-    /// `None` while the process runs.
-    fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait")
-    }
-
-    async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.exit_status() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < within,
-                "worker {} did not exit within {within:?}; stderr:\n{}",
-                self.label,
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            // SIGKILL also ends a stopped process.
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- worker {} (pid {}) stderr, last lines ({}):\n{}",
-                self.label,
-                self.child.id(),
-                self.log.display(),
-                self.log_tail()
-            );
-        } else {
-            let _ = std::fs::remove_file(&self.log);
-        }
-    }
+/// Starts a worker with `opts`.
+fn spawn(label: &str, url: &str, opts: Opts) -> Worker {
+    WorkerProcess::spawn(label, url, opts.args(), false)
 }
 
 /// Polls `check` every [`POLL`] until it returns `Some`, failing after `within`.
@@ -420,7 +284,7 @@ async fn three_workers_share_slow_tasks_fairly() {
     let client = db.client().await;
     let opts = Opts::FAST.work_ms(1500);
     let mut workers: Vec<Worker> = (0..3)
-        .map(|i| Worker::spawn(&format!("fair-{i}"), &db.url, opts))
+        .map(|i| spawn(&format!("fair-{i}"), &db.url, opts))
         .collect();
     let mut sessions = BTreeSet::new();
     for w in &mut workers {
@@ -440,7 +304,7 @@ async fn three_workers_share_slow_tasks_fairly() {
     for w in &mut workers {
         assert!(w.exit_status().is_none(), "worker {} exited", w.label);
         assert!(
-            w.sessions.try_recv().is_err(),
+            !w.announced_another(),
             "worker {} replaced its session",
             w.label
         );
@@ -475,11 +339,11 @@ async fn kill_9_moves_the_tasks_to_the_survivors_within_the_bound() {
     let client = db.client().await;
     let opts = Opts::FAST; // ttl 2000 ms, tick 100 ms, survivors work 300 ms
     let mut survivors = vec![
-        Worker::spawn("survivor-0", &db.url, opts),
-        Worker::spawn("survivor-1", &db.url, opts),
+        spawn("survivor-0", &db.url, opts),
+        spawn("survivor-1", &db.url, opts),
     ];
     // The victim's batch outlasts the test: it is surely mid-batch when killed.
-    let mut victim = Worker::spawn("victim", &db.url, opts.work_ms(60_000));
+    let mut victim = spawn("victim", &db.url, opts.work_ms(60_000));
     let mut survivor_sessions = BTreeSet::new();
     for w in &mut survivors {
         survivor_sessions.insert(w.next_session(DEADLINE).await);
@@ -590,10 +454,10 @@ async fn a_frozen_worker_is_fenced_and_its_finishes_rejected() {
     let db = migrated_db().await;
     let client = db.client().await;
     let opts = Opts::FAST; // ttl 2000 ms, heartbeat 400 ms, tick 100 ms
-    let mut survivor = Worker::spawn("survivor", &db.url, opts);
+    let mut survivor = spawn("survivor", &db.url, opts);
     // Its work (1500 ms) ends while it is frozen (at least ttl - heartbeat =
     // 1600 ms): when it resumes, its batch is done and wants finishing.
-    let mut frozen = Worker::spawn("frozen", &db.url, opts.work_ms(1500));
+    let mut frozen = spawn("frozen", &db.url, opts.work_ms(1500));
     let survivor_session = survivor.next_session(DEADLINE).await;
     let frozen_session = frozen.next_session(DEADLINE).await;
     seed(&client, 40).await;
@@ -738,8 +602,8 @@ async fn postgres_restarted_mid_run_runners_recover() {
         work_ms: 20,
     };
     let mut workers = vec![
-        Worker::spawn("pg-restart-0", &url, opts),
-        Worker::spawn("pg-restart-1", &url, opts),
+        spawn("pg-restart-0", &url, opts),
+        spawn("pg-restart-1", &url, opts),
     ];
     for w in &mut workers {
         w.next_session(DEADLINE).await;
@@ -851,7 +715,7 @@ async fn sigterm_drains_and_ends_the_session() {
         max_tasks: 10,
         work_ms: 1000,
     };
-    let mut first = Worker::spawn("draining", &db.url, opts);
+    let mut first = spawn("draining", &db.url, opts);
     let first_session = first.next_session(DEADLINE).await;
     seed(&client, 25).await;
     poll_until("the worker runs tasks", DEADLINE, || async {
@@ -909,7 +773,7 @@ async fn sigterm_drains_and_ends_the_session() {
 
     // A new worker is alone at once: its first get_work sees one live
     // session and takes its full share, min(15, 10), not ceil(15 / 2) = 8.
-    let mut second = Worker::spawn("successor", &db.url, opts);
+    let mut second = spawn("successor", &db.url, opts);
     let second_session = second.next_session(DEADLINE).await;
     let joined = Instant::now();
     let first_share = poll_until("the successor takes tasks", DEADLINE, || async {
