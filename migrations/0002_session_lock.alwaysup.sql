@@ -316,11 +316,14 @@ BEGIN
 END;
 $$;
 
--- The live sessions, for operators and tools.
+-- The live sessions, for operators and tools. held is the session's own
+-- counter (what the other sessions of its name count it as holding); a
+-- task table's *_held function counts the tasks themselves.
 CREATE OR REPLACE VIEW session_lock.live_session AS
 SELECT id, name, host, pid, started_at, bumped_at, expires_at,
        now() - started_at AS age,
-       expires_at - now() AS expires_in
+       expires_at - now() AS expires_in,
+       held
   FROM session_lock.session
  WHERE reclaimed_at IS NULL
    AND ended_at IS NULL

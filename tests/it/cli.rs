@@ -100,9 +100,35 @@ async fn migrate_then_status_shows_sessions_and_task_counts() {
         row.contains(&std::process::id().to_string()),
         "the pid of the session's process: {row}"
     );
-    assert!(row.trim_end().ends_with(" 5"), "5 tasks held: {row}");
+    let last_two: Vec<&str> = row.split_whitespace().rev().take(2).collect();
+    assert_eq!(last_two, ["5", "5"], "5 tasks held, counter 5: {row}");
+    assert!(!stdout.contains("different number of tasks"), "{stdout}");
     assert!(
         stdout.contains("12 open, 5 assigned to live sessions, 3 unowned, 4 orphaned"),
+        "{stdout}"
+    );
+
+    // A task finished behind session-lock's back: the session's counter
+    // still says 5 until its next get_work, and status says so.
+    client
+        .execute(
+            "UPDATE example_task SET finished_at = now()
+              WHERE id = (SELECT min(id) FROM example_task WHERE session_id = $1)",
+            &[&live],
+        )
+        .await
+        .unwrap();
+    let out = session_lock(&["status", "--database-url", &db.url]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let row = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(&live.to_string()))
+        .unwrap_or_else(|| panic!("a row for session {live}: {stdout}"));
+    let last_two: Vec<&str> = row.split_whitespace().rev().take(2).collect();
+    assert_eq!(last_two, ["5", "4"], "4 tasks held, counter 5: {row}");
+    assert!(
+        stdout.contains("1 session(s) hold a different number of tasks than their counter says"),
         "{stdout}"
     );
 }

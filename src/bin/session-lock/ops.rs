@@ -95,7 +95,8 @@ pub(crate) fn status(args: StatusArgs) -> Result<(), String> {
             .query(
                 "SELECT id, name, host, pid,
                         extract(epoch FROM age)::float8,
-                        extract(epoch FROM expires_in)::float8
+                        extract(epoch FROM expires_in)::float8,
+                        held
                    FROM session_lock.live_session
                   ORDER BY name, id",
                 &[],
@@ -113,9 +114,16 @@ pub(crate) fn status(args: StatusArgs) -> Result<(), String> {
                 "AGE".to_owned(),
                 "EXPIRES IN".to_owned(),
                 "TASKS HELD".to_owned(),
+                "COUNTER".to_owned(),
             ]];
+            let mut drifted = 0;
             for row in &sessions {
                 let id: i64 = row.get(0);
+                let held = held_by.get(&id).copied().unwrap_or(0);
+                let counter = i64::from(row.get::<_, i32>(6));
+                if counter != held {
+                    drifted += 1;
+                }
                 table.push([
                     id.to_string(),
                     row.get::<_, String>(1),
@@ -123,10 +131,16 @@ pub(crate) fn status(args: StatusArgs) -> Result<(), String> {
                     row.get::<_, i32>(3).to_string(),
                     human(row.get(4)),
                     human(row.get(5)),
-                    held_by.get(&id).copied().unwrap_or(0).to_string(),
+                    held.to_string(),
+                    counter.to_string(),
                 ]);
             }
             print_table(&table);
+            if drifted > 0 {
+                println!(
+                    "{drifted} session(s) hold a different number of tasks than their counter says (the counter is what the other sessions count them as holding): tasks changed outside session-lock, or a get_work in flight; each session corrects its counter on its next get_work"
+                );
+            }
         }
         println!(
             "tasks ({}): {open} open, {} assigned to live sessions, {unowned} unowned, {orphaned} orphaned (held by sessions that are no longer live, freed on the next tick of a live session of the same name)",
