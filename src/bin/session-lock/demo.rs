@@ -299,7 +299,8 @@ async fn demo(
     board.start(seeded);
     out.say(&format!(
         "seeded {} tasks (example_task ids {}..={})\n  \
-         every tick a session takes its share: min(ceil(open / live sessions), {})",
+         every tick a session takes its share: min(floor(open / live sessions), {}),\n  \
+         plus one for each of the (open mod live) oldest sessions while under the cap",
         args.tasks, range.0, range.1, args.max_tasks
     ));
 
@@ -594,12 +595,12 @@ impl Run<'_> {
             let expiring = self.kill.as_ref().is_some_and(|k| k.failover.is_none());
             let live = self.fleet.workers.iter().filter(|w| w.alive()).count() as u64
                 + u64::from(expiring);
-            let share = open
-                .div_ceil(live.max(1))
-                .min(u64::from(self.args.max_tasks));
+            // The newest session ranks last, so the remainder's extra
+            // tasks go to the older ones: its share is the floor.
+            let share = (open / live.max(1)).min(u64::from(self.args.max_tasks));
             self.board.out.say(&format!(
                 "rebalanced: session {session} took its first share within {} of joining\n  \
-                 its share: min(ceil({open} open / {live} sessions), {}) = {share}",
+                 its share: min(floor({open} open / {live} sessions), {}) = {share}",
                 secs(took),
                 self.args.max_tasks,
             ));
