@@ -1002,7 +1002,7 @@ async fn failover_once(ctx: &Ctx, ttl_s: u64) -> FailoverRun {
 
 fn bench_fairness(ctx: &Ctx) {
     let ns = [2usize, 4, 8, 16];
-    // Under the cap, shares are ceil(open / live) < max_tasks and rounding
+    // Under the cap, shares are floor(open / live) (+1 for the oldest) and rounding
     // decides who holds what; over it every session should hold max_tasks.
     type Backlog = fn(usize) -> usize;
     let scenarios: Vec<(&str, Backlog)> = if ctx.opts.full {

@@ -18,7 +18,7 @@ CREATE TABLE public.example_task (
 -- follows the open backlog and not the table's history:
 --   * pickup scans the (session_id IS NULL) range in id order;
 --   * a session's own tasks are the (session_id = x) range;
---   * the bounded count of open tasks is an index-only scan.
+--   * the bounded count of free tasks is an index-only scan.
 CREATE INDEX example_task_open_idx
     ON public.example_task (session_id, id)
     WHERE finished_at IS NULL;
