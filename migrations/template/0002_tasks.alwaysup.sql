@@ -226,28 +226,27 @@ BEGIN
        AND v_bound - v_held - session_lock.others_held(p_session) <= v_want THEN
         v_got := my_task_pickup(p_session, v_want);
         v_held := v_held + v_got;
-        IF v_got = v_want THEN
-            PERFORM session_lock.record_held(p_session, v_held);
-            RETURN QUERY SELECT * FROM my_task_get_for_session(p_session);
-            RETURN;
-        END IF;
     END IF;
-    -- Otherwise count: this session's tasks, the other live sessions' by
-    -- their held counters, and the free ones, only up to what is still
-    -- missing. One statement, so the counters and the count share one
-    -- snapshot (this session's own tasks only it can change).
-    SELECT v_held + o.held
-           + CASE WHEN v_held + o.held < v_bound
-                  THEN my_task_count_free(v_bound - v_held - o.held)
-                  ELSE 0 END
-      INTO v_open
-      FROM session_lock.others_held(p_session) AS o(held);
-    v_ideal := session_lock.fair_share(
-        v_open, v_begin.live_sessions, v_begin.live_rank, p_max_tasks);
-    IF v_held > v_ideal THEN
-        v_held := v_held - my_task_release(ARRAY[p_session], v_held - v_ideal);
-    ELSIF v_held < v_ideal THEN
-        v_held := v_held + my_task_pickup(p_session, v_ideal - v_held);
+    -- Otherwise, or if that pickup came up short, count: this session's
+    -- tasks, the other live sessions' by their held counters, and the free
+    -- ones, only up to what is still missing. One statement, so the counters
+    -- and the count share one snapshot (this session's own tasks only it
+    -- can change). Then move to the share: release the surplus (also what a
+    -- short pickup took beyond it) or pick up what is missing.
+    IF v_got IS NULL OR v_got < v_want THEN
+        SELECT v_held + o.held
+               + CASE WHEN v_held + o.held < v_bound
+                      THEN my_task_count_free(v_bound - v_held - o.held)
+                      ELSE 0 END
+          INTO v_open
+          FROM session_lock.others_held(p_session) AS o(held);
+        v_ideal := session_lock.fair_share(
+            v_open, v_begin.live_sessions, v_begin.live_rank, p_max_tasks);
+        IF v_held > v_ideal THEN
+            v_held := v_held - my_task_release(ARRAY[p_session], v_held - v_ideal);
+        ELSIF v_held < v_ideal THEN
+            v_held := v_held + my_task_pickup(p_session, v_ideal - v_held);
+        END IF;
     END IF;
     PERFORM session_lock.record_held(p_session, v_held);
     RETURN QUERY SELECT * FROM my_task_get_for_session(p_session);
