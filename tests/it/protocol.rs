@@ -440,38 +440,28 @@ async fn pickup_uses_the_open_task_index_at_a_large_backlog() {
         .batch_execute("ANALYZE example_task")
         .await
         .unwrap();
-    let plan: String = s
-        .client
-        .query(
-            "EXPLAIN SELECT id FROM example_task WHERE session_id IS NULL AND finished_at IS NULL ORDER BY session_id, id LIMIT 10 FOR UPDATE SKIP LOCKED",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let plan = explain(&s.client, "EXPLAIN SELECT id FROM example_task WHERE session_id IS NULL AND finished_at IS NULL ORDER BY session_id, id LIMIT 10 FOR UPDATE SKIP LOCKED").await;
     assert!(
         plan.contains("example_task_open_idx"),
         "pickup plan:\n{plan}"
     );
-    let plan: String = s
-        .client
-        .query(
-            "EXPLAIN SELECT count(*) FROM (SELECT 1 FROM example_task WHERE session_id IS NULL AND finished_at IS NULL ORDER BY session_id, id LIMIT 100) t",
-            &[],
-        )
+    let plan = explain(&s.client, "EXPLAIN SELECT count(*) FROM (SELECT 1 FROM example_task WHERE session_id IS NULL AND finished_at IS NULL ORDER BY session_id, id LIMIT 100) t").await;
+    assert!(
+        plan.contains("example_task_open_idx"),
+        "bounded count of free tasks plan:\n{plan}"
+    );
+}
+
+/// The plan of `sql` (which starts with EXPLAIN), as one string.
+async fn explain(client: &tokio_postgres::Client, sql: &str) -> String {
+    client
+        .query(sql, &[])
         .await
         .unwrap()
         .iter()
         .map(|r| r.get::<_, String>(0))
         .collect::<Vec<_>>()
-        .join("\n");
-    assert!(
-        plan.contains("example_task_open_idx"),
-        "bounded count of free tasks plan:\n{plan}"
-    );
+        .join("\n")
 }
 
 /// A tiny deterministic generator, so a failing interleaving can be replayed.

@@ -89,6 +89,21 @@ where
     }
 }
 
+/// Waits until `session` has started running tasks (rows in
+/// example_task_run).
+async fn wait_running(client: &Client, session: i64, what: &str) {
+    poll_until(what, DEADLINE, || async {
+        let running = count(
+            client,
+            "SELECT count(*) FROM example_task_run WHERE session_id = $1",
+            &[&session],
+        )
+        .await;
+        (running > 0).then_some(())
+    })
+    .await;
+}
+
 /// Inserts `n` open tasks and returns their ids.
 async fn seed(client: &Client, n: i32) -> Vec<i64> {
     client
@@ -352,16 +367,7 @@ async fn kill_9_moves_the_tasks_to_the_survivors_within_the_bound() {
     seed(&client, 90).await;
 
     // The victim holds tasks and has started running them.
-    poll_until("the victim runs tasks", DEADLINE, || async {
-        let running = count(
-            &client,
-            "SELECT count(*) FROM example_task_run WHERE session_id = $1",
-            &[&victim_session],
-        )
-        .await;
-        (running > 0).then_some(())
-    })
-    .await;
+    wait_running(&client, victim_session, "the victim runs tasks").await;
     victim.signal(libc::SIGKILL);
     let killed = Instant::now();
     let killed_db: String = client
@@ -462,16 +468,7 @@ async fn a_frozen_worker_is_fenced_and_its_finishes_rejected() {
     let frozen_session = frozen.next_session(DEADLINE).await;
     seed(&client, 40).await;
 
-    poll_until("the frozen worker runs tasks", DEADLINE, || async {
-        let running = count(
-            &client,
-            "SELECT count(*) FROM example_task_run WHERE session_id = $1",
-            &[&frozen_session],
-        )
-        .await;
-        (running > 0).then_some(())
-    })
-    .await;
+    wait_running(&client, frozen_session, "the frozen worker runs tasks").await;
     frozen.signal(libc::SIGSTOP);
     let stopped = Instant::now();
     // Its first batch is in flight: none of it is finished.
@@ -718,16 +715,7 @@ async fn sigterm_drains_and_ends_the_session() {
     let mut first = spawn("draining", &db.url, opts);
     let first_session = first.next_session(DEADLINE).await;
     seed(&client, 25).await;
-    poll_until("the worker runs tasks", DEADLINE, || async {
-        let running = count(
-            &client,
-            "SELECT count(*) FROM example_task_run WHERE session_id = $1",
-            &[&first_session],
-        )
-        .await;
-        (running > 0).then_some(())
-    })
-    .await;
+    wait_running(&client, first_session, "the worker runs tasks").await;
     first.signal(libc::SIGTERM);
     let term = Instant::now();
     let status = first.wait_exit(Duration::from_secs(30)).await;
