@@ -161,17 +161,22 @@ $$;
 --      reclaiming right now, returning their ids: the caller must release
 --      their tasks in the same transaction;
 --   3. counts the live sessions of the name (the caller included), and
---      ranks the caller among them by id, for fair_share.
+--      ranks the caller among them by id, for fair_share, and sums the
+--      other live sessions' held counters from the same rows (others_held:
+--      enough to decide whether a pickup can stand in for the count; the
+--      count itself rereads them with session_lock.others_held, in its own
+--      statement's snapshot).
 -- Sessions of other names are never read or locked, so runners of different
 -- names never wait on each other.
--- (An earlier version had no live_rank; its result type cannot be replaced.)
+-- (Earlier versions had no live_rank, then no others_held; a function's
+-- result type cannot be replaced, only dropped.)
 DO $$
 BEGIN
     IF EXISTS (SELECT 1
                  FROM pg_catalog.pg_proc p
                  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
                 WHERE n.nspname = 'session_lock' AND p.proname = 'work_begin'
-                  AND NOT ('live_rank' = ANY (p.proargnames))) THEN
+                  AND NOT ('others_held' = ANY (p.proargnames))) THEN
         DROP FUNCTION session_lock.work_begin(bigint, integer, interval);
     END IF;
 END;
@@ -182,7 +187,8 @@ CREATE OR REPLACE FUNCTION session_lock.work_begin(
     p_ttl       interval,
     OUT live_sessions integer,
     OUT live_rank integer,
-    OUT reclaimed bigint[]
+    OUT reclaimed bigint[],
+    OUT others_held bigint
 )
 LANGUAGE plpgsql
 AS $$
@@ -223,8 +229,9 @@ BEGIN
     )
     SELECT coalesce(array_agg(id), '{}') INTO reclaimed FROM stamped;
 
-    SELECT count(*), count(*) FILTER (WHERE id < p_session)
-      INTO live_sessions, live_rank
+    SELECT count(*), count(*) FILTER (WHERE id < p_session),
+           coalesce(sum(held) FILTER (WHERE id <> p_session), 0)
+      INTO live_sessions, live_rank, others_held
       FROM session_lock.session
      WHERE name = v_name
        AND reclaimed_at IS NULL

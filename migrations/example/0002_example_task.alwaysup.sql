@@ -210,7 +210,7 @@ BEGIN
     -- max_tasks, and the free tasks need no counting (during a drain, when
     -- the others hold their batches, this is every call).
     IF v_want > 0
-       AND v_bound - v_held - session_lock.others_held(p_session) <= v_want THEN
+       AND v_bound - v_held - v_begin.others_held <= v_want THEN
         v_got := public.example_task_pickup(p_session, v_want);
         v_held := v_held + v_got;
     END IF;
