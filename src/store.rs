@@ -305,19 +305,11 @@ impl bb8::ManageConnection for Manager {
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
         let limit = self.connect_timeout;
         let inner = self.inner.clone();
-        let attempt = async move {
-            tokio::time::timeout(limit, inner.connect())
-                .await
-                .map_err(|_| ConnectError::TimedOut(limit))?
-                .map_err(ConnectError::Db)
-        };
+        let attempt = async move { connect_within(limit, inner.connect()).await };
         let client = match self.home.spawn(attempt).await {
             Ok(res) => res,
             // The home runtime has shut down: connect here rather than fail.
-            Err(_) => tokio::time::timeout(limit, self.inner.connect())
-                .await
-                .map_err(|_| ConnectError::TimedOut(limit))?
-                .map_err(ConnectError::Db),
+            Err(_) => connect_within(limit, self.inner.connect()).await,
         }?;
         Ok(PgConnection {
             client,
@@ -738,16 +730,28 @@ pub async fn connect_one_with(url: &str, options: StoreOptions) -> Result<tokio_
     Ok(client)
 }
 
-/// Runs a dedicated connect for at most `limit`: tokio-postgres bounds only
-/// the TCP connect, not the TLS, startup and authentication that follow.
+/// Runs a connect for at most `limit`: tokio-postgres bounds only the TCP
+/// connect, not the TLS, startup and authentication that follow. Pooled and
+/// dedicated connections alike.
+async fn connect_within<T>(
+    limit: Duration,
+    connect: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+) -> std::result::Result<T, ConnectError> {
+    tokio::time::timeout(limit, connect)
+        .await
+        .map_err(|_| ConnectError::TimedOut(limit))?
+        .map_err(ConnectError::Db)
+}
+
+/// [`connect_within`] for a dedicated connection, with the crate's errors.
 async fn bounded_connect<T>(
     limit: Duration,
     connect: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
 ) -> Result<T> {
-    tokio::time::timeout(limit, connect)
-        .await
-        .map_err(|_| Error::Connect(format!("no answer within {limit:?}")))?
-        .map_err(|e| Error::from_db(e, None))
+    connect_within(limit, connect).await.map_err(|e| match e {
+        ConnectError::TimedOut(limit) => Error::Connect(format!("no answer within {limit:?}")),
+        ConnectError::Db(e) => Error::from_db(e, None),
+    })
 }
 
 /// The first column of the first row of a one-row result.
