@@ -143,18 +143,18 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             _ => None,
         };
         let Some((session, ids)) = carried else {
-            for w in self.drain_waiters.drain(..) {
-                let _ = w.send(());
-            }
+            self.release_drain_waiters();
             return;
         };
         let finder = self.finder.clone();
-        let fut = caught(async move {
+        // Bounded like every database step of a tick: a stop must end even
+        // when the database (or a DbFinder) never answers.
+        let fut = caught(bounded(self.config.ttl, async move {
             let db = finder.find().await?;
             db.tasks_finish::<T>(session, &ids)
                 .await
                 .map(|done| (done.len(), ids.len()))
-        });
+        }));
         self.flushing = true;
         ctx.spawn(fut.into_actor(self).map(|res, act, _| {
             act.flushing = false;
@@ -171,10 +171,14 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
                     tracing::warn!(runner = %act.config.name, error = %e, "cannot finish the last batch on stop; its tasks will run again");
                 }
             }
-            for w in act.drain_waiters.drain(..) {
-                let _ = w.send(());
-            }
+            act.release_drain_waiters();
         }));
+    }
+
+    fn release_drain_waiters(&mut self) {
+        for w in self.drain_waiters.drain(..) {
+            let _ = w.send(());
+        }
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
