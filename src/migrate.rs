@@ -598,16 +598,14 @@ impl Migrator {
                 &[],
             )
             .await?;
-        let mut recorded: HashMap<(String, String), String> = HashMap::with_capacity(rows.len());
-        let mut applied_by: HashMap<(String, String), String> = HashMap::new();
+        // (set, file) -> (checksum, the session-lock release that applied it)
+        let mut recorded: HashMap<(String, String), (String, Option<String>)> =
+            HashMap::with_capacity(rows.len());
         for row in rows {
-            let set: String = row.try_get(0)?;
-            let file: String = row.try_get(1)?;
-            let checksum: String = row.try_get(2)?;
-            if let Some(version) = row.try_get::<_, Option<String>>(3)? {
-                applied_by.insert((set.clone(), file.clone()), version);
-            }
-            recorded.insert((set, file), checksum);
+            recorded.insert(
+                (row.try_get(0)?, row.try_get(1)?),
+                (row.try_get(2)?, row.try_get(3)?),
+            );
         }
 
         let checksums: Vec<String> = self.migrations.iter().map(Migration::checksum).collect();
@@ -617,7 +615,7 @@ impl Migrator {
             if m.kind != MigrationKind::Once {
                 continue;
             }
-            if let Some(old) = recorded.get(&(m.set.clone(), m.file.clone())) {
+            if let Some((old, _)) = recorded.get(&(m.set.clone(), m.file.clone())) {
                 if old != current {
                     return Err(MigrateError::Edited {
                         set: m.set.clone(),
@@ -658,8 +656,9 @@ impl Migrator {
                 }
                 MigrationKind::Always
                     if is_embedded(&m.set)
-                        && applied_by
+                        && recorded
                             .get(&(m.set.clone(), m.file.clone()))
+                            .and_then(|(_, by)| by.as_deref())
                             .is_some_and(|v| newer_than(v, VERSION)) =>
                 {
                     tracing::warn!(
