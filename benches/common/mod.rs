@@ -166,18 +166,22 @@ pub async fn finish_and_replace(client: &Client, session: i64, ids: &[i64]) {
         .expect("finish and replace");
 }
 
-/// Sets `synchronous_commit` server-wide (ALTER SYSTEM + reload): open
-/// connections take it at their next statement.
+/// Sets `synchronous_commit` server-wide: open connections take it at
+/// their next statement.
 pub async fn set_synchronous_commit(client: &Client, on: bool) {
-    let v = if on { "on" } else { "off" };
+    alter_system(client, "synchronous_commit", if on { "on" } else { "off" }).await;
+}
+
+/// `ALTER SYSTEM SET setting = value` and a reload.
+async fn alter_system(client: &Client, setting: &str, value: &str) {
     for sql in [
-        format!("ALTER SYSTEM SET synchronous_commit = {v}"),
+        format!("ALTER SYSTEM SET {setting} = {value}"),
         "SELECT pg_reload_conf()".to_owned(),
     ] {
         client
             .batch_execute(&sql)
             .await
-            .expect("set synchronous_commit");
+            .unwrap_or_else(|e| panic!("set {setting}: {e}"));
     }
     // pg_reload_conf signals the postmaster; give the backends a moment.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -188,16 +192,7 @@ pub async fn track_statements(client: &Client, track: &str) -> bool {
     if !pg_stat_statements_installed() {
         return false;
     }
-    for sql in [
-        format!("ALTER SYSTEM SET pg_stat_statements.track = '{track}'"),
-        "SELECT pg_reload_conf()".to_owned(),
-    ] {
-        client
-            .batch_execute(&sql)
-            .await
-            .expect("set pg_stat_statements.track");
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    alter_system(client, "pg_stat_statements.track", &format!("'{track}'")).await;
     client
         .batch_execute("SELECT pg_stat_statements_reset()")
         .await
