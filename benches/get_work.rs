@@ -2,10 +2,12 @@
 //!
 //! One database per backlog (1k, 100k, 1M open tasks) on one durable
 //! server. For each number of live sessions (1, 10, 100) and max_tasks (10,
-//! 100), every database gets that many sessions, which take turns. A turn
-//! is one timed `PgStore::work_get` (the call a runner makes each tick:
-//! bump, reclaim, count, pick up its share, return its tasks) and, untimed,
-//! the session finishing its batch and inserting as many new tasks, so the
+//! 100; each session's capacity, given when it starts), every database gets
+//! that many sessions, which take turns. A turn is one timed
+//! `PgStore::get_work` with a sweep (the call a runner makes once per tick:
+//! check the lease, reclaim, sweep for orphans, count, pick up its share,
+//! return its tasks) and, untimed, the session finishing its batch through
+//! the fenced finish and inserting as many new tasks, so the
 //! backlog stays where it is and every timed call picks up a full share, as
 //! in a drain. Two kinds of turn, which differ in what the *other* sessions
 //! hold while one calls:
@@ -14,12 +16,13 @@
 //!   runs it (a drain's steady state);
 //! * `idle`: a session finishes right after its call, so the others hold
 //!   nothing: every open task is free, the worst case for the bounded count
-//!   (it walks up to live sessions x max_tasks free tasks).
+//!   (it walks up to the live sessions' total capacity in free tasks).
 //!
 //! Each timed call is followed, in the interleaved pass, by the raw-SQL
 //! claim of as many tasks on the same database (the drain benchmark's
-//! pgbench limit: one `UPDATE ... FOR UPDATE SKIP LOCKED` statement, no
-//! session), so that what the backlog costs PostgreSQL itself can be told
+//! pgbench limit: one `UPDATE ... WHERE id = ANY (ARRAY(SELECT ... FOR
+//! UPDATE SKIP LOCKED LIMIT n))` statement of the same free tasks in the
+//! same order as the pickup, no session), so that what the backlog costs PostgreSQL itself can be told
 //! apart from what it costs get_work.
 //!
 //! Two measurements per configuration:
@@ -43,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
 use session_lock::example::ExampleTask;
-use session_lock::{Database, PgStore, SessionId, SessionStart, StoreOptions, WorkGet};
+use session_lock::{Database, GetWork, PgStore, SessionId, SessionStart, StoreOptions};
 use tokio_postgres::Client;
 
 use common::{Table, median, ms, quantile, verdict};
@@ -95,7 +98,8 @@ struct Db {
 
 impl Db {
     /// Ends every session and frees every open task, then starts `n`
-    /// sessions and lets each take and finish one share.
+    /// sessions of capacity `max_tasks` and lets each take and finish one
+    /// share.
     async fn prepare(&mut self, n: usize, max_tasks: u32, turns: Turns) {
         self.client
             .batch_execute(
@@ -114,42 +118,41 @@ impl Db {
         for _ in 0..n {
             let id = self
                 .store
-                .session_start(&SessionStart::new("bench", TTL))
+                .start_session(&SessionStart::new("bench", TTL, max_tasks))
                 .await
-                .expect("session_start");
+                .expect("start_session");
             self.sessions.push(id);
         }
         for i in 0..n {
-            self.turn(i, max_tasks).await;
+            self.turn(i).await;
         }
         self.next = 0;
     }
 
     /// The next session's turn: the get_work latency in ms, and how many
     /// tasks the call returned.
-    async fn next_turn(&mut self, max_tasks: u32) -> (f64, usize) {
+    async fn next_turn(&mut self) -> (f64, usize) {
         let i = self.next % self.sessions.len();
         self.next += 1;
-        let elapsed = self.turn(i, max_tasks).await;
+        let elapsed = self.turn(i).await;
         (elapsed.as_secs_f64() * 1e3, self.last_batch)
     }
 
     /// One turn: the timed get_work, and the untimed finish-and-replace
     /// of the session's batch, before the call (busy) or after it (idle).
-    async fn turn(&mut self, i: usize, max_tasks: u32) -> Duration {
+    /// The call is a tick's first (with the sweep) and finishes nothing
+    /// itself, so that it measures get_work alone, as before the finish
+    /// was fused into it.
+    async fn turn(&mut self, i: usize) -> Duration {
         let session = self.sessions[i];
         let held = std::mem::take(&mut self.batches[i]);
         self.finish_and_replace(session, &held).await;
         let t0 = Instant::now();
         let work = self
             .store
-            .work_get::<ExampleTask>(WorkGet {
-                session,
-                max_tasks,
-                ttl: TTL,
-            })
+            .get_work::<ExampleTask>(GetWork::new(session))
             .await
-            .expect("work_get");
+            .expect("get_work");
         let elapsed = t0.elapsed();
         let ids: Vec<i64> = work.tasks.iter().map(|t| t.id).collect();
         self.last_batch = ids.len();
@@ -288,10 +291,12 @@ fn main() {
                 .prepare(
                     "WITH claimed AS (
                          UPDATE public.example_task SET session_id = -1
-                          WHERE id IN (SELECT id FROM public.example_task
-                                        WHERE session_id IS NULL AND finished_at IS NULL
-                                        ORDER BY session_id, id
-                                        LIMIT $1 FOR UPDATE SKIP LOCKED)
+                          WHERE id = ANY (ARRAY(
+                                    SELECT id FROM public.example_task
+                                     WHERE session_id IS NULL AND finished_at IS NULL
+                                     ORDER BY session_id, id
+                                     FOR UPDATE SKIP LOCKED
+                                     LIMIT $1))
                          RETURNING id)
                      SELECT coalesce(array_agg(id), '{}') FROM claimed",
                 )
@@ -339,7 +344,7 @@ fn main() {
                             rt.block_on(async {
                                 let mut total = 0.0;
                                 for _ in 0..iters {
-                                    total += db.next_turn(max_tasks).await.0;
+                                    total += db.next_turn().await.0;
                                 }
                                 Duration::from_secs_f64(total / 1e3)
                             })
@@ -364,7 +369,7 @@ fn main() {
                         for k in 0..dbs.len() {
                             // Rotate the order so no backlog always goes first.
                             let j = (r + k) % dbs.len();
-                            let (x, n) = dbs[j].next_turn(max_tasks).await;
+                            let (x, n) = dbs[j].next_turn().await;
                             pass.calls[j].push(x);
                             pass.batches[j].push(n as f64);
                             if n > 0 {

@@ -555,7 +555,7 @@ fn drain_once(ctx: &Ctx, mode: Mode, n: usize, batch: u32, sync: bool, tasks: u6
 /// statement and commit). Two round trips and two commits per tick, like
 /// the runner's get_work and finish, without the session bookkeeping.
 const PGBENCH_SCRIPT: &str = r"\set sid :client_id + 1
-WITH claimed AS (UPDATE public.example_task SET session_id = :sid WHERE id IN (SELECT id FROM public.example_task WHERE session_id IS NULL AND finished_at IS NULL ORDER BY session_id, id LIMIT :batch FOR UPDATE SKIP LOCKED) RETURNING id) SELECT coalesce(array_agg(id), '{}') AS ids FROM claimed \gset
+WITH claimed AS (UPDATE public.example_task SET session_id = :sid WHERE id = ANY (ARRAY(SELECT id FROM public.example_task WHERE session_id IS NULL AND finished_at IS NULL ORDER BY session_id, id FOR UPDATE SKIP LOCKED LIMIT :batch)) RETURNING id) SELECT coalesce(array_agg(id), '{}') AS ids FROM claimed \gset
 UPDATE public.example_task SET finished_at = now(), finished_by = :sid WHERE id = ANY (:ids::bigint[]) AND session_id = :sid AND finished_at IS NULL;
 ";
 
@@ -564,7 +564,7 @@ UPDATE public.example_task SET finished_at = now(), finished_by = :sid WHERE id 
 /// next, in one statement and one commit; the extra transactions at the end
 /// finish the last batch.
 const PGBENCH_FUSED_SCRIPT: &str = r"\set sid :client_id + 1
-WITH finished AS (UPDATE public.example_task SET finished_at = now(), finished_by = :sid WHERE id = ANY (:ids::bigint[]) AND session_id = :sid AND finished_at IS NULL RETURNING id), claimed AS (UPDATE public.example_task SET session_id = :sid WHERE id IN (SELECT id FROM public.example_task WHERE session_id IS NULL AND finished_at IS NULL ORDER BY session_id, id LIMIT :batch FOR UPDATE SKIP LOCKED) RETURNING id) SELECT (SELECT count(*) FROM finished) AS done, coalesce((SELECT array_agg(id) FROM claimed), '{}') AS ids \gset
+WITH finished AS (UPDATE public.example_task SET finished_at = now(), finished_by = :sid WHERE id = ANY (:ids::bigint[]) AND session_id = :sid AND finished_at IS NULL RETURNING id), claimed AS (UPDATE public.example_task SET session_id = :sid WHERE id = ANY (ARRAY(SELECT id FROM public.example_task WHERE session_id IS NULL AND finished_at IS NULL ORDER BY session_id, id FOR UPDATE SKIP LOCKED LIMIT :batch)) RETURNING id) SELECT (SELECT count(*) FROM finished) AS done, coalesce((SELECT array_agg(id) FROM claimed), '{}') AS ids \gset
 ";
 
 /// Runs pgbench with `script` until the table is drained; returns its CPU
@@ -1002,8 +1002,11 @@ async fn failover_once(ctx: &Ctx, ttl_s: u64) -> FailoverRun {
 
 fn bench_fairness(ctx: &Ctx) {
     let ns = [2usize, 4, 8, 16];
-    // Under the cap, shares are floor(open / live) (+1 for the oldest) and rounding
-    // decides who holds what; over it every session should hold max_tasks.
+    // Shares are weighted by capacity; every session here has capacity 10,
+    // so under the cap each holds floor(open / live) or one more (the
+    // remainder spread over the sessions, the newest always among those
+    // with one more) and rounding decides who holds what; over it every
+    // session should hold max_tasks.
     type Backlog = fn(usize) -> usize;
     let scenarios: Vec<(&str, Backlog)> = if ctx.opts.full {
         vec![
@@ -1014,7 +1017,7 @@ fn bench_fairness(ctx: &Ctx) {
         vec![("7n+3 (under the cap)", |n| 7 * n + 3)]
     };
     let mut t = Table::new(
-        "Fairness: n sessions holding a steady backlog (a tasker that completes nothing), max_tasks 10, tick 200 ms. Spread = max - min tasks held across the live sessions, sampled every 200 ms for 2 s after 2 s of settling; best possible spread is 1 when n does not divide the backlog. Join = ticks of an (n+1)th session until it holds its fair floor, min(floor(backlog / (n+1)), 10); 'not in 25' = not within 25 ticks (5 s), with what it held then",
+        "Fairness: n sessions holding a steady backlog (a tasker that completes nothing), max_tasks 10, tick 200 ms. Spread = max - min tasks held across the live sessions, sampled every 200 ms for 2 s after 2 s of settling; best possible spread is 1 when n does not divide the backlog. Join = ticks of an (n+1)th session until it holds its fair floor, min(floor(backlog / (n+1)), 10) (shares are weighted by capacity, 10 for all here; the newest session's share is the ceiling, so it may settle one above its floor); 'not in 25' = not within 25 ticks (5 s), with what it held then",
         &[
             "backlog",
             "sessions",
@@ -1359,7 +1362,7 @@ async fn diag_drain(ctx: &Ctx, n: usize, batch: u32) {
 /// get_work at a large backlog with many sessions, nested statements
 /// tracked: which part of the tick costs what.
 async fn diag_get_work(ctx: &Ctx, backlog: u64, sessions: usize, max_tasks: u32) {
-    use session_lock::{Database, SessionStart, WorkGet};
+    use session_lock::{Database, GetWork, SessionStart};
     let client = common::connect(&ctx.url).await;
     common::seed(&client, backlog).await;
     let store = store(&ctx.url).await;
@@ -1368,7 +1371,7 @@ async fn diag_get_work(ctx: &Ctx, backlog: u64, sessions: usize, max_tasks: u32)
     for _ in 0..sessions {
         ids.push(
             store
-                .session_start(&SessionStart::new("diag", ttl))
+                .start_session(&SessionStart::new("diag", ttl, max_tasks))
                 .await
                 .expect("session"),
         );
@@ -1377,13 +1380,9 @@ async fn diag_get_work(ctx: &Ctx, backlog: u64, sessions: usize, max_tasks: u32)
     for round in 0..3 {
         for &session in &ids {
             let work = store
-                .work_get::<ExampleTask>(WorkGet {
-                    session,
-                    max_tasks,
-                    ttl,
-                })
+                .get_work::<ExampleTask>(GetWork::new(session))
                 .await
-                .expect("work_get");
+                .expect("get_work");
             let done: Vec<i64> = work.tasks.iter().map(|t| t.id).collect();
             if round > 0 {
                 common::finish_and_replace(&client, session, &done).await;

@@ -70,11 +70,15 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
         "finished": s.finished,
         "failed": s.failed,
         "rejected": s.rejected,
+        "stuck_tasks": s.stuck_tasks,
+        "left_at_stop": s.left_at_stop,
+        "database_moves": s.database_moves,
         "session_starts": s.session_starts,
         "session_losses": s.session_losses,
         "heartbeats": s.heartbeats,
         "heartbeat_failures": s.heartbeat_failures,
         "worker_restarts": s.worker_restarts,
+        "actor_restarts": s.actor_restarts,
         "last_error": s.last_error,
     }))
 }

@@ -1,312 +1,268 @@
--- session-lock standard functions. Re-applied on every run (a *.alwaysup.sql
--- file): edit freely, every statement must be safe to repeat.
+-- session-lock sessions: start, renew, end and reap the leases, protocol 2.
+-- Re-applied on every run (a *.alwaysup.sql file): every statement must be
+-- safe to repeat. The task-table half of the protocol is generated per
+-- declared table by 0003_task_table.alwaysup.sql.
 --
--- Error codes raised here (the Rust store turns them into typed errors):
---   SL001  the session is missing, expired, ended or reclaimed: stop using it
---          and its tasks, start a new session;
---   SL002  a task-template function still has its placeholder body;
---   SL003  an argument is out of range.
+-- Error codes raised (the Rust store turns them into typed errors):
+--   SL001  the session is missing, expired, ended or reclaimed: stop using
+--          it and its tasks, start a new session;
+--   SL003  an argument is out of range;
+--   SL004  the caller speaks another version of the protocol (a runner of
+--          an older session-lock against a newer database): upgrade it;
+--   SL005  a task table declaration cannot work.
 --
--- Privileges. The functions a runner calls directly (start, bump, end,
--- reap) are SECURITY DEFINER with a pinned search_path: a runtime role
--- needs only EXECUTE on them, never access to the tables. EXECUTE is revoked
--- from PUBLIC on every function here and granted, at the end of this file,
--- to the role session_lock_runtime when it exists (README: least privilege).
--- task_overview stays with the caller's rights: it calls the function it is
--- given, which must never run with the owner's.
+-- What holds, in one paragraph. A task belongs to the session in its
+-- session_id column, so it is never held by two sessions at once; the
+-- question is only whether a session may still act on what it holds. It
+-- may while its row is live: not expired, not ended, not reclaimed. Every
+-- call that acts for a session locks that row and checks it is live;
+-- whoever frees the tasks of a session that is not live first locks its
+-- row FOR UPDATE and stamps reclaimed_at, in the transaction that releases
+-- the tasks. A reclaimed session is never live again, whatever the clock
+-- does later: a renewal must find reclaimed_at empty. Leases are measured
+-- with clock_timestamp(), the database clock at the moment of the check,
+-- never a transaction's start, so a statement that waited (behind DDL, a
+-- lock, a busy server) neither judges nor renews with a stale time; and a
+-- renewal never moves a lease backwards.
 --
--- Concurrency, in one paragraph. A task belongs to the session in its
--- session_id column, so it can never be held by two sessions at once; the
--- question is only whether a session may still *act* on what it holds. A
--- session may act while its row is live: not expired, not ended, not
--- reclaimed. Every function that acts for a session first locks that
--- session's row (bump: UPDATE; finish: FOR NO KEY UPDATE) and checks
--- it is live, and a survivor reclaims an expired session only by locking its
--- row (FOR UPDATE SKIP LOCKED) and stamping reclaimed_at in the same
--- transaction that releases its tasks. Whichever transaction locks the row
--- first wins; the loser re-checks the row as the winner left it, so a bump
--- or a finish can never interleave with a reclaim. Expiry is monotonic: an
--- expired session can never be bumped again, it can only be replaced.
+-- Locks. A renewal is an UPDATE of the session row (FOR NO KEY UPDATE).
+-- get_work and finish_tasks hold the row FOR KEY SHARE while they work:
+-- that keeps reclaimers (FOR UPDATE) away but never delays the heartbeat,
+-- and they write the row only at their end. Every function sets
+-- lock_timeout, so none of them waits long on a lock someone else holds.
+--
+-- Names. Every function pins search_path = pg_catalog, pg_temp and
+-- qualifies every table, type and function it uses: a SECURITY DEFINER
+-- function then resolves every name (operators too: they are looked up in
+-- pg_catalog and never in pg_temp) in schemas only a superuser can write,
+-- whatever the caller put on its own search_path. No function here is an
+-- inlinable SQL function, whose body would be parsed with its caller's
+-- search_path.
+--
+-- Privileges. The functions a runner calls are SECURITY DEFINER, so a
+-- runtime role needs only EXECUTE on them, never access to the tables.
+-- EXECUTE is revoked from PUBLIC on every function here and granted, at the
+-- end of this file, to the role session_lock_runtime when it exists.
 
-CREATE OR REPLACE FUNCTION session_lock.check_ttl(p_ttl interval)
+-- ---------------------------------------------------------------------------
+-- The first release's functions. Their runners cannot act on protocol 2's
+-- rows: every one of them now refuses with SL004 (their heartbeats too,
+-- through the protocol column), so their sessions expire and their tasks
+-- move to the runners of this release. Defaults are dropped with them, so
+-- that calls with fewer arguments reach protocol 2's functions.
+-- ---------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION session_lock.refuse_protocol_1(p_what text)
 RETURNS void
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF p_ttl IS NULL OR p_ttl <= interval '0' OR p_ttl > interval '1 day' THEN
+    RAISE EXCEPTION '% belongs to session-lock protocol 1, and this database runs protocol 2', p_what
+        USING ERRCODE = 'SL004',
+              HINT = 'Upgrade session-lock in this service, and replace a copied task template by a declaration (README: upgrading from the template).';
+END;
+$$;
+
+DROP FUNCTION IF EXISTS session_lock.work_begin(bigint, integer, interval);
+DROP FUNCTION IF EXISTS session_lock.lock_session(bigint);
+DROP FUNCTION IF EXISTS session_lock.others_held(bigint);
+DROP FUNCTION IF EXISTS session_lock.record_held(bigint, integer);
+DROP FUNCTION IF EXISTS session_lock.fair_share(bigint, integer, integer, integer);
+DROP FUNCTION IF EXISTS session_lock.check_ttl(interval);
+DROP FUNCTION IF EXISTS session_lock.check_max_tasks(integer);
+DROP FUNCTION IF EXISTS session_lock.start_session(text, interval, text, integer);
+
+CREATE FUNCTION session_lock.work_begin(p_session bigint, p_max_tasks integer, p_ttl interval)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM session_lock.refuse_protocol_1('work_begin'); END; $$;
+CREATE FUNCTION session_lock.lock_session(p_session bigint)
+RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM session_lock.refuse_protocol_1('lock_session'); RETURN NULL; END; $$;
+CREATE FUNCTION session_lock.others_held(p_session bigint)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM session_lock.refuse_protocol_1('others_held'); RETURN NULL; END; $$;
+CREATE FUNCTION session_lock.record_held(p_session bigint, p_held integer)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM session_lock.refuse_protocol_1('record_held'); END; $$;
+CREATE FUNCTION session_lock.fair_share(
+    p_open_tasks bigint, p_live_sessions integer, p_live_rank integer, p_max_tasks integer)
+RETURNS integer LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM session_lock.refuse_protocol_1('fair_share'); RETURN NULL; END; $$;
+CREATE FUNCTION session_lock.start_session(p_name text, p_ttl interval, p_host text, p_pid integer)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM session_lock.refuse_protocol_1('start_session without a capacity'); RETURN NULL; END; $$;
+
+-- ---------------------------------------------------------------------------
+-- Arguments.
+-- ---------------------------------------------------------------------------
+
+-- A TTL as a length of time: days count 24 hours (a lease must not stretch
+-- or shrink with a daylight-saving change), months are refused (they have
+-- no fixed length: '1 mon -29 days' is a day in February and two in
+-- March), and the result must be more than 0 and at most 1 day.
+CREATE OR REPLACE FUNCTION session_lock.lease_length(p_ttl interval)
+RETURNS interval
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_seconds numeric;
+BEGIN
+    IF p_ttl IS NULL THEN
+        RAISE EXCEPTION 'session ttl is NULL: give a length of time, at most 1 day'
+            USING ERRCODE = 'SL003';
+    END IF;
+    IF pg_catalog.date_part('month', p_ttl) <> 0 OR pg_catalog.date_part('year', p_ttl) <> 0 THEN
+        RAISE EXCEPTION 'session ttl % has a month part, which has no fixed length: give it in days, hours, minutes or seconds', p_ttl
+            USING ERRCODE = 'SL003';
+    END IF;
+    v_seconds := pg_catalog.extract('epoch', p_ttl);
+    IF v_seconds <= 0 OR v_seconds > 86400 THEN
         RAISE EXCEPTION 'session ttl % is out of range: it must be more than 0 and at most 1 day', p_ttl
             USING ERRCODE = 'SL003';
     END IF;
+    RETURN pg_catalog.make_interval(secs => v_seconds);
 END;
 $$;
 
-CREATE OR REPLACE FUNCTION session_lock.check_max_tasks(p_max integer)
+CREATE OR REPLACE FUNCTION session_lock.check_capacity(p_capacity integer)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF p_max IS NULL OR p_max < 1 OR p_max > 10000 THEN
-        RAISE EXCEPTION 'max_tasks % is out of range: it must be between 1 and 10000', p_max
+    IF p_capacity IS NULL OR p_capacity < 1 OR p_capacity > 10000 THEN
+        RAISE EXCEPTION 'capacity (max_tasks) % is out of range: it must be between 1 and 10000', p_capacity
             USING ERRCODE = 'SL003';
     END IF;
 END;
 $$;
 
--- Starts a session for the runner called p_name and returns its id. host and
--- pid identify the process for operators; host defaults to the client's
--- address.
+-- Raises SL004 if p_session exists and speaks another protocol, SL001
+-- otherwise: the error of a call that found its session not live.
+CREATE OR REPLACE FUNCTION session_lock.raise_not_live(p_session bigint)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_protocol smallint;
+BEGIN
+    SELECT s.protocol INTO v_protocol FROM session_lock.session s WHERE s.id = p_session;
+    IF FOUND AND v_protocol <> 2 THEN
+        PERFORM session_lock.refuse_protocol_1('session ' || p_session);
+    END IF;
+    RAISE EXCEPTION 'session % is lost: missing, expired, ended or reclaimed', p_session
+        USING ERRCODE = 'SL001';
+END;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Sessions.
+-- ---------------------------------------------------------------------------
+
+-- Starts a session of the runner called p_name with a lease of p_ttl and
+-- room for p_capacity tasks, and returns its id. host and pid identify the
+-- process for operators; host defaults to the client's address.
 CREATE OR REPLACE FUNCTION session_lock.start_session(
-    p_name text,
-    p_ttl  interval,
-    p_host text DEFAULT NULL,
-    p_pid  integer DEFAULT NULL
+    p_name     text,
+    p_ttl      interval,
+    p_capacity integer DEFAULT 10,
+    p_host     text DEFAULT NULL,
+    p_pid      integer DEFAULT NULL
 )
 RETURNS bigint
 LANGUAGE plpgsql
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '1s'
 AS $$
 DECLARE
-    v_id bigint;
+    v_id  bigint;
+    v_ttl interval;
 BEGIN
-    IF p_name IS NULL OR p_name = '' OR length(p_name) > 200 THEN
-        RAISE EXCEPTION 'session name % is invalid: it must be 1 to 200 characters', quote_nullable(p_name)
+    IF p_name IS NULL OR p_name = '' OR pg_catalog.length(p_name) > 200 THEN
+        RAISE EXCEPTION 'session name % is invalid: it must be 1 to 200 characters', pg_catalog.quote_nullable(p_name)
             USING ERRCODE = 'SL003';
     END IF;
-    PERFORM session_lock.check_ttl(p_ttl);
-    INSERT INTO session_lock.session (name, host, pid, expires_at)
+    v_ttl := session_lock.lease_length(p_ttl);
+    PERFORM session_lock.check_capacity(p_capacity);
+    INSERT INTO session_lock.session (name, host, pid, capacity, protocol, started_at, bumped_at, expires_at)
     VALUES (p_name,
-            coalesce(p_host, host(inet_client_addr()), 'local'),
+            coalesce(p_host, pg_catalog.host(pg_catalog.inet_client_addr()), 'local'),
             coalesce(p_pid, 0),
-            now() + p_ttl)
+            p_capacity,
+            2,
+            pg_catalog.clock_timestamp(),
+            pg_catalog.clock_timestamp(),
+            pg_catalog.clock_timestamp() + v_ttl)
     RETURNING id INTO v_id;
     RETURN v_id;
 END;
 $$;
 
--- Extends a live session's lease to now() + p_ttl and returns the new expiry.
--- Raises SL001 when the session is missing, expired, ended or reclaimed.
+-- The heartbeat: extends a live session's lease to p_ttl from now (never
+-- shortening it) and returns the new expiry. Raises SL001 when the session
+-- is missing, expired, ended or reclaimed.
 CREATE OR REPLACE FUNCTION session_lock.bump_session(p_session bigint, p_ttl interval)
 RETURNS timestamptz
 LANGUAGE plpgsql
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '1s'
 AS $$
 DECLARE
+    v_ttl     interval;
     v_expires timestamptz;
 BEGIN
-    PERFORM session_lock.check_ttl(p_ttl);
-    UPDATE session_lock.session
-       SET bumped_at = now(), expires_at = now() + p_ttl
-     WHERE id = p_session
-       AND expires_at > now()
-       AND ended_at IS NULL
-       AND reclaimed_at IS NULL
-    RETURNING expires_at INTO v_expires;
+    v_ttl := session_lock.lease_length(p_ttl);
+    UPDATE session_lock.session s
+       SET bumped_at = pg_catalog.clock_timestamp(),
+           expires_at = greatest(s.expires_at, pg_catalog.clock_timestamp() + v_ttl)
+     WHERE s.id = p_session
+       AND s.protocol = 2
+       AND s.ended_at IS NULL
+       AND s.reclaimed_at IS NULL
+       AND s.expires_at > pg_catalog.clock_timestamp()
+    RETURNING s.expires_at INTO v_expires;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'session % is lost: missing, expired, ended or reclaimed', p_session
-            USING ERRCODE = 'SL001';
+        PERFORM session_lock.raise_not_live(p_session);
     END IF;
     RETURN v_expires;
 END;
 $$;
 
--- Gives the lease back: the session expires at once, and its tasks are
--- reclaimed by the other sessions of its name on their next get_work.
--- Idempotent: returns false when the session was already over or missing.
+-- Gives the lease back: the session is over at once, and the other
+-- sessions of its name free its tasks on their next get_work. Idempotent:
+-- returns false when the session was already over or missing.
 CREATE OR REPLACE FUNCTION session_lock.end_session(p_session bigint)
 RETURNS boolean
 LANGUAGE plpgsql
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '1s'
 AS $$
 BEGIN
-    UPDATE session_lock.session
-       SET ended_at = now(), expires_at = least(expires_at, now())
-     WHERE id = p_session
-       AND ended_at IS NULL
-       AND reclaimed_at IS NULL;
+    UPDATE session_lock.session s
+       SET ended_at = pg_catalog.clock_timestamp(),
+           expires_at = least(s.expires_at, pg_catalog.clock_timestamp())
+     WHERE s.id = p_session
+       AND s.ended_at IS NULL
+       AND s.reclaimed_at IS NULL;
     RETURN FOUND;
 END;
 $$;
 
--- Locks a live session's row against reclaim for the rest of the transaction
--- and returns its name. Raises SL001 when the session is not live. A fenced
--- finish calls this before touching any task. FOR NO KEY UPDATE, the lock
--- an UPDATE of the row takes, because the finish ends by recording the
--- session's new held count: taking a weaker lock first and upgrading it
--- would let two finishes of one session deadlock.
-CREATE OR REPLACE FUNCTION session_lock.lock_session(p_session bigint)
-RETURNS text
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_name text;
-BEGIN
-    SELECT name INTO v_name
-      FROM session_lock.session
-     WHERE id = p_session
-       AND expires_at > now()
-       AND ended_at IS NULL
-       AND reclaimed_at IS NULL
-       FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'session % is lost: missing, expired, ended or reclaimed', p_session
-            USING ERRCODE = 'SL001';
-    END IF;
-    RETURN v_name;
-END;
-$$;
-
--- The first half of every get_work, independent of the task table:
---   1. bumps the calling session (SL001 when it is not live);
---   2. reclaims the expired sessions of the same name that nobody else is
---      reclaiming right now, returning their ids: the caller must release
---      their tasks in the same transaction;
---   3. counts the live sessions of the name (the caller included), and
---      ranks the caller among them by id, for fair_share, and sums the
---      other live sessions' held counters from the same rows (others_held:
---      enough to decide whether a pickup can stand in for the count; the
---      count itself rereads them with session_lock.others_held, in its own
---      statement's snapshot).
--- Sessions of other names are never read or locked, so runners of different
--- names never wait on each other.
--- (Earlier versions had no live_rank, then no others_held; a function's
--- result type cannot be replaced, only dropped.)
-DO $$
-BEGIN
-    IF EXISTS (SELECT 1
-                 FROM pg_catalog.pg_proc p
-                 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-                WHERE n.nspname = 'session_lock' AND p.proname = 'work_begin'
-                  AND NOT ('others_held' = ANY (p.proargnames))) THEN
-        DROP FUNCTION session_lock.work_begin(bigint, integer, interval);
-    END IF;
-END;
-$$;
-CREATE OR REPLACE FUNCTION session_lock.work_begin(
-    p_session   bigint,
-    p_max_tasks integer,
-    p_ttl       interval,
-    OUT live_sessions integer,
-    OUT live_rank integer,
-    OUT reclaimed bigint[],
-    OUT others_held bigint
-)
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_name text;
-BEGIN
-    PERFORM session_lock.check_max_tasks(p_max_tasks);
-    PERFORM session_lock.check_ttl(p_ttl);
-
-    UPDATE session_lock.session
-       SET bumped_at = now(), expires_at = now() + p_ttl
-     WHERE id = p_session
-       AND expires_at > now()
-       AND ended_at IS NULL
-       AND reclaimed_at IS NULL
-    RETURNING name INTO v_name;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'session % is lost: missing, expired, ended or reclaimed', p_session
-            USING ERRCODE = 'SL001';
-    END IF;
-
-    -- SKIP LOCKED: a row locked by its own bump is live, one locked by
-    -- another reclaimer is being handled; either way, not ours to wait for.
-    WITH dead AS (
-        SELECT id
-          FROM session_lock.session
-         WHERE name = v_name
-           AND reclaimed_at IS NULL
-           AND expires_at <= now()
-         ORDER BY id
-           FOR UPDATE SKIP LOCKED
-    ), stamped AS (
-        UPDATE session_lock.session s
-           SET reclaimed_at = now(), held = 0
-          FROM dead
-         WHERE s.id = dead.id
-        RETURNING s.id
-    )
-    SELECT coalesce(array_agg(id), '{}') INTO reclaimed FROM stamped;
-
-    SELECT count(*), count(*) FILTER (WHERE id < p_session),
-           coalesce(sum(held) FILTER (WHERE id <> p_session), 0)
-      INTO live_sessions, live_rank, others_held
-      FROM session_lock.session
-     WHERE name = v_name
-       AND reclaimed_at IS NULL
-       AND expires_at > now();
-END;
-$$;
-
--- A session's fair share of p_open_tasks among p_live_sessions, capped at
--- max_tasks: floor(open / live), plus one for the p_open % p_live sessions
--- of lowest id (p_live_rank is the caller's rank among the live sessions by
--- id, from 0). The shares add up to the open tasks exactly, so no two
--- sessions differ by more than one and nothing is left unowned while
--- sessions are under their cap. (ceil(open / live) for everyone, as the
--- first version did, let early tickers take the ceiling and starve the
--- rest: 16 sessions and 115 tasks gave 14 x 8, 3 and 0.)
-DROP FUNCTION IF EXISTS session_lock.ideal_share(bigint, integer, integer);
-CREATE OR REPLACE FUNCTION session_lock.fair_share(
-    p_open_tasks bigint,
-    p_live_sessions integer,
-    p_live_rank integer,
-    p_max_tasks integer
-)
-RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT least(
-        p_open_tasks / greatest(p_live_sessions, 1)
-            + CASE WHEN p_live_rank < p_open_tasks % greatest(p_live_sessions, 1) THEN 1 ELSE 0 END,
-        p_max_tasks
-    )::integer
-$$;
-
--- Open tasks held by the live sessions of p_session's name other than
--- p_session itself, by their held counters (see the session table). STABLE,
--- so that called inside the statement that also counts the free tasks it
--- reads the same snapshot: a session moving tasks between "free" and "held"
--- commits both sides at once, and the sum never counts a task twice or
--- misses one because that commit fell between two reads.
-CREATE OR REPLACE FUNCTION session_lock.others_held(p_session bigint)
-RETURNS bigint
-LANGUAGE plpgsql STABLE
-AS $$
-BEGIN
-    RETURN (SELECT coalesce(sum(o.held), 0)
-              FROM session_lock.session me
-              JOIN session_lock.session o ON o.name = me.name
-             WHERE me.id = p_session
-               AND o.id <> p_session
-               AND o.reclaimed_at IS NULL
-               AND o.expires_at > now());
-END;
-$$;
-
--- Records that p_session now holds p_held open tasks. The last step of
--- every get_work and finish_tasks, in their transaction, so that the
--- counter and the tasks it counts change together.
-CREATE OR REPLACE FUNCTION session_lock.record_held(p_session bigint, p_held integer)
-RETURNS void
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    UPDATE session_lock.session
-       SET held = p_held
-     WHERE id = p_session
-       AND held IS DISTINCT FROM p_held;
-END;
-$$;
-
--- Deletes sessions that were reclaimed more than p_older_than ago and returns
--- how many. Only reclaimed sessions go: their tasks were released, so no task
--- is left pointing at a deleted session.
+-- Deletes sessions reclaimed more than p_older_than ago and returns how
+-- many. A task left pointing at a deleted session is an orphan, which the
+-- sessions of its table free (0003: the sweep).
 CREATE OR REPLACE FUNCTION session_lock.reap_sessions(p_older_than interval)
 RETURNS integer
 LANGUAGE plpgsql
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '1s'
 AS $$
 DECLARE
     v_count integer;
@@ -315,57 +271,60 @@ BEGIN
         RAISE EXCEPTION 'reap age % is out of range: it must be 0 or more', p_older_than
             USING ERRCODE = 'SL003';
     END IF;
-    DELETE FROM session_lock.session
-     WHERE reclaimed_at IS NOT NULL
-       AND reclaimed_at < now() - p_older_than;
+    DELETE FROM session_lock.session s
+     WHERE s.reclaimed_at IS NOT NULL
+       AND s.reclaimed_at < pg_catalog.clock_timestamp() - p_older_than;
     GET DIAGNOSTICS v_count = ROW_COUNT;
     RETURN v_count;
 END;
 $$;
 
--- The live sessions, for operators and tools. held is the session's own
--- counter (what the other sessions of its name count it as holding); a
--- task table's *_held function counts the tasks themselves.
-CREATE OR REPLACE VIEW session_lock.live_session AS
-SELECT id, name, host, pid, started_at, bumped_at, expires_at,
-       now() - started_at AS age,
-       expires_at - now() AS expires_in,
-       held
-  FROM session_lock.session
- WHERE reclaimed_at IS NULL
-   AND ended_at IS NULL
-   AND expires_at > now();
-
--- For operators: a task table's open tasks per holding session, with
--- whether that session is live. p_held names the table's *_held function
--- (from the task template); it is resolved by Postgres as a regproc, so
--- only an existing function can be called, and its name is quoted by the
--- regproc output when it is put into the query.
-CREATE OR REPLACE FUNCTION session_lock.task_overview(p_held regproc)
-RETURNS TABLE (session_id bigint, tasks bigint, live boolean)
+-- The identity of this database, which a runner compares before it acts on
+-- a session: a DbFinder that moves to another database must never reuse
+-- session or task ids from the old one (they are numbered from 1 in
+-- every database). The cluster's system identifier (shared by a primary
+-- and its streaming standbys) and the database's own oid.
+CREATE OR REPLACE FUNCTION session_lock.database_identity()
+RETURNS text
 LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    RETURN QUERY EXECUTE format(
-        'SELECT h.session_id, h.tasks::bigint,
-                (h.session_id IS NOT NULL AND EXISTS (
-                    SELECT 1 FROM session_lock.live_session l WHERE l.id = h.session_id))
-           FROM %s() h', p_held);
+    RETURN (SELECT c.system_identifier::text FROM pg_catalog.pg_control_system() c)
+        || '/' || (SELECT d.oid::text FROM pg_catalog.pg_database d
+                    WHERE d.datname = pg_catalog.current_database());
 END;
 $$;
 
+-- The live sessions, for operators and tools. held is the session's own
+-- counter (what the other sessions of its name count it as holding); a task
+-- table's *_held function counts the tasks themselves.
+DROP VIEW IF EXISTS session_lock.live_session;
+CREATE VIEW session_lock.live_session AS
+SELECT s.id, s.name, s.host, s.pid, s.started_at, s.bumped_at, s.expires_at,
+       pg_catalog.clock_timestamp() - s.started_at AS age,
+       s.expires_at - pg_catalog.clock_timestamp() AS expires_in,
+       s.held, s.capacity, s.protocol
+  FROM session_lock.session s
+ WHERE s.reclaimed_at IS NULL
+   AND s.ended_at IS NULL
+   AND s.expires_at > pg_catalog.clock_timestamp();
+
 -- Least privilege (README): nobody but the owner may call these unless
--- granted. The runtime role gets exactly the calls a runner makes.
+-- granted. The runtime role gets exactly the calls a runner makes; the
+-- generated task-table functions are granted by 0003.
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA session_lock FROM PUBLIC;
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'session_lock_runtime') THEN
         GRANT USAGE ON SCHEMA session_lock TO session_lock_runtime;
         GRANT EXECUTE ON FUNCTION
-            session_lock.start_session(text, interval, text, integer),
+            session_lock.start_session(text, interval, integer, text, integer),
             session_lock.bump_session(bigint, interval),
             session_lock.end_session(bigint),
-            session_lock.reap_sessions(interval)
+            session_lock.reap_sessions(interval),
+            session_lock.database_identity()
         TO session_lock_runtime;
     END IF;
 END;

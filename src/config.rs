@@ -7,6 +7,9 @@ use std::time::Duration;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(120);
 /// Default interval between heartbeats.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+/// The longest a heartbeat may take by default, unless the heartbeat
+/// interval is shorter.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default most tasks one session holds at a time.
 pub const DEFAULT_MAX_TASKS: u32 = 10;
 /// Default interval between ticks when there is no more work to drain.
@@ -64,6 +67,22 @@ pub enum ConfigError {
         /// The session TTL.
         ttl: Duration,
     },
+    /// A heartbeat may take so long that, with the next one, the renewal
+    /// lands after the runner would have fenced itself: one slow heartbeat
+    /// would cost the lease.
+    #[error(
+        "heartbeat_timeout {timeout:?} is too long for ttl {ttl:?}: a heartbeat that takes its whole timeout and the next one ({heartbeat:?} later) must land before the fence at ttl - safety_margin ({fence:?}); shorten heartbeat_timeout or the heartbeat, or lengthen the ttl"
+    )]
+    HeartbeatTimeoutTooLong {
+        /// The heartbeat timeout.
+        timeout: Duration,
+        /// The heartbeat interval.
+        heartbeat: Duration,
+        /// The session TTL.
+        ttl: Duration,
+        /// ttl - safety_margin.
+        fence: Duration,
+    },
     /// The safety margin leaves no time between a heartbeat and the fence.
     #[error(
         "safety margin {margin:?} is too large for ttl {ttl:?} and heartbeat {heartbeat:?}: it must be less than ttl - heartbeat, or the runner would fence itself between two healthy heartbeats"
@@ -84,6 +103,7 @@ pub struct RunnerConfig {
     pub(crate) name: String,
     pub(crate) ttl: Duration,
     pub(crate) heartbeat: Duration,
+    pub(crate) heartbeat_timeout: Duration,
     pub(crate) safety_margin: Duration,
     pub(crate) max_tasks: u32,
     pub(crate) tick: Duration,
@@ -108,6 +128,7 @@ impl RunnerConfig {
                 name: name.into(),
                 ttl: DEFAULT_TTL,
                 heartbeat: DEFAULT_HEARTBEAT,
+                heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
                 safety_margin: DEFAULT_TTL / 5,
                 max_tasks: DEFAULT_MAX_TASKS,
                 tick: DEFAULT_TICK,
@@ -124,6 +145,7 @@ impl RunnerConfig {
             },
             margin_set: false,
             jitter_set: false,
+            heartbeat_timeout_set: false,
         }
     }
 
@@ -138,6 +160,10 @@ impl RunnerConfig {
     /// The heartbeat interval.
     pub fn heartbeat(&self) -> Duration {
         self.heartbeat
+    }
+    /// The longest one heartbeat may take.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        self.heartbeat_timeout
     }
     /// How long before the lease runs out the runner stops using its session.
     pub fn safety_margin(&self) -> Duration {
@@ -175,6 +201,7 @@ pub struct RunnerConfigBuilder {
     config: RunnerConfig,
     margin_set: bool,
     jitter_set: bool,
+    heartbeat_timeout_set: bool,
 }
 
 impl RunnerConfigBuilder {
@@ -190,6 +217,17 @@ impl RunnerConfigBuilder {
     /// Defaults to [`DEFAULT_HEARTBEAT`] (30 seconds).
     pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
         self.config.heartbeat = heartbeat;
+        self
+    }
+
+    /// The longest one heartbeat may take before it counts as failed and is
+    /// retried on another connection. A heartbeat plus this timeout must
+    /// fit before the fence (`ttl - safety_margin`), so that one slow
+    /// heartbeat never costs the lease. Defaults to the heartbeat interval,
+    /// at most [`DEFAULT_HEARTBEAT_TIMEOUT`] (10 seconds).
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.config.heartbeat_timeout = timeout;
+        self.heartbeat_timeout_set = true;
         self
     }
 
@@ -301,12 +339,16 @@ impl RunnerConfigBuilder {
         if !self.jitter_set {
             c.jitter = c.tick;
         }
+        if !self.heartbeat_timeout_set {
+            c.heartbeat_timeout = c.heartbeat.min(DEFAULT_HEARTBEAT_TIMEOUT);
+        }
         if c.name.is_empty() || c.name.chars().count() > 200 {
             return Err(ConfigError::Name(c.name));
         }
         for (what, d) in [
             ("ttl", c.ttl),
             ("heartbeat", c.heartbeat),
+            ("heartbeat_timeout", c.heartbeat_timeout),
             ("tick", c.tick),
             ("batch_timeout", c.batch_timeout),
             ("drain_timeout", c.drain_timeout),
@@ -319,6 +361,7 @@ impl RunnerConfigBuilder {
         }
         for (what, d) in [
             ("heartbeat", c.heartbeat),
+            ("heartbeat_timeout", c.heartbeat_timeout),
             ("safety_margin", c.safety_margin),
             ("tick", c.tick),
             ("jitter", c.jitter),
@@ -374,6 +417,15 @@ impl RunnerConfigBuilder {
                 margin: c.safety_margin,
                 ttl: c.ttl,
                 heartbeat: c.heartbeat,
+            });
+        }
+        let fence = c.ttl - c.safety_margin;
+        if c.heartbeat.saturating_add(c.heartbeat_timeout) > fence {
+            return Err(ConfigError::HeartbeatTimeoutTooLong {
+                timeout: c.heartbeat_timeout,
+                heartbeat: c.heartbeat,
+                ttl: c.ttl,
+                fence,
             });
         }
         Ok(c)

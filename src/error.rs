@@ -7,10 +7,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// SQLSTATE raised by the SQL functions when a session is missing, expired or ended.
 pub const SQLSTATE_SESSION_LOST: &str = "SL001";
-/// SQLSTATE raised by a task-template function whose body was never filled in.
-pub const SQLSTATE_TEMPLATE_UNFILLED: &str = "SL002";
 /// SQLSTATE raised by the SQL functions for an argument out of range (e.g. a zero TTL).
 pub const SQLSTATE_INVALID_ARGUMENT: &str = "SL003";
+/// SQLSTATE raised when the caller speaks another version of the protocol
+/// than the database (a runner of an older session-lock, or SQL copied from
+/// one).
+pub const SQLSTATE_PROTOCOL_MISMATCH: &str = "SL004";
+/// SQLSTATE raised when a task table declaration cannot work.
+pub const SQLSTATE_BAD_DECLARATION: &str = "SL005";
 
 /// Everything that can go wrong talking to the session-lock database.
 #[derive(Debug, thiserror::Error)]
@@ -32,10 +36,19 @@ pub enum Error {
         /// What Postgres reported missing.
         detail: String,
     },
-    /// A task-template function still has its placeholder body (SQLSTATE `SL002`).
-    #[error("task template not filled in: {detail}")]
-    TemplateUnfilled {
-        /// The message raised by the placeholder, naming the function.
+    /// The database runs another version of the session-lock protocol than
+    /// this caller (SQLSTATE `SL004`): upgrade session-lock here, or migrate
+    /// the database with this release.
+    #[error("protocol mismatch: {detail}")]
+    ProtocolMismatch {
+        /// The server's message, naming the function refused.
+        detail: String,
+    },
+    /// A task table declaration cannot work (SQLSTATE `SL005`), or a
+    /// declared finish left a task open.
+    #[error("{detail}")]
+    Declaration {
+        /// The server's message, naming the table and the problem.
         detail: String,
     },
     /// An argument was rejected by the SQL functions (SQLSTATE `SL003`) or by the store.
@@ -62,6 +75,15 @@ pub enum Error {
     /// A runner configuration value cannot work.
     #[error("invalid runner configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
+    /// The DbFinder found another database than the one the session lives
+    /// in: the session was dropped there, and a new one is started.
+    #[error("the database moved (identity {from} became {to}): the session there is dropped")]
+    Moved {
+        /// The identity of the session's database.
+        from: String,
+        /// The identity of the database found now.
+        to: String,
+    },
     /// The runner has stopped and takes no more requests.
     #[error("the runner has stopped")]
     Stopped,
@@ -91,8 +113,10 @@ impl Error {
                     let c = code.code();
                     // class 08: connection exception; 40: transaction rollback
                     // (serialisation, deadlock); 53: insufficient resources;
-                    // 57P0x: admin/crash shutdown, cannot connect now; 57014: query canceled.
+                    // 57P0x: admin/crash shutdown, cannot connect now; 57014: query canceled;
+                    // 55P03: a lock not granted within lock_timeout.
                     c.starts_with("08")
+                        || c == "55P03"
                         || c.starts_with("40")
                         || c.starts_with("53")
                         || c.starts_with("57P")
@@ -108,7 +132,8 @@ impl Error {
         match self {
             Error::Db(e) => e.code().map(|c| c.code()),
             Error::SessionLost { .. } => Some(SQLSTATE_SESSION_LOST),
-            Error::TemplateUnfilled { .. } => Some(SQLSTATE_TEMPLATE_UNFILLED),
+            Error::ProtocolMismatch { .. } => Some(SQLSTATE_PROTOCOL_MISMATCH),
+            Error::Declaration { .. } => Some(SQLSTATE_BAD_DECLARATION),
             _ => None,
         }
     }
@@ -122,8 +147,11 @@ impl Error {
             SQLSTATE_SESSION_LOST => Error::SessionLost {
                 session: session.unwrap_or(-1),
             },
-            SQLSTATE_TEMPLATE_UNFILLED => Error::TemplateUnfilled {
-                detail: db.message().to_owned(),
+            SQLSTATE_PROTOCOL_MISMATCH => Error::ProtocolMismatch {
+                detail: with_hint(db),
+            },
+            SQLSTATE_BAD_DECLARATION => Error::Declaration {
+                detail: with_hint(db),
             },
             SQLSTATE_INVALID_ARGUMENT => Error::InvalidArgument(db.message().to_owned()),
             // undefined_function, invalid_schema_name, undefined_table
@@ -134,6 +162,13 @@ impl Error {
             }
             _ => Error::Db(e),
         }
+    }
+}
+
+fn with_hint(db: &tokio_postgres::error::DbError) -> String {
+    match db.hint() {
+        Some(h) => format!("{} ({h})", db.message()),
+        None => db.message().to_owned(),
     }
 }
 

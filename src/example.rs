@@ -1,6 +1,6 @@
 //! The worked example's task type: a row of `public.example_task`, the table
-//! that `migrations/example/` creates and fills the task template in for.
-//! The tests, the demo, the benchmarks and `session-lock worker` use it.
+//! that `migrations/example/` creates and declares a task table. The tests,
+//! the demo, the benchmarks and `session-lock worker` use it.
 //! [`NoopTasker`] completes every task at once, for measuring the
 //! coordination alone (`session-lock worker --noop`, the benchmarks).
 
@@ -57,7 +57,14 @@ impl ScanTask for ExampleTask {
 /// For each task it writes an `example_task_run` row (`started_at`), works
 /// for the configured time, sets the row's `finished_at`, and reports the
 /// task complete. The run rows are how tools count executions: a task with
-/// two rows ran twice. The tasks of a slice run concurrently.
+/// two rows ran twice, and two rows whose times overlap ran twice at once.
+/// The tasks of a slice run concurrently.
+///
+/// A payload can ask for misbehaviour, so that tests can drive a runner
+/// from the outside:
+/// - `block:<ms>` blocks the worker's thread for that long, as a
+///   synchronous Tasker (CPU-bound work, a blocking client) would: no
+///   timeout can stop it.
 #[derive(Debug, Clone)]
 pub struct ExampleTasker {
     store: PgStore,
@@ -72,7 +79,7 @@ impl ExampleTasker {
 
     async fn execute(&self, task: &ExampleTask) -> Result<TaskId, TaskerError> {
         let session = task.session_id.unwrap_or(0);
-        let conn = self.store.pool().get().await?;
+        let conn = self.store.client().await?;
         let row = conn
             .query_one(
                 "INSERT INTO example_task_run (task_id, session_id, started_at) VALUES ($1, $2, now()) RETURNING id",
@@ -81,10 +88,17 @@ impl ExampleTasker {
             .await?;
         let run: i64 = row.get(0);
         drop(conn);
+        if let Some(ms) = task.payload.strip_prefix("block:") {
+            let ms: u64 = ms
+                .trim()
+                .parse()
+                .map_err(|e| format!("payload {:?}: {e}", task.payload))?;
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         if !self.work.is_zero() {
             tokio::time::sleep(self.work).await;
         }
-        let conn = self.store.pool().get().await?;
+        let conn = self.store.client().await?;
         conn.execute(
             "UPDATE example_task_run SET finished_at = now() WHERE id = $1",
             &[&run],

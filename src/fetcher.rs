@@ -1,14 +1,32 @@
 //! The fetcher actor: ticks, gets the session's work, hands it to the
-//! worker pool, and finishes exactly the tasks that completed.
+//! workers, and finishes exactly the tasks that completed.
 //!
-//! Ticks never overlap: a tick is one future, and the next is scheduled only
-//! when it is done. A tick that filled its whole share starts the next at
-//! once (drain mode); a notification on the task table's channel wakes an
-//! idle fetcher without waiting for the tick. When the session is fenced or
-//! lost, the batch in flight is stopped; when the runner stops, no new tick
-//! starts and the one in flight is drained.
+//! What it keeps true:
+//! - Ticks never overlap, and a tick ends only when every slice it handed
+//!   out has returned, so no task is dispatched while a run of it has not
+//!   returned. The ids of runs in flight also go to get_work, which never
+//!   gives them back as surplus.
+//! - A completed task counts as finished only when the database says so.
+//!   Completed tasks are finished by the next get_work (drain mode) or by a
+//!   finish_tasks now; those the database did not finish but the session
+//!   still holds (a row someone else had locked) are carried to the next
+//!   call and never run again while carried; those it no longer holds are
+//!   counted rejected.
+//! - Runs that outlive `batch_timeout` and every attempt to stop them (a
+//!   Tasker blocking its thread) are reported stuck, and the session actor
+//!   stops renewing the session, so its lease expires and the tasks move
+//!   on, instead of being held for ever; the tick keeps waiting for them.
+//! - A failed tick backs off; a notification does not cut the wait short.
+//! - When the session is fenced or lost, the batch in flight is stopped.
+//!   When the runner stops, no new tick starts, a batch fetched meanwhile is
+//!   not started, and the tick in flight is waited for, then stopped, then
+//!   (if its runs still do not return) left running and reported.
+//! - Every tick first checks that the DbFinder still finds the session's
+//!   database; if not, nothing of the old session is used there.
 
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,28 +40,56 @@ use crate::backoff::{Backoff, process_seed};
 use crate::catch::{bounded, caught, panic_message};
 use crate::config::RunnerConfig;
 use crate::error::Error;
-use crate::session::{Lease, LeaseChanged, Lost, Renewed, SessionActor};
+use crate::session::{Lease, LeaseChanged, Lost, Moved, SessionActor, Stuck};
 use crate::status::StatusTx;
-use crate::store::{Database, DbFinder, SessionId, WorkGet};
+use crate::store::{Database, DbFinder, GetWork};
 use crate::task::{ScanTask, TaskId};
 use crate::tasker::Tasker;
 use crate::telemetry::{Metrics, SPAN_FINISH, SPAN_GET_WORK, SPAN_RUN_TASKS, SPAN_TICK};
 use crate::workers::{RunSlice, SliceOutcome, Worker};
 
-/// New tasks may be waiting: tick now if idle.
+/// How long past `batch_timeout` a slice may take to return (a Tasker
+/// dropped at its timeout returns at once; one blocking its thread cannot)
+/// before its runs are reported stuck, and how long Stop waits for a
+/// stopped batch to return before leaving it running.
+pub(crate) const STUCK_GRACE: Duration = Duration::from_secs(2);
+
+/// New tasks may be waiting: tick now if idle and not backing off.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub(crate) struct Wake;
 
 /// Stop ticking and let the tick in flight finish, stopping its tasks after
-/// `timeout`; replies when no tick is in flight.
+/// `timeout`; replies with the tasks whose runs still had not returned
+/// (their session must be left to expire, not ended).
 #[derive(Debug, Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Vec<TaskId>")]
 pub(crate) struct Drain {
     pub(crate) timeout: Duration,
 }
 
 type Aborts = Arc<Mutex<Vec<AbortHandle>>>;
+
+/// The ids of tasks whose runs have not returned.
+type Running = Arc<Mutex<HashSet<TaskId>>>;
+
+/// What the tick in flight reads of the actor's state as it changes.
+#[derive(Debug, Default)]
+struct Gate {
+    /// The runner is stopping: start nothing new.
+    stopping: AtomicBool,
+    /// Bumped on every lease change: a tick that sees it move does not
+    /// start the batch it fetched.
+    epoch: AtomicU64,
+}
+
+/// Completed tasks the database has not confirmed finished yet, with the
+/// lease they were completed under.
+#[derive(Debug)]
+struct Carried {
+    lease: Lease,
+    ids: Vec<TaskId>,
+}
 
 pub(crate) struct Fetcher<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     config: Arc<RunnerConfig>,
@@ -53,17 +99,16 @@ pub(crate) struct Fetcher<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     session: Addr<SessionActor<F>>,
     workers: Arc<[Addr<Worker<T, K>>]>,
     lease: Option<Lease>,
+    gate: Arc<Gate>,
+    running: Running,
     ticking: bool,
-    stopping: bool,
     wake_pending: bool,
+    /// The next tick is a retry after an error: notifications wait for it.
+    backing_off: bool,
     next_tick: Option<SpawnHandle>,
     in_flight: Option<Aborts>,
-    /// Completed tasks not yet finished: deferred by drain mode so that the
-    /// next tick's get_work finishes them in the same call, or left over
-    /// from a finish that failed on a transient error. Finished first thing
-    /// next tick if the session is still the same (otherwise they are
-    /// lost to the old session, and run again: at-least-once).
-    to_finish: Option<(SessionId, Vec<TaskId>)>,
+    carried: Option<Carried>,
+    last_sweep: Option<Instant>,
     drain_waiters: Vec<oneshot::Sender<()>>,
     /// A finish of the carried tasks is in flight (on stop).
     flushing: bool,
@@ -93,22 +138,29 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             session,
             workers,
             lease: None,
+            gate: Arc::default(),
+            running: Arc::default(),
             ticking: false,
-            stopping: false,
             wake_pending: false,
+            backing_off: false,
             next_tick: None,
             in_flight: None,
-            to_finish: None,
+            carried: None,
+            last_sweep: None,
             drain_waiters: Vec::new(),
             flushing: false,
         }
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.gate.stopping.load(Ordering::Relaxed)
     }
 
     fn schedule(&mut self, ctx: &mut Context<Self>, delay: Duration) {
         if let Some(handle) = self.next_tick.take() {
             ctx.cancel_future(handle);
         }
-        if self.stopping {
+        if self.is_stopping() {
             return;
         }
         self.next_tick = Some(if delay.is_zero() {
@@ -132,17 +184,26 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         }
     }
 
-    /// On stop: finishes the completed tasks still carried for the next
-    /// tick (if the session is still usable), then releases whoever waits
-    /// for the drain.
+    fn running_ids(&self) -> Vec<TaskId> {
+        let mut ids: Vec<TaskId> = self
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// On stop: finishes the completed tasks still carried (if the session
+    /// is still usable), then releases whoever waits for the drain.
     fn flush_then_release_drain(&mut self, ctx: &mut Context<Self>) {
-        let carried = match (self.to_finish.take(), self.lease) {
-            (Some((session, ids)), Some(lease)) if session == lease.session && !ids.is_empty() => {
-                Some((session, ids))
-            }
+        let carried = match (self.carried.take(), &self.lease) {
+            (Some(c), Some(lease)) if c.lease == *lease && !c.ids.is_empty() => Some(c),
             _ => None,
         };
-        let Some((session, ids)) = carried else {
+        let Some(Carried { lease, ids }) = carried else {
             self.release_drain_waiters();
             return;
         };
@@ -151,7 +212,10 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         // when the database (or a DbFinder) never answers.
         let fut = caught(bounded(self.config.ttl, async move {
             let db = finder.find().await?;
-            db.tasks_finish::<T>(session, &ids)
+            if db.database_identity().await? != lease.database {
+                return Ok((0, ids.len()));
+            }
+            db.finish_tasks::<T>(lease.session, &ids)
                 .await
                 .map(|done| (done.len(), ids.len()))
         }));
@@ -160,12 +224,12 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             act.flushing = false;
             match res {
                 Ok((done, asked)) => {
-                    act.metrics.completed(done);
-                    act.metrics.rejected(asked - done);
-                    act.status.send_modify(|s| {
-                        s.finished += done as u64;
-                        s.rejected += (asked - done) as u64;
-                    });
+                    act.metrics.finished(done);
+                    act.status.send_modify(|s| s.finished += done as u64);
+                    if done < asked {
+                        tracing::warn!(runner = %act.config.name, unfinished = asked - done,
+                            "completed tasks not finished on stop; they will run again");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(runner = %act.config.name, error = %e, "cannot finish the last batch on stop; its tasks will run again");
@@ -183,22 +247,34 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
         self.next_tick = None;
-        if self.stopping || self.ticking {
+        if self.is_stopping() || self.ticking {
             return;
         }
         // Without a usable session there is nothing to do; the next
         // LeaseChanged starts ticking again.
-        let Some(lease) = self.lease else {
+        let Some(lease) = self.lease.clone() else {
             return;
         };
         self.ticking = true;
         self.wake_pending = false;
+        self.backing_off = false;
         let aborts: Aborts = Arc::default();
         self.in_flight = Some(aborts.clone());
-        let to_finish = match self.to_finish.take() {
-            Some((session, ids)) if session == lease.session => ids,
-            _ => Vec::new(),
+        let carried = match self.carried.take() {
+            Some(c) if c.lease == lease => c.ids,
+            Some(c) => {
+                // Completed under a session that is gone: nobody may finish
+                // them now; they run again (at-least-once).
+                self.metrics.rejected(c.ids.len());
+                self.status
+                    .send_modify(|s| s.rejected += c.ids.len() as u64);
+                Vec::new()
+            }
+            None => Vec::new(),
         };
+        let sweep = self
+            .last_sweep
+            .is_none_or(|at| at.elapsed() >= self.config.tick);
         let span = tracing::info_span!(
             SPAN_TICK,
             otel.name = SPAN_TICK,
@@ -206,7 +282,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             session_lock.runner = %self.config.name,
             session_lock.session.id = lease.session,
             session_lock.tasks.fetched = field::Empty,
-            session_lock.tasks.completed = field::Empty,
+            session_lock.tasks.finished = field::Empty,
             session_lock.tasks.failed = field::Empty,
             otel.status_code = field::Empty,
             error.message = field::Empty,
@@ -216,9 +292,15 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             finder: self.finder.clone(),
             session_actor: self.session.clone(),
             workers: self.workers.clone(),
-            session: lease.session,
+            status: self.status.clone(),
+            metrics: self.metrics.clone(),
+            gate: self.gate.clone(),
+            epoch: self.gate.epoch.load(Ordering::Relaxed),
+            running: self.running.clone(),
+            lease,
             aborts,
-            to_finish,
+            carried,
+            sweep,
         };
         let started = Instant::now();
         let fut = AssertUnwindSafe(tick.run().instrument(span.clone())).catch_unwind();
@@ -248,12 +330,14 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         let elapsed = started.elapsed();
         self.metrics.tick(elapsed.as_secs_f64());
         self.metrics.fetched(report.fetched);
-        self.metrics.completed(report.finished);
+        self.metrics.finished(report.finished);
         self.metrics.failed(report.failed);
         self.metrics.rejected(report.rejected);
-        self.metrics.held(report.held);
+        if let Some(held) = report.held {
+            self.metrics.held(held);
+        }
         span.record("session_lock.tasks.fetched", report.fetched as i64);
-        span.record("session_lock.tasks.completed", report.finished as i64);
+        span.record("session_lock.tasks.finished", report.finished as i64);
         span.record("session_lock.tasks.failed", report.failed as i64);
         if let Some(e) = &report.error {
             span.record("otel.status_code", "ERROR");
@@ -263,8 +347,16 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             span.record("otel.status_code", "ERROR");
             span.record("error.message", field::display(e));
         }
-        if let Some(ids) = report.to_finish {
-            self.to_finish = Some((report.session, ids));
+        if report.swept {
+            self.last_sweep = Some(started);
+        }
+        if let Some(lease) = report.lease.clone() {
+            if !report.carry.is_empty() {
+                self.carried = Some(Carried {
+                    lease,
+                    ids: report.carry,
+                });
+            }
         }
         self.status.send_modify(|s| {
             s.ticks += 1;
@@ -272,7 +364,9 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             s.finished += report.finished as u64;
             s.failed += report.failed as u64;
             s.rejected += report.rejected as u64;
-            s.tasks_held = report.held;
+            if let Some(held) = report.held {
+                s.tasks_held = held;
+            }
             s.last_tick = Some(SystemTime::now());
             if let Some(e) = report.error.as_ref() {
                 s.last_error = Some(e.to_string());
@@ -280,21 +374,23 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
                 s.last_error = Some(e.clone());
             }
         });
-        if self.stopping {
+        if self.is_stopping() {
             self.flush_then_release_drain(ctx);
             return;
         }
         if panicked {
-            // Our own bug or a panicking ScanTask: start from a fresh actor.
+            // Our own bug: start from a fresh actor.
             ctx.stop();
             return;
         }
         let delay = match &report.error {
-            Some(e) if !e.is_session_lost() => self.backoff.next_delay(),
+            Some(e) if !e.is_session_lost() && !report.lease_gone => {
+                self.backing_off = true;
+                self.backoff.next_delay()
+            }
             _ => {
                 self.backoff.reset();
-                let drain = report.drain_next;
-                if self.wake_pending || drain {
+                if self.wake_pending || report.drain_next {
                     Duration::ZERO
                 } else {
                     self.config.tick.saturating_sub(elapsed)
@@ -370,12 +466,15 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<LeaseChanged> for Fetcher<T
     type Result = ();
 
     fn handle(&mut self, msg: LeaseChanged, ctx: &mut Context<Self>) {
-        let previous = self.lease;
-        self.lease = msg.0;
-        match msg.0 {
+        let previous = std::mem::replace(&mut self.lease, msg.0);
+        if previous == self.lease {
+            return;
+        }
+        self.gate.epoch.fetch_add(1, Ordering::Relaxed);
+        match &self.lease {
             None => {
                 if previous.is_some() {
-                    // Fenced or lost: stop running its tasks now.
+                    // Fenced, lost or suspended: stop running its tasks now.
                     self.abort_in_flight();
                 }
             }
@@ -392,10 +491,12 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Wake> for Fetcher<T, K, F> 
     type Result = ();
 
     fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
-        if self.stopping {
+        if self.is_stopping() {
             return;
         }
-        if self.ticking {
+        if self.ticking || self.backing_off {
+            // A tick in flight ticks again when it ends; a retry after an
+            // error keeps its wait.
             self.wake_pending = true;
         } else if self.lease.is_some() {
             self.schedule(ctx, Duration::ZERO);
@@ -404,10 +505,10 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Wake> for Fetcher<T, K, F> 
 }
 
 impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Drain> for Fetcher<T, K, F> {
-    type Result = ResponseActFuture<Self, ()>;
+    type Result = ResponseActFuture<Self, Vec<TaskId>>;
 
     fn handle(&mut self, msg: Drain, ctx: &mut Context<Self>) -> Self::Result {
-        self.stopping = true;
+        self.gate.stopping.store(true, Ordering::Relaxed);
         if let Some(handle) = self.next_tick.take() {
             ctx.cancel_future(handle);
         }
@@ -420,7 +521,8 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Drain> for Fetcher<T, K, F>
                 async move {
                     let _ = rx.await;
                 }
-                .into_actor(self),
+                .into_actor(self)
+                .map(|(), _, _| Vec::new()),
             );
         }
         let timeout = msg.timeout;
@@ -436,11 +538,21 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Drain> for Fetcher<T, K, F>
                         rx
                     });
                     async move {
-                        if let Some(rx) = rest {
-                            let _ = rx.await;
+                        match rest {
+                            Some(rx) => tokio::time::timeout(STUCK_GRACE, rx).await.is_ok(),
+                            None => true,
                         }
                     }
                     .into_actor(act)
+                })
+                .map(|returned, act, _ctx| {
+                    if returned {
+                        return Vec::new();
+                    }
+                    let left = act.running_ids();
+                    tracing::error!(runner = %act.config.name, tasks = ?left,
+                        "stopping with runs that do not return: their session is left to expire, not ended");
+                    left
                 }),
         )
     }
@@ -449,21 +561,27 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Drain> for Fetcher<T, K, F>
 /// What one tick did.
 #[derive(Debug, Default)]
 struct TickReport {
-    session: SessionId,
-    /// Tasks held after get_work (including rows that did not scan).
-    held: usize,
+    /// The lease the tick ran under, if it got that far.
+    lease: Option<Lease>,
+    /// Tasks held after get_work (including rows that did not scan), when
+    /// it succeeded.
+    held: Option<usize>,
     /// Tasks handed to the workers.
     fetched: usize,
-    /// Tasks finished in the database.
+    /// Tasks the database confirmed finished.
     finished: usize,
     /// Tasks that failed, panicked, timed out, were stopped, or did not scan.
     failed: usize,
-    /// Completed tasks whose finish the database refused.
+    /// Completed tasks the database did not finish: no longer held.
     rejected: usize,
-    /// Tasks this tick completed, or carried, that are not finished yet.
-    to_finish: Option<Vec<TaskId>>,
+    /// Completed tasks not confirmed finished, still held: for the next call.
+    carry: Vec<TaskId>,
     /// Whether the next tick should start at once (drain mode).
     drain_next: bool,
+    /// Whether get_work swept for orphans.
+    swept: bool,
+    /// The session is gone (lost, refused, or its database moved).
+    lease_gone: bool,
     /// A failure of the tick itself.
     error: Option<Error>,
     /// The first failure of a task, for the span.
@@ -476,44 +594,78 @@ struct TickRun<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     finder: Arc<F>,
     session_actor: Addr<SessionActor<F>>,
     workers: Arc<[Addr<Worker<T, K>>]>,
-    session: SessionId,
+    status: StatusTx,
+    metrics: Metrics,
+    gate: Arc<Gate>,
+    /// The lease epoch when the tick started.
+    epoch: u64,
+    running: Running,
+    lease: Lease,
     aborts: Aborts,
-    to_finish: Vec<TaskId>,
+    /// Completed tasks of this lease not yet confirmed finished.
+    carried: Vec<TaskId>,
+    sweep: bool,
 }
 
 impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
     async fn run(self) -> TickReport {
         let mut report = TickReport {
-            session: self.session,
+            lease: Some(self.lease.clone()),
+            carry: self.carried.clone(),
             ..TickReport::default()
         };
         // Every database step of a tick is bounded by the TTL: past it the
         // lease is gone anyway, and a tick must never hang.
         let limit = self.config.ttl;
-        let db = match caught(bounded(limit, self.finder.find())).await {
-            Ok(db) => db,
+        let found = caught(bounded(limit, async {
+            let db = self.finder.find().await?;
+            let identity = db.database_identity().await?;
+            Ok((db, identity))
+        }))
+        .await;
+        let db = match found {
+            Ok((db, identity)) if identity == self.lease.database => db,
+            Ok((_, identity)) => {
+                // Another database: the session and the carried ids mean
+                // nothing (or something else) there.
+                self.session_actor.do_send(Moved {
+                    session: self.lease.session,
+                });
+                report.rejected += report.carry.len();
+                report.carry.clear();
+                report.lease_gone = true;
+                report.error = Some(Error::Moved {
+                    from: self.lease.database.to_string(),
+                    to: identity.to_string(),
+                });
+                return report;
+            }
             Err(e) => {
-                // Keep the completed-but-unfinished tasks for the next try.
-                if !self.to_finish.is_empty() {
-                    report.to_finish = Some(self.to_finish.clone());
-                }
                 report.error = Some(e);
                 return report;
             }
         };
 
-        // One call: finish what the last tick completed, then get work.
-        let sent_at = Instant::now();
+        // One call: finish what completed, then get work.
+        let running: Vec<TaskId> = {
+            let mut ids: Vec<TaskId> = self
+                .running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .copied()
+                .collect();
+            ids.sort_unstable();
+            ids
+        };
         let work = bounded(
             limit,
-            db.work_finish_and_get::<T>(
-                WorkGet {
-                    session: self.session,
-                    max_tasks: self.config.max_tasks,
-                    ttl: self.config.ttl,
-                },
-                &self.to_finish,
-            ),
+            db.get_work::<T>(GetWork {
+                session: self.lease.session,
+                finished: &self.carried,
+                running: &running,
+                sweep: self.sweep,
+            }),
         )
         .instrument(tracing::info_span!(
             SPAN_GET_WORK,
@@ -522,44 +674,84 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             db.system.name = "postgresql",
             db.operation.name = "get_work",
             session_lock.runner = %self.config.name,
-            session_lock.tasks.finishing = self.to_finish.len() as i64,
+            session_lock.tasks.finishing = self.carried.len() as i64,
         ))
         .await;
         let work = match work {
-            Ok(work) => {
-                report.finished += self.to_finish.len();
-                work
-            }
+            Ok(work) => work,
             Err(e) => {
-                if e.is_session_lost() {
+                if e.is_session_lost() || matches!(e, Error::ProtocolMismatch { .. }) {
                     self.session_actor.do_send(Lost {
-                        session: self.session,
+                        session: self.lease.session,
                     });
-                    report.rejected += self.to_finish.len();
-                } else if !self.to_finish.is_empty() {
-                    report.to_finish = Some(self.to_finish.clone());
+                    report.rejected += report.carry.len();
+                    report.carry.clear();
+                    report.lease_gone = true;
                 }
                 report.error = Some(e);
                 return report;
             }
         };
-        self.session_actor.do_send(Renewed {
-            session: self.session,
-            sent_at,
-        });
-        report.held = work.tasks.len() + work.unreadable.len();
+        report.swept = self.sweep;
+
+        // What the database says: finished, still held, or gone.
+        let mut tasks = Vec::with_capacity(work.tasks.len());
+        let mut held: HashSet<TaskId> = HashSet::with_capacity(work.tasks.len());
+        for task in work.tasks {
+            match AssertUnwindSafe(|| task.id()).catch_unwind_sync() {
+                Ok(id) => {
+                    held.insert(id);
+                    tasks.push((id, task));
+                }
+                Err(panic) => {
+                    report.failed += 1;
+                    let e = format!("Task::id panicked: {}", panic_message(&panic));
+                    tracing::error!(runner = %self.config.name, error = %e, "a task's id cannot be read; it stays assigned");
+                    report.task_error.get_or_insert(e);
+                }
+            }
+        }
+        report.held = Some(held.len() + work.unreadable.len() + report.failed);
         report.failed += work.unreadable.len();
         for e in &work.unreadable {
+            if let Some(id) = e.task_id {
+                held.insert(id);
+            }
             tracing::error!(runner = %self.config.name, error = %e, "task row does not scan; it stays assigned");
             report.task_error.get_or_insert_with(|| e.to_string());
         }
-        if work.tasks.is_empty() {
+        report.finished += work.finished.len();
+        let finished: HashSet<TaskId> = work.finished.into_iter().collect();
+        let mut still_carried = Vec::new();
+        for id in report.carry.drain(..) {
+            if finished.contains(&id) {
+                continue;
+            }
+            if held.contains(&id) {
+                still_carried.push(id);
+            } else {
+                report.rejected += 1;
+            }
+        }
+        report.carry = still_carried;
+        let skip: HashSet<TaskId> = report.carry.iter().chain(running.iter()).copied().collect();
+        tasks.retain(|(id, _)| !skip.contains(id));
+
+        if tasks.is_empty() {
             return report;
         }
-        report.fetched = work.tasks.len();
+        if self.gate.stopping.load(Ordering::Relaxed)
+            || self.gate.epoch.load(Ordering::Relaxed) != self.epoch
+        {
+            // Stop or a fence came during get_work: start nothing. The
+            // tasks stay held; an ended or expired session frees them.
+            return report;
+        }
+        report.fetched = tasks.len();
+        let full_share = held.len() >= self.config.max_tasks as usize;
 
         let outcomes = self
-            .run_tasks(work.tasks)
+            .run_tasks(tasks)
             .instrument(tracing::info_span!(
                 SPAN_RUN_TASKS,
                 otel.name = SPAN_RUN_TASKS,
@@ -575,88 +767,147 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 report.task_error.get_or_insert(e);
             }
         }
-        let full_share = report.fetched >= self.config.max_tasks as usize;
         report.drain_next = self.config.drain_mode && full_share && !completed.is_empty();
-        if report.drain_next {
-            // The next tick starts at once: its get_work finishes these.
-            report.to_finish = Some(completed);
-        } else if !completed.is_empty() {
-            self.finish(&db, completed, &mut report).await;
+        report.carry.extend(completed);
+        if !report.drain_next && !report.carry.is_empty() {
+            let ids = std::mem::take(&mut report.carry);
+            self.finish(&db, ids, &mut report).await;
         }
         report
     }
 
-    async fn run_tasks(&self, tasks: Vec<T>) -> Vec<SliceOutcome> {
+    /// Runs the tasks on the workers, a slice each, and waits until every
+    /// slice has returned. Runs still going `STUCK_GRACE` past the batch
+    /// timeout are reported stuck, and their session left to expire.
+    async fn run_tasks(&self, tasks: Vec<(TaskId, T)>) -> Vec<SliceOutcome> {
         let n = self.workers.len().min(tasks.len());
-        let mut slices: Vec<Vec<T>> = (0..n).map(|_| Vec::new()).collect();
-        for (i, task) in tasks.into_iter().enumerate() {
-            slices[i % n].push(task);
+        let mut slices: Vec<(Vec<TaskId>, Vec<T>)> =
+            (0..n).map(|_| (Vec::new(), Vec::new())).collect();
+        for (i, (id, task)) in tasks.into_iter().enumerate() {
+            slices[i % n].0.push(id);
+            slices[i % n].1.push(task);
         }
         let timeout = self.config.batch_timeout;
-        let sends = slices.into_iter().enumerate().map(|(i, tasks)| {
+        let sends = slices.into_iter().enumerate().map(|(i, (ids, tasks))| {
             let (handle, abort) = AbortHandle::new_pair();
             self.aborts
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(handle);
-            let count = tasks.len();
-            let request = self.workers[i]
-                .send(RunSlice {
-                    tasks,
-                    timeout,
-                    abort,
-                })
-                // A worker stuck in blocking code never reaches its own
-                // timeout; this one does not depend on it.
-                .timeout(timeout.saturating_add(Duration::from_secs(5)));
+            self.running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(ids.iter().copied());
+            let count = ids.len();
+            let running = self.running.clone();
+            let request = self.workers[i].send(RunSlice {
+                tasks,
+                ids: ids.clone(),
+                timeout,
+                abort,
+            });
             async move {
-                request.await.unwrap_or_else(|e| SliceOutcome {
+                let outcome = request.await.unwrap_or_else(|e| SliceOutcome {
                     completed: Vec::new(),
                     failed: count,
                     error: Some(format!("worker {i} unavailable: {e}")),
-                })
+                });
+                let mut running = running.lock().unwrap_or_else(PoisonError::into_inner);
+                for id in &ids {
+                    running.remove(id);
+                }
+                outcome
             }
         });
-        join_all(sends).await
+        let all = join_all(sends);
+        tokio::pin!(all);
+        match tokio::time::timeout(timeout.saturating_add(STUCK_GRACE), &mut all).await {
+            Ok(outcomes) => outcomes,
+            Err(_) => {
+                let mut stuck: Vec<TaskId> = self
+                    .running
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .copied()
+                    .collect();
+                stuck.sort_unstable();
+                tracing::error!(
+                    runner = %self.config.name,
+                    session = self.lease.session,
+                    tasks = ?stuck,
+                    batch_timeout = ?timeout,
+                    "runs outlived the batch timeout and cannot be stopped (a Tasker blocking its thread?): no longer renewing the session"
+                );
+                self.metrics.stuck(stuck.len());
+                self.status.send_modify(|s| {
+                    s.stuck_tasks += stuck.len() as u64;
+                    s.last_error = Some(format!(
+                        "tasks {stuck:?} still running past the batch timeout of {timeout:?}: session {} left to expire",
+                        self.lease.session
+                    ));
+                });
+                self.session_actor.do_send(Stuck {
+                    session: self.lease.session,
+                    stuck: true,
+                });
+                let outcomes = all.await;
+                self.session_actor.do_send(Stuck {
+                    session: self.lease.session,
+                    stuck: false,
+                });
+                outcomes
+            }
+        }
     }
 
     async fn finish(&self, db: &F::Db, ids: Vec<TaskId>, report: &mut TickReport) {
-        let res = bounded(self.config.ttl, db.tasks_finish::<T>(self.session, &ids))
-            .instrument(tracing::info_span!(
-                SPAN_FINISH,
-                otel.name = SPAN_FINISH,
-                otel.kind = "client",
-                db.system.name = "postgresql",
-                db.operation.name = "finish_tasks",
-                session_lock.runner = %self.config.name,
-                session_lock.tasks.count = ids.len() as i64,
-            ))
-            .await;
+        let res = bounded(
+            self.config.ttl,
+            db.finish_tasks::<T>(self.lease.session, &ids),
+        )
+        .instrument(tracing::info_span!(
+            SPAN_FINISH,
+            otel.name = SPAN_FINISH,
+            otel.kind = "client",
+            db.system.name = "postgresql",
+            db.operation.name = "finish_tasks",
+            session_lock.runner = %self.config.name,
+            session_lock.tasks.count = ids.len() as i64,
+        ))
+        .await;
         match res {
             Ok(done) => {
                 report.finished += done.len();
-                report.rejected += ids.len() - done.len();
-                if done.len() < ids.len() {
-                    tracing::warn!(
-                        runner = %self.config.name,
-                        session = self.session,
-                        rejected = ids.len() - done.len(),
-                        "finish refused for tasks the session no longer holds"
-                    );
-                }
+                // The rest are still held (a row locked by someone else) or
+                // gone: the next get_work tells which.
+                let done: HashSet<TaskId> = done.into_iter().collect();
+                report.carry = ids.into_iter().filter(|id| !done.contains(id)).collect();
             }
-            Err(e) if e.is_session_lost() => {
+            Err(e) if e.is_session_lost() || matches!(e, Error::ProtocolMismatch { .. }) => {
                 self.session_actor.do_send(Lost {
-                    session: self.session,
+                    session: self.lease.session,
                 });
                 report.rejected += ids.len();
+                report.lease_gone = true;
                 report.error = Some(e);
             }
             Err(e) => {
-                // Retried first thing next tick, if the session survives.
-                report.to_finish = Some(ids);
+                // Retried by the next get_work, if the session survives.
+                report.carry = ids;
                 report.error = Some(e);
             }
         }
+    }
+}
+
+/// `catch_unwind` for a closure, as a method.
+trait CatchUnwindSync<R> {
+    fn catch_unwind_sync(self) -> std::thread::Result<R>;
+}
+
+impl<R, C: FnOnce() -> R> CatchUnwindSync<R> for AssertUnwindSafe<C> {
+    fn catch_unwind_sync(self) -> std::thread::Result<R> {
+        std::panic::catch_unwind(self)
     }
 }

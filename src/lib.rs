@@ -17,6 +17,7 @@ pub mod status;
 pub mod store;
 pub mod supervisor;
 mod task;
+pub mod task_table;
 pub mod tasker;
 pub mod telemetry;
 pub mod tls;
@@ -24,15 +25,19 @@ mod workers;
 
 pub use config::{ConfigError, RunnerConfig, RunnerConfigBuilder};
 pub use error::{Error, Result, ScanError};
-pub use error::{SQLSTATE_INVALID_ARGUMENT, SQLSTATE_SESSION_LOST, SQLSTATE_TEMPLATE_UNFILLED};
+pub use error::{
+    SQLSTATE_BAD_DECLARATION, SQLSTATE_INVALID_ARGUMENT, SQLSTATE_PROTOCOL_MISMATCH,
+    SQLSTATE_SESSION_LOST,
+};
 pub use migrate::{MigrateError, Migrator};
 pub use status::RunnerStatus;
 pub use store::{
-    Database, DbFinder, Listener, PgStore, SessionId, SessionStart, StoreOptions, Work, WorkGet,
-    connect_one, connect_one_with,
+    Database, DatabaseId, DbFinder, GetWork, Listener, PgStore, SessionId, SessionStart,
+    StoreClient, StoreOptions, Work, connect_one, connect_one_with,
 };
 pub use supervisor::{Runner, RunnerHandle, RunnerServer, Stop};
 pub use task::{ScanTask, Task, TaskId, TaskQueries, column};
+pub use task_table::TaskTable;
 pub use tasker::{Progress, Tasker, TaskerError};
 pub use tls::TlsMode;
 

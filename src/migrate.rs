@@ -70,6 +70,8 @@ use tokio_postgres::error::ErrorPosition;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::error::describe_db;
+use crate::store::Interval;
+use crate::task_table::{DECLARE, TaskTable};
 
 /// The key of the session-level advisory lock (`pg_advisory_lock`) held for
 /// the whole of [`Migrator::run`]: the ASCII bytes of `"sesslock"`.
@@ -82,10 +84,6 @@ pub const CORE_SET: &str = "session_lock";
 /// [`Migrator::with_example`].
 pub const EXAMPLE_SET: &str = "example";
 
-/// The fill-in marker of the SQL templates in `migrations/template/`: a user
-/// file that still contains it is refused by [`Migrator::with_dir`].
-pub const TEMPLATE_MARKER: &str = "TODO(session-lock)";
-
 const CORE_FILES: &[(&str, MigrationKind, &str)] = &[
     (
         "0001_session_lock.up.sql",
@@ -93,9 +91,19 @@ const CORE_FILES: &[(&str, MigrationKind, &str)] = &[
         include_str!("../migrations/0001_session_lock.up.sql"),
     ),
     (
+        "0001_session_lock_v2.up.sql",
+        MigrationKind::Once,
+        include_str!("../migrations/0001_session_lock_v2.up.sql"),
+    ),
+    (
         "0002_session_lock.alwaysup.sql",
         MigrationKind::Always,
         include_str!("../migrations/0002_session_lock.alwaysup.sql"),
+    ),
+    (
+        "0003_task_table.alwaysup.sql",
+        MigrationKind::Always,
+        include_str!("../migrations/0003_task_table.alwaysup.sql"),
     ),
 ];
 
@@ -237,6 +245,8 @@ pub struct Report {
     /// session-lock applied them (during a rolling upgrade, an old instance
     /// restarting must not put back the old functions).
     pub newer_kept: Vec<String>,
+    /// Task tables declared with [`Migrator::task_table`], in order.
+    pub declared: Vec<String>,
 }
 
 /// Why loading or applying migrations failed.
@@ -273,19 +283,32 @@ pub enum MigrateError {
         /// The offending files.
         files: Vec<PathBuf>,
     },
-    /// A migration file still contains the template's
-    /// [`TODO(session-lock)`](TEMPLATE_MARKER) fill-in markers.
+    /// A file of yours would replace a function session-lock generates for
+    /// a declared task table: most likely the always-file of a task
+    /// template copied from session-lock 0.1, which the declaration
+    /// replaces (README: upgrading from the template).
     #[error(
-        "the template is not filled in: migrations directory {} still has {} marker(s):\n  {}",
-        .dir.display(),
-        TEMPLATE_MARKER,
-        .markers.join("\n  ")
+        "migration {set}/{file} defines {function}, which session-lock generates from the declaration of task table {table}: delete that file (README: upgrading from the template)"
     )]
-    TemplateNotFilled {
-        /// The directory.
-        dir: PathBuf,
-        /// Each remaining marker, as `file:line: text`.
-        markers: Vec<String>,
+    ReplacesGenerated {
+        /// The set.
+        set: String,
+        /// The file.
+        file: String,
+        /// The generated function it defines.
+        function: String,
+        /// The declared task table.
+        table: String,
+    },
+    /// A generated function of a declared task table did not survive the
+    /// run: a migration of yours replaced it (session-lock generated it
+    /// again; remove the file that replaced it).
+    #[error(
+        "a migration replaced {functions}, which session-lock generates for declared task tables: they were generated again, but remove the migration that defines them (README: upgrading from the template)"
+    )]
+    GeneratedReplaced {
+        /// The functions found replaced.
+        functions: String,
     },
     /// A set name given to [`Migrator::with_named_dir`] is empty, reserved or
     /// already used.
@@ -430,6 +453,8 @@ pub struct Migrator {
     /// Every set name in use, in order, including directories without files
     /// (so that the `app`, `app2`… numbering does not depend on contents).
     sets: Vec<String>,
+    /// Task tables to declare after the sets, in order.
+    task_tables: Vec<TaskTable>,
 }
 
 impl Default for Migrator {
@@ -444,7 +469,18 @@ impl Migrator {
         Migrator {
             migrations: Migration::embedded(CORE_SET, CORE_FILES),
             sets: vec![CORE_SET.to_owned()],
+            task_tables: Vec::new(),
         }
+    }
+
+    /// Declares a task table at the end of every run, after every set (so a
+    /// migration of yours may create the table in the same run): its
+    /// protocol functions are generated from the declaration, by the
+    /// session-lock that runs the migration. The same as calling
+    /// `session_lock.declare_task_table` in a migration of your own.
+    pub fn task_table(mut self, table: TaskTable) -> Self {
+        self.task_tables.push(table);
+        self
     }
 
     /// Adds the worked example set, `example` (an example task table and its
@@ -503,8 +539,6 @@ impl Migrator {
     ///   ([`ReadDir`](MigrateError::ReadDir), [`ReadFile`](MigrateError::ReadFile));
     /// * any other `*.sql` file, e.g. `0003_x.sql`
     ///   ([`UnexpectedFiles`](MigrateError::UnexpectedFiles));
-    /// * a file still containing the template's [`TEMPLATE_MARKER`]
-    ///   ([`TemplateNotFilled`](MigrateError::TemplateNotFilled));
     /// * an empty set name, one containing `/`, `session_lock`, `example`, or
     ///   a name already used ([`InvalidSetName`](MigrateError::InvalidSetName)).
     pub fn with_named_dir(
@@ -641,6 +675,8 @@ impl Migrator {
             }
         }
 
+        self.refuse_replacing_generated(client).await?;
+
         let mut report = Report::default();
         for (m, checksum) in self.migrations.iter().zip(&checksums) {
             let name = m.name();
@@ -674,8 +710,121 @@ impl Migrator {
                 }
             }
         }
+        for table in &self.task_tables {
+            declare(client, table).await?;
+            tracing::info!(table = %table.table, "task table declared");
+            report.declared.push(table.table.clone());
+        }
+        check_generated(client).await?;
         Ok(report)
     }
+
+    /// Refuses, before anything is applied, a user always-file that defines
+    /// a function session-lock generates for a declared table: applied on
+    /// every run, it would replace the protocol with its own copy.
+    async fn refuse_replacing_generated(&self, client: &Client) -> Result<(), MigrateError> {
+        let rows = client
+            .query(
+                "SELECT t.task_table::text, t.fn_schema::text, t.fn_prefix
+                   FROM session_lock.task_table t
+                  WHERE pg_catalog.to_regclass('session_lock.task_table') IS NOT NULL",
+                &[],
+            )
+            .await;
+        // Before protocol 2 there is no such table: nothing is declared.
+        let Ok(rows) = rows else {
+            return Ok(());
+        };
+        for row in rows {
+            let (table, schema, prefix): (String, String, String) =
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            for m in &self.migrations {
+                if is_embedded(&m.set) || m.kind != MigrationKind::Always {
+                    continue;
+                }
+                let sql = m
+                    .sql
+                    .to_lowercase()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                for name in GENERATED_ENTRY_POINTS {
+                    let function = format!("{prefix}_{name}").to_lowercase();
+                    let qualified = format!("function {}.{function}", schema.to_lowercase());
+                    if sql.contains(&qualified) || sql.contains(&format!("function {function}")) {
+                        return Err(MigrateError::ReplacesGenerated {
+                            set: m.set.clone(),
+                            file: m.file.clone(),
+                            function: format!("{schema}.{prefix}_{name}"),
+                            table,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The generated functions a runner and `status` call, which a copied task
+/// template also defines.
+const GENERATED_ENTRY_POINTS: [&str; 3] = ["get_work", "finish_tasks", "held"];
+
+/// Applies one declaration, in a transaction of its own.
+async fn declare(client: &mut Client, table: &TaskTable) -> Result<(), MigrateError> {
+    let tx = client.transaction().await?;
+    tx.execute(
+        DECLARE,
+        &[
+            &table.table,
+            &table.open_when,
+            &table.finish,
+            &table.finished_by,
+            &table.order_by,
+            &table.id_column,
+            &table.notify,
+            &table.fn_prefix,
+            &Interval(table.lock_timeout),
+        ],
+    )
+    .await
+    .map_err(|source| MigrateError::Db {
+        migration: Some(format!("declaration of {}", table.table)),
+        source,
+    })?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Checks that no file of the run replaced a generated function (the
+/// generated ones carry a marker line); generates them again if one did,
+/// and reports which.
+async fn check_generated(client: &Client) -> Result<(), MigrateError> {
+    let replaced: Vec<String> = client
+        .query(
+            "SELECT p.oid::regprocedure::text
+               FROM session_lock.task_table t
+               JOIN pg_catalog.pg_proc p
+                 ON p.pronamespace = t.fn_schema::regnamespace
+                AND p.proname IN (t.fn_prefix || '_get_work', t.fn_prefix || '_finish_tasks',
+                                  t.fn_prefix || '_held')
+              WHERE pg_catalog.to_regclass('session_lock.task_table') IS NOT NULL
+                AND p.prosrc NOT LIKE '%Generated by session-lock%'
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .unwrap_or_default();
+    if replaced.is_empty() {
+        return Ok(());
+    }
+    client
+        .batch_execute("SELECT session_lock.generate_task_tables()")
+        .await?;
+    Err(MigrateError::GeneratedReplaced {
+        functions: replaced.join(", "),
+    })
 }
 
 fn is_embedded(set: &str) -> bool {
@@ -846,28 +995,16 @@ fn read_dir_set(set: &str, dir: &Path) -> Result<Vec<Migration>, MigrateError> {
     found.sort_by(|a, b| order_key(&a.0).cmp(&order_key(&b.0)));
 
     let mut migrations = Vec::with_capacity(found.len());
-    let mut markers = Vec::new();
     for (file, kind, path) in found {
         let sql = std::fs::read_to_string(&path).map_err(|source| MigrateError::ReadFile {
             path: path.clone(),
             source,
         })?;
-        for (i, line) in sql.lines().enumerate() {
-            if line.contains(TEMPLATE_MARKER) {
-                markers.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
-            }
-        }
         migrations.push(Migration {
             set: set.to_owned(),
             file,
             kind,
             sql: Cow::Owned(sql),
-        });
-    }
-    if !markers.is_empty() {
-        return Err(MigrateError::TemplateNotFilled {
-            dir: dir.to_owned(),
-            markers,
         });
     }
     Ok(migrations)

@@ -39,7 +39,7 @@ impl<F: DbFinder> Reaper<F> {
         let runner = self.config.name.clone();
         let fut = caught(bounded(self.config.ttl, async move {
             let db = finder.find().await?;
-            db.sessions_reap(age).await
+            db.reap_sessions(age).await
         }));
         ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
             act.running = false;

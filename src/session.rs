@@ -1,15 +1,30 @@
 //! The session actor: starts the session, heartbeats, replaces a lost
-//! session, fences itself when its lease may have run out, and ends the
-//! session on stop.
+//! session, fences itself when its lease may have run out, and on stop
+//! ends the session, or leaves it to expire when work it started is still
+//! running.
 //!
 //! Self-fencing: the actor keeps, on this process's monotonic clock, the
-//! moment the last successful renewal was *sent* (a heartbeat, or a
-//! `get_work`, which also renews). The database extended the lease from a
-//! moment no earlier than that, so `sent + ttl` is never later than the
-//! database's expiry. At `sent + ttl - safety_margin` the actor tells the
-//! fetcher to stop using the session: a frozen or partitioned process stops
-//! its work before the others may take its tasks over. If a later heartbeat
-//! succeeds the fence is lifted; if it reports SL001, a new session starts.
+//! moment the last successful heartbeat was *sent*. The database extended
+//! the lease from a moment no earlier than that (and never shortens a
+//! lease), so `sent + ttl` is never later than the database's expiry. At
+//! `sent + ttl - safety_margin` the actor tells the fetcher to stop using
+//! the session: a frozen or partitioned process stops its work before the
+//! others may take its tasks over. A later successful heartbeat lifts the
+//! fence; SL001 means the session is gone, and a new one starts.
+//!
+//! The heartbeat is the only renewal. Each one is bounded by
+//! `heartbeat_timeout`, and stores give it connections nothing else uses,
+//! so neither a slow get_work nor the application's queries delay it.
+//!
+//! What it cannot stop, it does not renew: while the fetcher reports runs
+//! that outlived every timeout (a Tasker blocking its thread), the actor
+//! suspends the heartbeat, so the lease expires and the tasks move on,
+//! instead of being held for ever by a run nobody can end.
+//!
+//! A session lives in one database. Before each heartbeat the actor checks
+//! the database's identity; if the DbFinder now finds another database,
+//! the session is dropped there (never ended with an id that means another
+//! session here) and a new one starts in the new database.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,16 +36,18 @@ use tracing::Instrument;
 use crate::backoff::{Backoff, process_seed};
 use crate::catch::{bounded, caught};
 use crate::config::RunnerConfig;
+use crate::error::Error;
 use crate::status::StatusTx;
-use crate::store::{Database, DbFinder, SessionId, SessionStart};
+use crate::store::{Database, DatabaseId, DbFinder, SessionId, SessionStart};
 use crate::telemetry::{
     Metrics, SPAN_HEARTBEAT_FAILURE, SPAN_SESSION_END, SPAN_SESSION_LOSS, SPAN_SESSION_START,
 };
 
-/// The session the fetcher may use, and until when.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The session the fetcher may use, and the database it lives in.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Lease {
     pub(crate) session: SessionId,
+    pub(crate) database: DatabaseId,
 }
 
 /// The session the fetcher may use changed: `None` means stop using any.
@@ -43,26 +60,37 @@ pub(crate) struct LeaseChanged(pub(crate) Option<Lease>);
 #[rtype(result = "()")]
 pub(crate) struct Subscribe(pub(crate) Recipient<LeaseChanged>);
 
-/// A `get_work` for `session`, sent at `sent_at`, succeeded: it renewed the
-/// lease like a heartbeat.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub(crate) struct Renewed {
-    pub(crate) session: SessionId,
-    pub(crate) sent_at: Instant,
-}
-
-/// The database reported `session` lost (SL001).
+/// The database reported `session` lost (SL001) or refused it (SL004).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub(crate) struct Lost {
     pub(crate) session: SessionId,
 }
 
-/// Stop heartbeating and end the session; replies when it is ended.
+/// The DbFinder found another database than `session`'s.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub(crate) struct EndSession;
+pub(crate) struct Moved {
+    pub(crate) session: SessionId,
+}
+
+/// Runs of `session`'s tasks outlived every timeout (`true`): stop renewing
+/// it; or they have all returned (`false`): renew it again if it is still
+/// live.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Stuck {
+    pub(crate) session: SessionId,
+    pub(crate) stuck: bool,
+}
+
+/// Stop heartbeating. With `leave`, the session is left to expire (work it
+/// started is still running); otherwise it is ended. Replies when done.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct EndSession {
+    pub(crate) leave: bool,
+}
 
 pub(crate) struct SessionActor<F: DbFinder> {
     config: Arc<RunnerConfig>,
@@ -70,10 +98,12 @@ pub(crate) struct SessionActor<F: DbFinder> {
     status: StatusTx,
     metrics: Metrics,
     subscriber: Option<Recipient<LeaseChanged>>,
-    session: Option<SessionId>,
-    /// When the last successful renewal of `session` was sent.
+    lease: Option<Lease>,
+    /// When the last successful heartbeat of `lease` was sent.
     renewed_at: Option<Instant>,
     fenced: bool,
+    /// Runs of the session's tasks outlived every timeout: not renewed.
+    suspended: bool,
     starting: bool,
     bumping: bool,
     stopped: bool,
@@ -97,9 +127,10 @@ impl<F: DbFinder> SessionActor<F> {
             status,
             metrics,
             subscriber: None,
-            session: None,
+            lease: None,
             renewed_at: None,
             fenced: false,
+            suspended: false,
             starting: false,
             bumping: false,
             stopped: false,
@@ -109,30 +140,38 @@ impl<F: DbFinder> SessionActor<F> {
         }
     }
 
+    fn session(&self) -> Option<SessionId> {
+        self.lease.as_ref().map(|l| l.session)
+    }
+
     /// The lease the fetcher may use now.
-    fn lease(&self) -> Option<Lease> {
-        match (self.session, self.fenced, self.stopped) {
-            (Some(session), false, false) => Some(Lease { session }),
-            _ => None,
+    fn usable(&self) -> Option<Lease> {
+        if self.fenced || self.stopped || self.suspended {
+            return None;
         }
+        self.lease.clone()
     }
 
     fn publish(&self) {
-        let lease = self.lease();
+        let lease = self.usable();
         self.status
-            .send_modify(|s| s.session = lease.map(|l| l.session));
+            .send_modify(|s| s.session = lease.as_ref().map(|l| l.session));
         if let Some(sub) = &self.subscriber {
             sub.do_send(LeaseChanged(lease));
         }
     }
 
     fn start_session(&mut self, ctx: &mut Context<Self>) {
-        if self.starting || self.stopped || self.session.is_some() {
+        if self.starting || self.stopped || self.lease.is_some() {
             return;
         }
         self.starting = true;
         let finder = self.finder.clone();
-        let params = SessionStart::new(self.config.name.clone(), self.config.ttl);
+        let params = SessionStart::new(
+            self.config.name.clone(),
+            self.config.ttl,
+            self.config.max_tasks,
+        );
         let span = tracing::info_span!(
             SPAN_SESSION_START,
             otel.name = SPAN_SESSION_START,
@@ -144,31 +183,40 @@ impl<F: DbFinder> SessionActor<F> {
         let fut_span = span.clone();
         let sent_at = Instant::now();
         // Bounded: a start stuck behind a partition must not block the
-        // retries (a timed-out start may leave a session row that simply
-        // expires).
-        let limit = self.config.ttl;
+        // retries (a start that timed out may leave a session row that
+        // simply expires).
+        let limit = self.config.heartbeat_timeout;
         let fut = bounded(limit, async move {
             let db = finder.find().await?;
-            db.session_start(&params).await
+            let database = db.database_identity().await?;
+            let session = db.start_session(&params).await?;
+            Ok(Lease { session, database })
         });
         let fut = caught(fut).instrument(fut_span);
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.starting = false;
             match res {
-                Ok(id) => {
+                Ok(lease) if act.stopped => {
+                    // Stop came while the start was in flight: a session
+                    // nobody will use must not count in everyone's shares.
+                    // The waiting EndSession ends it.
+                    tracing::info!(parent: &span, session = lease.session, "session started after stop: ending it");
+                    act.lease = Some(lease);
+                }
+                Ok(lease) => {
+                    let id = lease.session;
                     span.record("session_lock.session.id", id);
-                    tracing::info!(parent: &span, session = id, "session started");
-                    act.session = Some(id);
+                    tracing::info!(parent: &span, session = id, database = %lease.database, "session started");
+                    act.lease = Some(lease);
                     act.fenced = false;
+                    act.suspended = false;
                     act.backoff.reset();
                     act.status.send_modify(|s| {
                         s.session_starts += 1;
                         s.last_error = None;
                     });
                     act.renewed(ctx, id, sent_at);
-                    if !act.stopped {
-                        act.publish();
-                    }
+                    act.publish();
                 }
                 Err(e) => {
                     span.record("otel.status_code", "ERROR");
@@ -187,37 +235,40 @@ impl<F: DbFinder> SessionActor<F> {
     }
 
     fn heartbeat(&mut self, ctx: &mut Context<Self>) {
-        let Some(session) = self.session else {
+        let Some(lease) = self.lease.clone() else {
             return;
         };
-        if self.bumping || self.stopped {
+        if self.bumping || self.stopped || self.suspended {
             return;
         }
         self.bumping = true;
         let finder = self.finder.clone();
         let ttl = self.config.ttl;
         let sent_at = Instant::now();
-        // Bounded by the time left before the fence: a bump that gets no
-        // answer by then is a failed heartbeat, retried, not one that never
-        // ends. (Not by the heartbeat interval: a slow but working link,
-        // say 500 ms each way, would then fail every heartbeat.)
-        let limit = self.config.ttl - self.config.safety_margin;
+        let limit = self.config.heartbeat_timeout;
+        let session = lease.session;
         let fut = caught(bounded(limit, async move {
             let db = finder.find().await?;
-            db.session_bump(session, ttl).await
+            if db.database_identity().await? != lease.database {
+                return Ok(false);
+            }
+            db.bump_session(session, ttl).await.map(|()| true)
         }));
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.bumping = false;
-            if act.session != Some(session) {
-                return; // replaced or ended while the heartbeat was in flight
+            if act.session() != Some(session) || act.suspended {
+                return; // replaced, ended or suspended while in flight
             }
             match res {
-                Ok(()) => {
+                Ok(true) => {
                     act.backoff.reset();
                     act.status.send_modify(|s| s.heartbeats += 1);
                     act.renewed(ctx, session, sent_at);
                 }
-                Err(e) if e.is_session_lost() => act.lost(ctx, session, "heartbeat"),
+                Ok(false) => act.moved(ctx, session),
+                Err(e) if e.is_session_lost() || is_refused(&e) => {
+                    act.lost(ctx, session, "heartbeat", &e)
+                }
                 Err(e) => {
                     act.metrics.heartbeat_failure();
                     let span = tracing::warn_span!(
@@ -243,9 +294,9 @@ impl<F: DbFinder> SessionActor<F> {
         }));
     }
 
-    /// A renewal of `session` sent at `sent_at` succeeded: move the fence.
+    /// A heartbeat of `session` sent at `sent_at` succeeded: move the fence.
     fn renewed(&mut self, ctx: &mut Context<Self>, session: SessionId, sent_at: Instant) {
-        if self.session != Some(session) {
+        if self.session() != Some(session) {
             return;
         }
         let latest = match self.renewed_at {
@@ -267,7 +318,7 @@ impl<F: DbFinder> SessionActor<F> {
     }
 
     fn check_fence(&mut self, session: SessionId) {
-        if self.session != Some(session) || self.fenced || self.stopped {
+        if self.session() != Some(session) || self.fenced || self.stopped {
             return;
         }
         let Some(renewed_at) = self.renewed_at else {
@@ -291,8 +342,21 @@ impl<F: DbFinder> SessionActor<F> {
         }
     }
 
-    fn lost(&mut self, ctx: &mut Context<Self>, session: SessionId, during: &'static str) {
-        if self.session != Some(session) {
+    /// Forgets the session (without ending it) and starts a new one.
+    fn drop_session(&mut self, ctx: &mut Context<Self>) {
+        self.lease = None;
+        self.renewed_at = None;
+        self.fenced = false;
+        self.suspended = false;
+        if let Some(timer) = self.fence_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        self.publish();
+        self.start_session(ctx);
+    }
+
+    fn lost(&mut self, ctx: &mut Context<Self>, session: SessionId, during: &str, e: &Error) {
+        if self.session() != Some(session) {
             return;
         }
         self.metrics.session_loss();
@@ -303,21 +367,66 @@ impl<F: DbFinder> SessionActor<F> {
             session_lock.session.id = session,
             otel.status_code = "ERROR",
         );
-        span.in_scope(|| {
-            tracing::warn!(session, during, "session lost (SL001): starting a new one")
-        });
-        self.session = None;
-        self.renewed_at = None;
-        self.fenced = false;
-        if let Some(timer) = self.fence_timer.take() {
-            ctx.cancel_future(timer);
-        }
+        span.in_scope(
+            || tracing::warn!(session, during, error = %e, "session lost: starting a new one"),
+        );
         self.status.send_modify(|s| {
             s.session_losses += 1;
-            s.last_error = Some(format!("session {session} lost during {during}"));
+            s.last_error = Some(format!("session {session} lost during {during}: {e}"));
         });
-        self.publish();
-        self.start_session(ctx);
+        self.drop_session(ctx);
+    }
+
+    fn moved(&mut self, ctx: &mut Context<Self>, session: SessionId) {
+        if self.session() != Some(session) {
+            return;
+        }
+        tracing::warn!(session, runner = %self.config.name,
+            "the database moved: dropping the session there and starting one in the new database");
+        self.status.send_modify(|s| {
+            s.database_moves += 1;
+            s.last_error = Some(format!(
+                "session {session} dropped: the DbFinder found another database"
+            ));
+        });
+        self.drop_session(ctx);
+    }
+}
+
+/// Whether the database refused the session for good: another protocol
+/// version (SL004). Handled like a loss: a new session is tried, and its
+/// start reports the mismatch.
+fn is_refused(e: &Error) -> bool {
+    matches!(e, Error::ProtocolMismatch { .. })
+}
+
+/// Ends `session` in the database (idempotent), within `limit`; a failure
+/// is not fatal: the lease runs out on its own.
+async fn end_session<F: DbFinder>(
+    finder: Arc<F>,
+    name: String,
+    session: SessionId,
+    limit: std::time::Duration,
+) {
+    let span = tracing::info_span!(
+        SPAN_SESSION_END,
+        otel.name = SPAN_SESSION_END,
+        session_lock.runner = %name,
+        session_lock.session.id = session,
+        otel.status_code = tracing::field::Empty,
+    );
+    let res = caught(bounded(limit, async {
+        let db = finder.find().await?;
+        db.end_session(session).await
+    }))
+    .instrument(span.clone())
+    .await;
+    match res {
+        Ok(_) => tracing::info!(parent: &span, session, "session ended"),
+        Err(e) => {
+            span.record("otel.status_code", "ERROR");
+            tracing::warn!(parent: &span, session, error = %e, "cannot end the session; it will expire after its ttl");
+        }
     }
 }
 
@@ -345,16 +454,8 @@ impl<F: DbFinder> Handler<Subscribe> for SessionActor<F> {
     type Result = ();
 
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
-        msg.0.do_send(LeaseChanged(self.lease()));
+        msg.0.do_send(LeaseChanged(self.usable()));
         self.subscriber = Some(msg.0);
-    }
-}
-
-impl<F: DbFinder> Handler<Renewed> for SessionActor<F> {
-    type Result = ();
-
-    fn handle(&mut self, msg: Renewed, ctx: &mut Context<Self>) {
-        self.renewed(ctx, msg.session, msg.sent_at);
     }
 }
 
@@ -362,20 +463,61 @@ impl<F: DbFinder> Handler<Lost> for SessionActor<F> {
     type Result = ();
 
     fn handle(&mut self, msg: Lost, ctx: &mut Context<Self>) {
-        self.lost(ctx, msg.session, "get_work or finish");
+        let e = Error::SessionLost {
+            session: msg.session,
+        };
+        self.lost(ctx, msg.session, "get_work or finish", &e);
+    }
+}
+
+impl<F: DbFinder> Handler<Moved> for SessionActor<F> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Moved, ctx: &mut Context<Self>) {
+        self.moved(ctx, msg.session);
+    }
+}
+
+impl<F: DbFinder> Handler<Stuck> for SessionActor<F> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Stuck, ctx: &mut Context<Self>) {
+        if self.session() != Some(msg.session) || self.suspended == msg.stuck {
+            return;
+        }
+        self.suspended = msg.stuck;
+        if msg.stuck {
+            tracing::error!(session = msg.session, runner = %self.config.name,
+                "runs outlived every timeout: no longer renewing the session, so that its lease expires and its tasks move on");
+            self.publish();
+        } else {
+            tracing::info!(session = msg.session, runner = %self.config.name,
+                "the runs that outlived their timeouts returned: renewing the session again if it is still live");
+            // The heartbeat lifts the fence if the lease is still live, and
+            // starts a new session if not.
+            self.fenced = true;
+            self.heartbeat(ctx);
+        }
     }
 }
 
 impl<F: DbFinder> Handler<EndSession> for SessionActor<F> {
     type Result = ResponseActFuture<Self, ()>;
 
-    fn handle(&mut self, _: EndSession, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: EndSession, ctx: &mut Context<Self>) -> Self::Result {
         self.stopped = true;
         if let Some(timer) = self.fence_timer.take() {
             ctx.cancel_future(timer);
         }
+        self.publish();
+        if msg.leave {
+            if let Some(lease) = self.lease.take() {
+                tracing::warn!(session = lease.session, runner = %self.config.name,
+                    "stopping with runs still in flight: leaving the session to expire after its ttl");
+            }
+        }
         // A start in flight cannot be called back: wait for it, then end
-        // whatever session it produced.
+        // whatever it started (its completion keeps the lease for us).
         let wait = self.starting.then(|| {
             let (tx, rx) = oneshot::channel();
             self.start_waiters.push(tx);
@@ -389,34 +531,13 @@ impl<F: DbFinder> Handler<EndSession> for SessionActor<F> {
             }
             .into_actor(self)
             .then(|(), act, _ctx| {
-                let session = act.session.take();
-                act.publish();
+                let session = act.lease.take().map(|l| l.session);
                 let finder = act.finder.clone();
                 let name = act.config.name.clone();
+                let limit = act.config.heartbeat_timeout;
                 async move {
-                    let Some(session) = session else {
-                        return;
-                    };
-                    let span = tracing::info_span!(
-                        SPAN_SESSION_END,
-                        otel.name = SPAN_SESSION_END,
-                        session_lock.runner = %name,
-                        session_lock.session.id = session,
-                        otel.status_code = tracing::field::Empty,
-                    );
-                    let res = caught(async {
-                        let db = finder.find().await?;
-                        db.session_end(session).await
-                    })
-                    .instrument(span.clone())
-                    .await;
-                    match res {
-                        Ok(_) => tracing::info!(parent: &span, session, "session ended"),
-                        Err(e) => {
-                            span.record("otel.status_code", "ERROR");
-                            // Not fatal: the lease runs out on its own.
-                            tracing::warn!(parent: &span, session, error = %e, "cannot end the session; it will expire after its ttl");
-                        }
+                    if let Some(session) = session {
+                        end_session(finder, name, session, limit).await;
                     }
                 }
                 .into_actor(act)

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use crate::store::SessionId;
+use crate::task::TaskId;
 
 /// A snapshot of one runner. Counters only grow.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,14 +35,28 @@ pub struct RunnerStatus {
     pub ticks: u64,
     /// Tasks handed to the workers.
     pub fetched: u64,
-    /// Tasks completed and finished in the database.
+    /// Tasks the database confirmed finished for this runner (a finish
+    /// whose reply was lost is not counted: the runner cannot know).
     pub finished: u64,
     /// Tasks that failed, panicked, timed out or did not scan.
     pub failed: u64,
-    /// Completed tasks whose finish the database refused.
+    /// Completed tasks the database did not finish because the session no
+    /// longer held them (lost, or the row changed outside session-lock).
     pub rejected: u64,
-    /// Tasks the session held at its last get_work.
+    /// Tasks the session held at its last successful get_work (a failed
+    /// call leaves the figure as it was).
     pub tasks_held: usize,
+    /// Tasks whose runs outlived the batch timeout and every attempt to
+    /// stop them (a Tasker blocking its thread). While any is running the
+    /// session is not renewed: its lease expires and its tasks move on.
+    pub stuck_tasks: u64,
+    /// Tasks still running when `Stop` finished: their session was left to
+    /// expire rather than ended, so that no other session starts them while
+    /// they run.
+    pub left_at_stop: Vec<TaskId>,
+    /// Times the DbFinder found another database than the session's: the
+    /// session was dropped there and a new one started.
+    pub database_moves: u64,
     /// When the last tick completed.
     pub last_tick: Option<SystemTime>,
     /// Workers restarted after a panic or a timeout.

@@ -5,17 +5,22 @@
 //! Layout of one runner:
 //!
 //! ```text
-//!   RunnerSupervisor (caller's arbiter)     what the application holds
+//!   RunnerSupervisor (caller's arbiter)      what the application holds
 //!     ├─ control arbiter: SessionActor ──LeaseChanged──► Fetcher ──RunSlice──┐
-//!     │                   Reaper         ◄──Renewed/Lost──                   │
-//!     └─ workers arbiter: Worker × N  ◄──────────────────────────────────────┘
+//!     │                   Reaper         ◄──Lost/Moved/Stuck──               │
+//!     └─ worker arbiters: Worker 0 │ Worker 1 │ … │ Worker N-1 ◄──────────────┘
 //! ```
 //!
-//! The session actor has an arbiter (thread) apart from the workers, so a
-//! Tasker that blocks its thread cannot starve the heartbeat. Every actor is
+//! The session actor has an arbiter (thread) apart from the workers, and
+//! each worker one of its own, so a Tasker that blocks its thread cannot
+//! starve the heartbeat, nor hold up the other workers. Every actor is
 //! started under actix's `Supervisor`: an actor that stops itself (a worker
 //! after a panic or timeout, the fetcher after a panic) is restarted in
 //! place with the same address.
+//!
+//! Stop never frees running work: the session is ended only when the
+//! drain reports that every run it started has returned; otherwise it is
+//! left to expire, and the tasks left running are reported.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -26,6 +31,7 @@ use opentelemetry::metrics::Meter;
 use tokio::sync::{oneshot, watch};
 
 use crate::config::RunnerConfig;
+use crate::fetcher::STUCK_GRACE;
 use crate::fetcher::{Drain, Fetcher};
 use crate::reaper::Reaper;
 use crate::session::{EndSession, SessionActor, Subscribe};
@@ -39,10 +45,13 @@ use crate::workers::Worker;
 /// Stops a runner (or every runner of a [`RunnerServer`]): no new tick
 /// starts, tasks in flight finish (up to the drain timeout, then they are
 /// stopped), completed tasks are finished, and the session is ended so its
-/// tasks are free for the others at once. Replies when all of that is done,
-/// or at the latest after the drain timeout plus 20 s when the database does
-/// not answer (the session then expires after its TTL). Idempotent, and safe
-/// to send at any time.
+/// tasks are free for the others at once. A run that does not return even
+/// when stopped (a Tasker blocking its thread) is never freed for another
+/// session to start: the session is then left to expire after its TTL, and
+/// the tasks left running are in [`RunnerStatus::left_at_stop`]. Replies
+/// when all of that is done, or at the latest after the drain timeout plus
+/// a few seconds and two heartbeat timeouts when the database does not
+/// answer. Idempotent, and safe to send at any time.
 #[derive(Debug, Clone, Copy, Default, Message)]
 #[rtype(result = "()")]
 pub struct Stop;
@@ -163,7 +172,7 @@ enum State {
 
 struct Running<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     control: Arbiter,
-    workers_arbiter: Arbiter,
+    worker_arbiters: Vec<Arbiter>,
     session: Addr<SessionActor<F>>,
     fetcher: Addr<Fetcher<T, K, F>>,
     _reaper: Addr<Reaper<F>>,
@@ -195,14 +204,17 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
 
     fn started(&mut self, _ctx: &mut Context<Self>) {
         let control = Arbiter::new();
-        let workers_arbiter = Arbiter::new();
-        let workers: Arc<[Addr<Worker<T, K>>]> = (0..self.config.workers)
-            .map(|i| {
+        let worker_arbiters: Vec<Arbiter> =
+            (0..self.config.workers).map(|_| Arbiter::new()).collect();
+        let workers: Arc<[Addr<Worker<T, K>>]> = worker_arbiters
+            .iter()
+            .enumerate()
+            .map(|(i, arbiter)| {
                 let runner: Arc<str> = self.config.name.as_str().into();
                 let tasker = self.tasker.clone();
                 let status = self.status.clone();
                 let metrics = self.metrics.clone();
-                Supervisor::start_in_arbiter(&workers_arbiter.handle(), move |_| {
+                Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
                     Worker::new(i, runner, tasker, status, metrics)
                 })
             })
@@ -238,7 +250,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
         tracing::info!(runner = %self.config.name, workers = self.config.workers, "runner started");
         self.running = Some(Running {
             control,
-            workers_arbiter,
+            worker_arbiters,
             session,
             fetcher,
             _reaper: reaper,
@@ -273,25 +285,31 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Stop> for RunnerSupervisor<
         let fetcher = running.fetcher.clone();
         let session = running.session.clone();
         let drain_timeout = self.config.drain_timeout;
+        // The drain waits drain_timeout for the tick, then STUCK_GRACE for
+        // its stopped runs; ending waits for a session start in flight and
+        // for the end itself, each bounded by the heartbeat timeout.
+        let drain_limit = drain_timeout + STUCK_GRACE + STOP_GRACE;
+        let end_limit = self.config.heartbeat_timeout * 2 + STOP_GRACE;
         Box::pin(
             async move {
                 // Order matters: the session must outlive the tasks in
                 // flight (db-scheduler #365: heartbeats stopped before the
                 // work did, and the work ran twice).
-                // Both steps are bounded, so Stop always replies: a tick or a
-                // session start stuck in a DbFinder or a partitioned
-                // database is abandoned (its session then expires on its
-                // own) rather than holding the shutdown forever.
                 let drain = fetcher.send(Drain {
                     timeout: drain_timeout,
                 });
-                if tokio::time::timeout(drain_timeout + STOP_GRACE, drain)
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!("drain did not finish in time; stopping anyway");
+                let left = match tokio::time::timeout(drain_limit, drain).await {
+                    Ok(Ok(left)) => Some(left),
+                    // No answer: the tick may still be running something.
+                    _ => None,
+                };
+                let leave = left.as_ref().is_none_or(|l| !l.is_empty());
+                if left.is_none() {
+                    tracing::warn!(
+                        "the drain did not answer in time: leaving the session to expire"
+                    );
                 }
-                if tokio::time::timeout(STOP_GRACE, session.send(EndSession))
+                if tokio::time::timeout(end_limit, session.send(EndSession { leave }))
                     .await
                     .is_err()
                 {
@@ -299,9 +317,13 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Stop> for RunnerSupervisor<
                         "ending the session did not finish in time; it will expire after its ttl"
                     );
                 }
+                left.unwrap_or_default()
             }
             .into_actor(self)
-            .map(|(), act, _ctx| act.finish_stop()),
+            .map(|left, act, _ctx| {
+                act.status.send_modify(|s| s.left_at_stop = left);
+                act.finish_stop()
+            }),
         )
     }
 }
@@ -310,7 +332,9 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> RunnerSupervisor<T, K, F> {
     fn finish_stop(&mut self) {
         if let Some(running) = self.running.take() {
             running.control.stop();
-            running.workers_arbiter.stop();
+            for arbiter in &running.worker_arbiters {
+                arbiter.stop();
+            }
         }
         self.state = State::Stopped;
         self.status.send_modify(|s| {
@@ -324,9 +348,9 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> RunnerSupervisor<T, K, F> {
     }
 }
 
-/// How long Stop waits, beyond the drain timeout, for the tick in flight to
-/// finish its tasks, and for the session to be ended.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long Stop waits, beyond its other bounds, for the fetcher and the
+/// session actor to answer.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 type StartFn = Box<dyn FnOnce() -> RunnerHandle + Send>;
 

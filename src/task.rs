@@ -37,21 +37,27 @@ pub trait ScanTask: Task + Sized {
 /// every value travels as a bind parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskQueries {
-    /// Finishes the previous batch's completed tasks, then returns the
-    /// session's tasks after moving it to its fair share. Parameters: `$1`
-    /// session id (BIGINT), `$2` max tasks (INTEGER), `$3` session TTL in
-    /// milliseconds (BIGINT), `$4` ids to finish first (BIGINT[], may be
-    /// empty).
+    /// Calls the table's generated `<prefix>_get_work`: finishes the
+    /// previous batch's completed tasks, then returns the session's tasks
+    /// after moving it to its fair share. Parameters: `$1` session id
+    /// (BIGINT), `$2` ids to finish first (BIGINT[]), `$3` ids still running
+    /// (BIGINT[]), `$4` whether to sweep for orphans (BOOLEAN). Returns the
+    /// column `sl_finished` (an id finished by this call, the other columns
+    /// NULL) followed by the task table's columns (a held task,
+    /// `sl_finished` NULL).
     pub get_work: &'static str,
-    /// Fenced finish. Parameters: `$1` session id (BIGINT), `$2` task ids
+    /// Calls the table's generated `<prefix>_finish_tasks`, the fenced
+    /// finish. Parameters: `$1` session id (BIGINT), `$2` task ids
     /// (BIGINT[]). Returns one row per task actually finished, its id first.
     pub finish: &'static str,
-    /// The channel the table notifies on when tasks are inserted, if any.
+    /// The channel the table notifies on when tasks are inserted, if any
+    /// (a declaration's `notify`; `session_lock_<table>` by default).
     pub notify_channel: Option<&'static str>,
 }
 
-/// Builds the [`TaskQueries`] for a task table whose functions were made from
-/// the task template with the given prefix (the template's `my_task`).
+/// Builds the [`TaskQueries`] for a declared task table whose generated
+/// functions have the given schema-qualified prefix (the table's name,
+/// unless its declaration chose another `fn_prefix`).
 ///
 /// ```
 /// use session_lock::{task_queries, TaskQueries};
@@ -70,9 +76,9 @@ macro_rules! task_queries {
     ($prefix:literal) => {
         $crate::TaskQueries {
             get_work: concat!(
-                "SELECT * FROM ",
+                "SELECT w.sl_finished, (w.sl_task).* FROM ",
                 $prefix,
-                "_get_work($1, $2, $3 * interval '1 millisecond', $4)"
+                "_get_work($1, $2, $3, $4) AS w"
             ),
             finish: concat!("SELECT * FROM ", $prefix, "_finish_tasks($1, $2)"),
             notify_channel: None,

@@ -38,7 +38,7 @@ pub(crate) struct Metrics {
     attrs: [KeyValue; 1],
     ticks: Counter<u64>,
     fetched: Counter<u64>,
-    completed: Counter<u64>,
+    finished: Counter<u64>,
     failed: Counter<u64>,
     rejected: Counter<u64>,
     tick_duration: Histogram<f64>,
@@ -46,6 +46,7 @@ pub(crate) struct Metrics {
     session_losses: Counter<u64>,
     fences: Counter<u64>,
     worker_restarts: Counter<u64>,
+    stuck: Counter<u64>,
     held: Gauge<u64>,
 }
 
@@ -63,9 +64,9 @@ impl Metrics {
                 .with_description("Tasks handed to the workers")
                 .with_unit("{task}")
                 .build(),
-            completed: meter
-                .u64_counter("session_lock.tasks.completed")
-                .with_description("Tasks completed and finished in the database")
+            finished: meter
+                .u64_counter("session_lock.tasks.finished")
+                .with_description("Tasks the database confirmed finished")
                 .with_unit("{task}")
                 .build(),
             failed: meter
@@ -108,6 +109,11 @@ impl Metrics {
                 .with_description("Workers restarted after a panic or a timeout")
                 .with_unit("{restart}")
                 .build(),
+            stuck: meter
+                .u64_counter("session_lock.tasks.stuck")
+                .with_description("Tasks whose runs outlived the batch timeout and could not be stopped; their session is left to expire")
+                .with_unit("{task}")
+                .build(),
             held: meter
                 .u64_gauge("session_lock.tasks.held")
                 .with_description("Tasks the session held at its last tick")
@@ -123,8 +129,8 @@ impl Metrics {
     pub(crate) fn fetched(&self, n: usize) {
         self.fetched.add(n as u64, &self.attrs);
     }
-    pub(crate) fn completed(&self, n: usize) {
-        self.completed.add(n as u64, &self.attrs);
+    pub(crate) fn finished(&self, n: usize) {
+        self.finished.add(n as u64, &self.attrs);
     }
     pub(crate) fn failed(&self, n: usize) {
         self.failed.add(n as u64, &self.attrs);
@@ -143,6 +149,9 @@ impl Metrics {
     }
     pub(crate) fn worker_restart(&self) {
         self.worker_restarts.add(1, &self.attrs);
+    }
+    pub(crate) fn stuck(&self, n: usize) {
+        self.stuck.add(n as u64, &self.attrs);
     }
     pub(crate) fn held(&self, n: usize) {
         self.held.record(n as u64, &self.attrs);

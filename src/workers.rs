@@ -1,5 +1,8 @@
 //! The worker pool: actors that run the user's Tasker on slices of a batch.
 //!
+//! Each worker has a thread (an arbiter) of its own, so a Tasker that
+//! blocks its thread holds up only its own worker, and runs one slice at a
+//! time: a worker never starts a slice before the previous one returned.
 //! Each worker catches what the Tasker does wrong. An error keeps the tasks
 //! it reported complete and gives the rest back for a later tick; a panic or
 //! a timeout does the same and then restarts the worker (a panic could have
@@ -23,9 +26,11 @@ use crate::task::{Task, TaskId};
 use crate::tasker::{Progress, Tasker};
 use crate::telemetry::Metrics;
 
-/// Run the Tasker on `tasks`, giving up after `timeout` or when aborted.
+/// Run the Tasker on `tasks` (whose ids are `ids`, read by the fetcher),
+/// giving up after `timeout` or when aborted.
 pub(crate) struct RunSlice<T> {
     pub(crate) tasks: Vec<T>,
+    pub(crate) ids: Vec<TaskId>,
     pub(crate) timeout: Duration,
     pub(crate) abort: AbortRegistration,
 }
@@ -95,10 +100,11 @@ enum Ending {
 }
 
 impl<T: Task, K: Tasker<T>> Handler<RunSlice<T>> for Worker<T, K> {
-    type Result = ResponseActFuture<Self, SliceOutcome>;
+    // Atomic: the worker takes no other message until the slice returns.
+    type Result = AtomicResponse<Self, SliceOutcome>;
 
     fn handle(&mut self, msg: RunSlice<T>, _ctx: &mut Context<Self>) -> Self::Result {
-        let given: Vec<TaskId> = msg.tasks.iter().map(Task::id).collect();
+        let given = msg.ids;
         let progress = Progress::default();
         let tasker = self.tasker.clone();
         let timeout = msg.timeout;
@@ -118,12 +124,9 @@ impl<T: Task, K: Tasker<T>> Handler<RunSlice<T>> for Worker<T, K> {
             };
             (ending, progress.take())
         };
-        Box::pin(
-            fut.into_actor(self)
-                .map(move |(ending, reported), act, ctx| {
-                    act.outcome(ctx, &given, ending, reported)
-                }),
-        )
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+            move |(ending, reported), act, ctx| act.outcome(ctx, &given, ending, reported),
+        )))
     }
 }
 

@@ -7,9 +7,7 @@ use std::time::Duration;
 use session_lock::embedded::{EmbeddedOptions, EmbeddedPostgres, ShutdownMode};
 use session_lock::example::{ExampleTask, NoopTasker};
 use session_lock::status::wait_for_status;
-use session_lock::{
-    Database, Error, Migrator, PgStore, Runner, RunnerConfig, SessionStart, WorkGet,
-};
+use session_lock::{Database, Error, Migrator, PgStore, Runner, RunnerConfig, SessionStart};
 
 use crate::harness::{fresh_db, migrated_db};
 
@@ -124,7 +122,7 @@ async fn a_wrong_password_is_reported_as_such() {
     let start = std::time::Instant::now();
     let err = loop {
         let store = PgStore::connect(&url).await.unwrap();
-        match store.session_start(&SessionStart::new("pw", TTL)).await {
+        match store.start_session(&SessionStart::new("pw", TTL, 10)).await {
             Err(e @ Error::Connect(_)) => break e,
             other => {
                 assert!(start.elapsed() < DEADLINE, "never refused: {other:?}");
@@ -163,89 +161,180 @@ async fn a_runner_on_an_unmigrated_database_says_to_run_migrate() {
     runner.stop().await;
 }
 
-/// The template as shipped, with its TODO markers removed so that it
-/// applies: every placeholder raises SL002 naming itself.
-fn template_without_markers(file: &str) -> String {
-    std::fs::read_to_string(format!(
-        "{}/migrations/template/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
-    .replace("TODO(session-lock)", "TODO")
+/// Declares `public.jobs` as given; the error's SQLSTATE and message.
+async fn declare(client: &tokio_postgres::Client, args: &str) -> Result<(), (String, String)> {
+    client
+        .batch_execute(&format!(
+            "SELECT session_lock.declare_task_table('public.jobs'{args})"
+        ))
+        .await
+        .map_err(|e| {
+            let db = e.as_db_error().expect("a server error");
+            (db.code().code().to_owned(), db.message().to_owned())
+        })
 }
 
 #[tokio::test]
-async fn template_functions_left_unfilled_name_themselves() {
+async fn a_declaration_that_cannot_work_names_the_problem() {
     let db = fresh_db().await;
     let mut client = db.client().await;
     Migrator::new().run(&mut client).await.unwrap();
     client
-        .batch_execute("CREATE TABLE my_task (id bigserial PRIMARY KEY, payload text, finished_at timestamptz)")
+        .batch_execute(
+            "CREATE TABLE jobs (id bigint PRIMARY KEY, small_id integer, done_at timestamptz,
+                                state text, done_by text);
+             CREATE VIEW jobs_view AS SELECT * FROM jobs;",
+        )
         .await
         .unwrap();
-    client
-        .batch_execute(&template_without_markers("0001_tasks.up.sql"))
-        .await
-        .unwrap();
-    client
-        .batch_execute(&template_without_markers("0002_tasks.alwaysup.sql"))
-        .await
-        .unwrap();
-    client
-        .batch_execute("INSERT INTO my_task (payload) VALUES ('x')")
-        .await
-        .unwrap();
-
-    #[derive(Debug)]
-    struct MyTask;
-    impl session_lock::Task for MyTask {
-        fn id(&self) -> i64 {
-            0
+    // (arguments, words the message must contain)
+    let cases: &[(&str, &[&str])] = &[
+        (
+            ", open_when => 'done_at IS NULL'",
+            &["finish", "finished_at"],
+        ),
+        (
+            ", open_when => 'nosuch IS NULL', finish => 'done_at = now()'",
+            &["open_when", "nosuch"],
+        ),
+        (
+            ", open_when => 'done_at', finish => 'done_at = now()'",
+            &["open_when", "boolean"],
+        ),
+        (
+            ", open_when => 'done_at IS NULL; DROP TABLE jobs', finish => 'done_at = now()'",
+            &["may not contain ; or $"],
+        ),
+        (
+            ", open_when => 'done_at IS NULL', finish => 'done_at = $$x$$'",
+            &["may not contain ; or $"],
+        ),
+        (
+            ", open_when => 'done_at IS NULL', finish => 'done_at = now()', id_column => 'small_id'",
+            &["id column", "BIGINT", "integer"],
+        ),
+        (
+            ", open_when => 'done_at IS NULL', finish => 'done_at = now()', id_column => 'nope'",
+            &["id column", "missing"],
+        ),
+        (
+            ", open_when => 'done_at IS NULL', finish => 'done_at = now()', finished_by => 'done_by'",
+            &["finished_by", "BIGINT", "text"],
+        ),
+        (
+            ", open_when => 'done_at IS NULL', finish => 'done_at = now()', order_by => 'nosuch'",
+            &["order_by", "nosuch"],
+        ),
+        (
+            ", open_when => 'done_at IS NULL', finish => 'done_at = now()', lock_timeout => '0'",
+            &["lock_timeout"],
+        ),
+        (
+            ", open_when => '', finish => 'done_at = now()'",
+            &["must not be empty"],
+        ),
+    ];
+    for (args, words) in cases {
+        let (code, message) = declare(&client, args)
+            .await
+            .expect_err(&format!("declaring with {args} is refused"));
+        assert_eq!(code, "SL005", "{args}: {message}");
+        assert!(
+            message.contains("public.jobs"),
+            "{args}: names the table: {message}"
+        );
+        for w in *words {
+            assert!(message.contains(w), "{args}: {message} (wanted {w:?})");
         }
     }
-    impl session_lock::ScanTask for MyTask {
-        const QUERIES: session_lock::TaskQueries = session_lock::task_queries!("my_task");
-        fn scan(_: &tokio_postgres::Row) -> Result<Self, session_lock::ScanError> {
-            Ok(MyTask)
+    let err = client
+        .batch_execute("SELECT session_lock.declare_task_table('jobs_view')")
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error().unwrap().message().contains("not a table"),
+        "{err:?}"
+    );
+    // A column named like a generated function's variable.
+    client
+        .batch_execute("ALTER TABLE jobs ADD COLUMN p_session bigint")
+        .await
+        .unwrap();
+    let (code, message) = declare(
+        &client,
+        ", open_when => 'done_at IS NULL', finish => 'done_at = now()'",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code, "SL005");
+    assert!(message.contains("p_session"), "{message}");
+    // Nothing of a refused declaration stays behind.
+    let declared: i64 = client
+        .query_one("SELECT count(*) FROM session_lock.task_table", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(declared, 0);
+}
+
+#[tokio::test]
+async fn a_declared_finish_that_leaves_the_task_open_is_refused_by_name() {
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    Migrator::new().run(&mut client).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE jobs (id bigserial PRIMARY KEY, state text NOT NULL DEFAULT 'new', note text);
+             INSERT INTO jobs (state) VALUES ('new');
+             SELECT session_lock.declare_task_table('public.jobs',
+                 open_when => 'state = ''new''', finish => 'note = ''seen''');",
+        )
+        .await
+        .unwrap();
+    #[derive(Debug)]
+    struct Job(i64);
+    impl session_lock::Task for Job {
+        fn id(&self) -> i64 {
+            self.0
+        }
+    }
+    impl session_lock::ScanTask for Job {
+        const QUERIES: session_lock::TaskQueries = session_lock::task_queries!("public.jobs");
+        fn scan(row: &tokio_postgres::Row) -> Result<Self, session_lock::ScanError> {
+            Ok(Job(session_lock::column(row, None, "id")?))
         }
     }
     let store = PgStore::connect(&db.url).await.unwrap();
     let session = store
-        .session_start(&SessionStart::new("tpl", TTL))
+        .start_session(&SessionStart::new("jobs", TTL, 10))
         .await
         .unwrap();
+    let held = store
+        .get_work::<Job>(session_lock::GetWork::new(session))
+        .await
+        .unwrap();
+    assert_eq!(held.tasks.len(), 1);
     let err = store
-        .work_get::<MyTask>(WorkGet {
-            session,
-            max_tasks: 10,
-            ttl: TTL,
-        })
+        .finish_tasks::<Job>(session, &[held.tasks[0].0])
         .await
         .unwrap_err();
     match &err {
-        Error::TemplateUnfilled { detail } => {
-            assert!(
-                detail.contains("my_task_count_for_session is not filled in"),
-                "{detail}"
-            )
+        Error::Declaration { detail } => {
+            assert!(detail.contains("public.jobs"), "{detail}");
+            assert!(detail.contains("leaves a finished task open"), "{detail}");
         }
-        other => panic!("expected TemplateUnfilled, got {other:?}"),
+        other => panic!("expected Error::Declaration, got {other:?}"),
     }
-    assert_eq!(err.db_code(), Some("SL002"));
-    let err = store
-        .tasks_finish::<MyTask>(session, &[1])
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("my_task_finish is not filled in"),
-        "{err}"
-    );
-    // Nothing was assigned or finished by the failed calls.
+    assert_eq!(err.db_code(), Some("SL005"));
+    // The refused finish changed nothing.
     let row = client
-        .query_one("SELECT count(*) FILTER (WHERE session_id IS NULL AND finished_at IS NULL) FROM my_task", &[])
+        .query_one("SELECT state, note FROM jobs", &[])
         .await
         .unwrap();
-    assert_eq!(row.get::<_, i64>(0), 1);
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, Option<String>>(1)),
+        ("new".to_owned(), None)
+    );
 }
 
 #[tokio::test]
@@ -258,7 +347,7 @@ async fn nulls_where_values_are_expected_are_rejected_by_name() {
         .unwrap();
     let session: i64 = client
         .query_one(
-            "SELECT session_lock.start_session('nulls', interval '1 minute')",
+            "SELECT session_lock.start_session('nulls', interval '1 minute', 10)",
             &[],
         )
         .await
@@ -282,19 +371,34 @@ async fn nulls_where_values_are_expected_are_rejected_by_name() {
             "session",
         ),
         (
-            "SELECT * FROM example_task_get_work($1, NULL, interval '1 minute')",
+            "SELECT session_lock.start_session('x', interval '1 minute', NULL)",
             "SL003",
-            "max_tasks",
+            "capacity",
         ),
         (
-            "SELECT * FROM example_task_get_work($1, 10, NULL)",
+            "SELECT * FROM example_task_get_work($1, NULL::bigint[])",
             "SL003",
-            "ttl",
+            "finished",
         ),
         (
-            "SELECT * FROM example_task_get_work(NULL, 10, interval '1 minute')",
+            "SELECT * FROM example_task_get_work($1, '{}'::bigint[], NULL::bigint[])",
+            "SL003",
+            "running",
+        ),
+        (
+            "SELECT * FROM example_task_get_work($1, '{}'::bigint[], '{}'::bigint[], NULL::boolean)",
+            "SL003",
+            "sweep",
+        ),
+        (
+            "SELECT * FROM example_task_get_work(NULL::bigint)",
             "SL001",
             "session",
+        ),
+        (
+            "SELECT * FROM example_task_finish_tasks($1, NULL::bigint[])",
+            "SL003",
+            "ids",
         ),
         (
             "SELECT * FROM example_task_finish_tasks(NULL, ARRAY[1::bigint])",
@@ -322,15 +426,6 @@ async fn nulls_where_values_are_expected_are_rejected_by_name() {
             db_err.message()
         );
     }
-    // A NULL list of ids finishes nothing and is no error.
-    let rows = client
-        .query(
-            "SELECT * FROM example_task_finish_tasks($1, NULL)",
-            &[&session],
-        )
-        .await
-        .unwrap();
-    assert!(rows.is_empty());
     // None of it assigned, released or finished anything.
     let row = client
         .query_one(

@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use session_lock::example::ExampleTask;
-use session_lock::{Database, PgStore, SessionStart, WorkGet};
+use session_lock::{Database, GetWork, PgStore, SessionStart};
 
 use crate::harness::fresh_db;
 
@@ -49,7 +49,7 @@ async fn migrate_then_status_shows_sessions_and_task_counts() {
         "{stdout}"
     );
     let again = session_lock(&["migrate", "--database-url", &db.url, "--example"]);
-    assert!(text(&again.stdout).contains("0 applied, 2 re-applied, 2 already applied"));
+    assert!(text(&again.stdout).contains("0 applied, 3 re-applied, 3 already applied"));
 
     let client = db.client().await;
     client
@@ -62,20 +62,16 @@ async fn migrate_then_status_shows_sessions_and_task_counts() {
     let store = PgStore::connect(&db.url).await.unwrap();
     let ttl = Duration::from_secs(60);
     let live = store
-        .session_start(&SessionStart::new("status-test", ttl))
+        .start_session(&SessionStart::new("status-test", ttl, 5))
         .await
         .unwrap();
     let dead = store
-        .session_start(&SessionStart::new("status-test", ttl))
+        .start_session(&SessionStart::new("status-test", ttl, 4))
         .await
         .unwrap();
-    for (session, max_tasks) in [(live, 5), (dead, 4)] {
+    for session in [live, dead] {
         store
-            .work_get::<ExampleTask>(WorkGet {
-                session,
-                max_tasks,
-                ttl,
-            })
+            .get_work::<ExampleTask>(GetWork::new(session))
             .await
             .unwrap();
     }

@@ -5,6 +5,7 @@ mod chaos;
 mod cli;
 mod demo;
 mod harness;
+mod holes;
 mod migrate;
 mod process;
 mod protocol;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use session_lock::TaskTable;
 use session_lock::migrate::{MigrateError, MigrationKind, Migrator};
 use tokio_postgres::Client;
 
@@ -164,6 +165,7 @@ async fn user_dir_once_and_always_files() {
         report.skipped,
         vec![
             "session_lock/0001_session_lock.up.sql".to_owned(),
+            "session_lock/0001_session_lock_v2.up.sql".to_owned(),
             "app/0001_counter.up.sql".to_owned(),
         ]
     );
@@ -355,7 +357,7 @@ async fn a_broken_file_names_file_line_and_statement() {
 }
 
 #[tokio::test]
-async fn stray_sql_files_and_unfilled_templates_are_refused() {
+async fn stray_sql_files_are_refused() {
     let stray = TempDir::new("stray");
     stray
         .write("0001_a.up.sql", "SELECT 1;")
@@ -369,33 +371,6 @@ async fn stray_sql_files_and_unfilled_templates_are_refused() {
         "{msg}"
     );
     assert!(!msg.contains("0001_a.up.sql"), "{msg}");
-
-    let template = TempDir::new("template");
-    template.write("0001_ok.up.sql", "SELECT 1;").write(
-        "0002_task.up.sql",
-        "-- TODO(session-lock): name the table\nCREATE TABLE my_task (id bigint);\nALTER TABLE my_task ADD COLUMN todo int; -- TODO(session-lock) columns\n",
-    );
-    let err = Migrator::new().with_dir(template.path()).unwrap_err();
-    let msg = err.to_string();
-    assert!(
-        matches!(err, MigrateError::TemplateNotFilled { .. }),
-        "{msg}"
-    );
-    assert!(msg.contains("the template is not filled in"), "{msg}");
-    let file = template
-        .path()
-        .join("0002_task.up.sql")
-        .display()
-        .to_string();
-    assert!(
-        msg.contains(&format!("{file}:1: -- TODO(session-lock): name the table")),
-        "{msg}"
-    );
-    assert!(
-        msg.contains(&format!("{file}:3: ALTER TABLE my_task")),
-        "{msg}"
-    );
-    assert!(!msg.contains("0001_ok.up.sql"), "{msg}");
 
     let missing = std::env::temp_dir().join("session-lock-migrate-does-not-exist");
     let err = Migrator::new().with_dir(&missing).unwrap_err();
@@ -435,6 +410,8 @@ async fn several_dirs_get_distinct_set_names() {
     assert_eq!(
         sets,
         vec![
+            "session_lock",
+            "session_lock",
             "session_lock",
             "session_lock",
             "example",
@@ -555,7 +532,7 @@ async fn an_older_release_does_not_downgrade_functions_a_newer_one_applied() {
             "CREATE OR REPLACE FUNCTION session_lock.fair_share(p_open_tasks bigint, p_live_sessions integer, p_live_rank integer, p_max_tasks integer)
              RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 42';
              UPDATE session_lock.schema_migration SET applied_by = '999.0.0'
-              WHERE file = '0002_session_lock.alwaysup.sql';",
+              WHERE set_name = 'session_lock' AND kind = 'always';",
         )
         .await
         .unwrap();
@@ -563,7 +540,10 @@ async fn an_older_release_does_not_downgrade_functions_a_newer_one_applied() {
     let report = Migrator::new().run(&mut client).await.unwrap();
     assert_eq!(
         report.newer_kept,
-        vec!["session_lock/0002_session_lock.alwaysup.sql".to_owned()]
+        vec![
+            "session_lock/0002_session_lock.alwaysup.sql".to_owned(),
+            "session_lock/0003_task_table.alwaysup.sql".to_owned()
+        ]
     );
     assert!(report.reapplied.is_empty());
     let share: i32 = client
@@ -572,4 +552,134 @@ async fn an_older_release_does_not_downgrade_functions_a_newer_one_applied() {
         .unwrap()
         .get(0);
     assert_eq!(share, 42, "the newer functions were left in place");
+}
+
+#[tokio::test]
+async fn a_task_table_declared_in_rust_gets_its_protocol_at_the_end_of_the_run() {
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    // The table is created by the user's own migration of the same run.
+    let dir = TempDir::new("declared");
+    dir.write(
+        "0001_jobs.up.sql",
+        "CREATE TABLE public.jobs (job_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                                   state text NOT NULL DEFAULT 'new', priority int NOT NULL DEFAULT 0,
+                                   done_by bigint);",
+    );
+    let migrator = Migrator::new().with_dir(dir.path()).unwrap().task_table(
+        TaskTable::new("public.jobs")
+            .id_column("job_id")
+            .open_when("state <> 'done'")
+            .finish("state = 'done'")
+            .finished_by("done_by")
+            .order_by("priority DESC, job_id")
+            .fn_prefix("jobq")
+            .no_notify(),
+    );
+    let report = migrator.run(&mut client).await.unwrap();
+    assert_eq!(report.declared, vec!["public.jobs".to_owned()]);
+    let functions = count(
+        &client,
+        "SELECT count(*) FROM pg_proc WHERE proname IN ('jobq_get_work', 'jobq_finish_tasks', 'jobq_held')",
+    )
+    .await;
+    assert_eq!(
+        functions, 4,
+        "get_work (and its protocol-1 refusal), finish_tasks, held"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.jobs'::regclass AND NOT tgisinternal").await,
+        0,
+        "no notify trigger"
+    );
+    // Running again changes nothing and keeps the declaration.
+    let report = migrator.run(&mut client).await.unwrap();
+    assert_eq!(report.declared, vec!["public.jobs".to_owned()]);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM session_lock.task_table").await,
+        1
+    );
+}
+
+/// The always-file of a task template copied from session-lock 0.1: it
+/// defines the entry points the declaration now generates.
+const COPIED_TEMPLATE: &str = "
+CREATE OR REPLACE FUNCTION public.jobs_finish_tasks(p_session bigint, p_ids bigint[])
+RETURNS SETOF bigint LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM session_lock.lock_session(p_session);
+    RETURN QUERY SELECT unnest(p_ids);
+END;
+$$;
+";
+
+#[tokio::test]
+async fn a_copied_template_that_would_replace_generated_functions_is_refused() {
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    let dir = TempDir::new("copied");
+    dir.write(
+        "0001_jobs.up.sql",
+        "CREATE TABLE public.jobs (id bigserial PRIMARY KEY, finished_at timestamptz);
+         SELECT session_lock.declare_task_table('public.jobs');",
+    )
+    .write("0002_tasks.alwaysup.sql", COPIED_TEMPLATE);
+    // The run that declares the table: the copy replaces a generated
+    // function after the declaration; the migrator notices, generates it
+    // again, and says which file to remove.
+    let err = Migrator::new()
+        .with_dir(dir.path())
+        .unwrap()
+        .run(&mut client)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MigrateError::GeneratedReplaced { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("jobs_finish_tasks"), "{err}");
+    let generated = count(
+        &client,
+        "SELECT count(*) FROM pg_proc WHERE proname = 'jobs_finish_tasks' AND prosrc LIKE '%Generated by session-lock%'",
+    )
+    .await;
+    assert_eq!(generated, 1, "the generated finish is back");
+    // Every later run refuses before applying anything.
+    let err = Migrator::new()
+        .with_dir(dir.path())
+        .unwrap()
+        .run(&mut client)
+        .await
+        .unwrap_err();
+    match &err {
+        MigrateError::ReplacesGenerated {
+            set,
+            file,
+            function,
+            table,
+        } => {
+            assert_eq!(
+                (
+                    set.as_str(),
+                    file.as_str(),
+                    function.as_str(),
+                    table.as_str()
+                ),
+                (
+                    "app",
+                    "0002_tasks.alwaysup.sql",
+                    "public.jobs_finish_tasks",
+                    "jobs"
+                )
+            );
+        }
+        other => panic!("expected ReplacesGenerated, got {other}"),
+    }
+    assert!(err.to_string().contains("delete that file"), "{err}");
+    let generated = count(
+        &client,
+        "SELECT count(*) FROM pg_proc WHERE proname = 'jobs_finish_tasks' AND prosrc LIKE '%Generated by session-lock%'",
+    )
+    .await;
+    assert_eq!(generated, 1, "nothing was applied");
 }

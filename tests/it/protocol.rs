@@ -1,12 +1,13 @@
 //! The SQL session protocol, exercised through the store against a real
-//! Postgres: shares, caps, rebalancing, expiry, fencing and reaping.
+//! Postgres: weighted shares, capacities, rebalancing, expiry, fencing,
+//! orphans and reaping.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use session_lock::example::ExampleTask;
-use session_lock::{Database, Error, PgStore, SessionId, SessionStart, TaskId, WorkGet};
+use session_lock::{Database, Error, GetWork, PgStore, SessionId, SessionStart, TaskId};
 
 use crate::harness::{TestDb, fresh_db, migrated_db};
 
@@ -37,31 +38,25 @@ async fn seed(client: &tokio_postgres::Client, tasks: usize) -> Vec<TaskId> {
     rows.iter().map(|r| r.get(0)).collect()
 }
 
+/// Starts a session of `name` with room for 10 tasks.
 async fn start(store: &PgStore, name: &str) -> SessionId {
+    start_cap(store, name, 10).await
+}
+
+/// Starts a session of `name` with room for `capacity` tasks.
+async fn start_cap(store: &PgStore, name: &str, capacity: u32) -> SessionId {
     store
-        .session_start(&SessionStart::new(name, TTL))
+        .start_session(&SessionStart::new(name, TTL, capacity))
         .await
         .expect("session starts")
 }
 
-async fn work(store: &PgStore, session: SessionId, max_tasks: u32) -> Vec<TaskId> {
-    try_work(store, session, max_tasks)
-        .await
-        .expect("get_work succeeds")
+async fn work(store: &PgStore, session: SessionId) -> Vec<TaskId> {
+    try_work(store, session).await.expect("get_work succeeds")
 }
 
-async fn try_work(
-    store: &PgStore,
-    session: SessionId,
-    max_tasks: u32,
-) -> session_lock::Result<Vec<TaskId>> {
-    let w = store
-        .work_get::<ExampleTask>(WorkGet {
-            session,
-            max_tasks,
-            ttl: TTL,
-        })
-        .await?;
+async fn try_work(store: &PgStore, session: SessionId) -> session_lock::Result<Vec<TaskId>> {
+    let w = store.get_work::<ExampleTask>(GetWork::new(session)).await?;
     assert!(
         w.unreadable.is_empty(),
         "every example row scans: {:?}",
@@ -108,35 +103,41 @@ fn assert_lost(result: session_lock::Result<impl std::fmt::Debug>, what: &str) {
 }
 
 #[tokio::test]
-async fn share_is_floor_of_open_over_live_plus_one_for_the_oldest_capped_at_max_tasks() {
-    // (sessions, tasks, max_tasks, expected holdings after every session ticked twice)
-    let cases: &[(usize, usize, u32, &[i64])] = &[
-        (1, 20, 10, &[10]),
-        (1, 5, 10, &[5]),
-        (2, 20, 10, &[10, 10]),
-        (2, 15, 10, &[8, 7]),
-        (3, 20, 10, &[7, 7, 6]),
-        (3, 100, 10, &[10, 10, 10]),
-        (7, 20, 10, &[3, 3, 3, 3, 3, 3, 2]),
-        (7, 1000, 4, &[4, 4, 4, 4, 4, 4, 4]),
+async fn shares_are_weighted_by_capacity_and_add_up_to_the_open_tasks() {
+    // A session's share: floor(open * (before + C) / W) - floor(open * before / W),
+    // at most its capacity C, where W is the live sessions' total capacity
+    // and `before` that of the sessions with a lower id. The shares add up
+    // to the open tasks (up to W), each within one task of open * C / W.
+    // (capacities in session order, tasks, expected holdings after every
+    // session ticked twice)
+    let cases: &[(&[u32], usize, &[i64])] = &[
+        (&[10], 20, &[10]),
+        (&[10], 5, &[5]),
+        (&[10, 10], 20, &[10, 10]),
+        (&[10, 10], 15, &[7, 8]),
+        (&[10, 10, 10], 20, &[6, 7, 7]),
+        (&[10, 10, 10], 100, &[10, 10, 10]),
+        (&[10; 7], 20, &[2, 3, 3, 3, 3, 3, 3]),
+        (&[4; 7], 1000, &[4, 4, 4, 4, 4, 4, 4]),
+        (&[100, 5], 100, &[95, 5]),
+        (&[5, 100], 100, &[4, 96]),
+        (&[10, 20, 30], 30, &[5, 10, 15]),
+        (&[1, 1000], 500, &[0, 500]),
     ];
-    for &(sessions, tasks, max_tasks, expected) in cases {
+    for &(capacities, tasks, expected) in cases {
         let s = setup(tasks).await;
         let mut ids = Vec::new();
-        for _ in 0..sessions {
-            ids.push(start(&s.store, "share").await);
+        for &c in capacities {
+            ids.push(start_cap(&s.store, "share", c).await);
         }
         let mut held = Vec::new();
         for _round in 0..2 {
             held.clear();
             for &id in &ids {
-                held.push(work(&s.store, id, max_tasks).await.len() as i64);
+                held.push(work(&s.store, id).await.len() as i64);
             }
         }
-        assert_eq!(
-            held, expected,
-            "{sessions} sessions, {tasks} tasks, max_tasks {max_tasks}"
-        );
+        assert_eq!(held, expected, "capacities {capacities:?}, {tasks} tasks");
         let table = holdings(&s.client).await;
         let assigned: i64 = table
             .iter()
@@ -154,12 +155,12 @@ async fn share_is_floor_of_open_over_live_plus_one_for_the_oldest_capped_at_max_
 #[tokio::test]
 async fn runners_of_different_names_do_not_share_a_count() {
     let s = setup(20).await;
-    let a = start(&s.store, "alpha").await;
-    let b = start(&s.store, "beta").await;
+    let a = start_cap(&s.store, "alpha", 15).await;
+    let b = start_cap(&s.store, "beta", 15).await;
     // One live session of each name: each counts only itself, so each may
-    // take up to ceil(20 / 1) capped at 15, and beta gets what alpha left.
-    assert_eq!(work(&s.store, a, 15).await.len(), 15);
-    assert_eq!(work(&s.store, b, 15).await.len(), 5);
+    // take all 20 up to its capacity of 15, and beta gets what alpha left.
+    assert_eq!(work(&s.store, a).await.len(), 15);
+    assert_eq!(work(&s.store, b).await.len(), 5);
 }
 
 #[tokio::test]
@@ -167,17 +168,18 @@ async fn a_joining_session_gets_its_share_within_two_ticks() {
     let s = setup(20).await;
     let a = start(&s.store, "join").await;
     let b = start(&s.store, "join").await;
-    assert_eq!(work(&s.store, a, 10).await.len(), 10);
-    assert_eq!(work(&s.store, b, 10).await.len(), 10);
+    assert_eq!(work(&s.store, a).await.len(), 10);
+    assert_eq!(work(&s.store, b).await.len(), 10);
 
     let c = start(&s.store, "join").await;
     // Tick 1 of the newcomer: everything is held, nothing to pick up yet.
-    assert_eq!(work(&s.store, c, 10).await.len(), 0);
-    // The incumbents' next ticks release their surplus over ceil(20/3) = 7.
-    assert_eq!(work(&s.store, a, 10).await.len(), 7);
-    assert_eq!(work(&s.store, b, 10).await.len(), 7);
+    assert_eq!(work(&s.store, c).await.len(), 0);
+    // The incumbents' next ticks release their surplus over their shares
+    // of 20 among three: 6 and 7.
+    assert_eq!(work(&s.store, a).await.len(), 6);
+    assert_eq!(work(&s.store, b).await.len(), 7);
     // Tick 2 of the newcomer: it holds the rest, within one of the others.
-    assert_eq!(work(&s.store, c, 10).await.len(), 6);
+    assert_eq!(work(&s.store, c).await.len(), 7);
     let table = holdings(&s.client).await;
     assert_eq!(table.get(&None), None, "no task is left unowned");
 }
@@ -192,16 +194,16 @@ async fn an_expired_sessions_tasks_move_to_the_survivors() {
     ];
     for _ in 0..2 {
         for &id in &ids {
-            work(&s.store, id, 10).await;
+            work(&s.store, id).await;
         }
     }
     let dead = ids[2];
-    let dead_tasks = work(&s.store, dead, 10).await;
-    assert_eq!(dead_tasks.len(), 6);
+    let dead_tasks = work(&s.store, dead).await;
+    assert_eq!(dead_tasks.len(), 7);
     expire(&s.client, dead).await;
 
-    let a = work(&s.store, ids[0], 10).await;
-    let b = work(&s.store, ids[1], 10).await;
+    let a = work(&s.store, ids[0]).await;
+    let b = work(&s.store, ids[1]).await;
     assert_eq!((a.len(), b.len()), (10, 10), "two survivors split 20 tasks");
     for t in &dead_tasks {
         assert!(
@@ -220,7 +222,7 @@ async fn an_expired_sessions_tasks_move_to_the_survivors() {
         .get(0);
     assert!(reclaimed, "the dead session is marked reclaimed");
     assert_lost(
-        try_work(&s.store, dead, 10).await,
+        try_work(&s.store, dead).await,
         "get_work of the reclaimed session",
     );
 }
@@ -228,51 +230,51 @@ async fn an_expired_sessions_tasks_move_to_the_survivors() {
 #[tokio::test]
 async fn end_session_frees_its_tasks_on_the_others_next_tick() {
     let s = setup(20).await;
-    let a = start(&s.store, "end").await;
-    let b = start(&s.store, "end").await;
-    assert_eq!(work(&s.store, a, 20).await.len(), 10);
-    assert_eq!(work(&s.store, b, 20).await.len(), 10);
+    let a = start_cap(&s.store, "end", 20).await;
+    let b = start_cap(&s.store, "end", 20).await;
+    assert_eq!(work(&s.store, a).await.len(), 10);
+    assert_eq!(work(&s.store, b).await.len(), 10);
 
     assert!(
-        s.store.session_end(b).await.unwrap(),
+        s.store.end_session(b).await.unwrap(),
         "ending a live session reports it"
     );
     assert!(
-        !s.store.session_end(b).await.unwrap(),
+        !s.store.end_session(b).await.unwrap(),
         "ending twice is a no-op"
     );
     assert_eq!(
-        work(&s.store, a, 20).await.len(),
+        work(&s.store, a).await.len(),
         20,
         "a takes everything on its very next tick"
     );
-    assert_lost(try_work(&s.store, b, 20).await, "get_work after end");
+    assert_lost(try_work(&s.store, b).await, "get_work after end");
 }
 
 #[tokio::test]
 async fn a_lost_session_gets_sl001_from_bump_get_work_and_finish() {
     let s = setup(5).await;
     let a = start(&s.store, "lost").await;
-    let tasks = work(&s.store, a, 10).await;
+    let tasks = work(&s.store, a).await;
     s.store
-        .session_bump(a, TTL)
+        .bump_session(a, TTL)
         .await
         .expect("a live session bumps");
     expire(&s.client, a).await;
 
-    assert_lost(s.store.session_bump(a, TTL).await, "bump");
-    assert_lost(try_work(&s.store, a, 10).await, "get_work");
+    assert_lost(s.store.bump_session(a, TTL).await, "bump");
+    assert_lost(try_work(&s.store, a).await, "get_work");
     assert_lost(
-        s.store.tasks_finish::<ExampleTask>(a, &tasks).await,
+        s.store.finish_tasks::<ExampleTask>(a, &tasks).await,
         "finish",
     );
     let missing = 987_654_321;
     assert_lost(
-        s.store.session_bump(missing, TTL).await,
+        s.store.bump_session(missing, TTL).await,
         "bump of a missing session",
     );
     assert_lost(
-        try_work(&s.store, missing, 10).await,
+        try_work(&s.store, missing).await,
         "get_work of a missing session",
     );
     // Nothing was finished by the expired session.
@@ -293,8 +295,8 @@ async fn finish_is_fenced_to_the_tasks_the_session_still_holds() {
     let s = setup(10).await;
     let a = start(&s.store, "fence").await;
     let b = start(&s.store, "fence").await;
-    let mine = work(&s.store, a, 10).await;
-    let theirs = work(&s.store, b, 10).await;
+    let mine = work(&s.store, a).await;
+    let theirs = work(&s.store, b).await;
     assert_eq!((mine.len(), theirs.len()), (5, 5));
 
     let mut asked: Vec<TaskId> = mine[..3].to_vec();
@@ -302,7 +304,7 @@ async fn finish_is_fenced_to_the_tasks_the_session_still_holds() {
     asked.push(999_999); // no such task
     let mut done = s
         .store
-        .tasks_finish::<ExampleTask>(a, &asked)
+        .finish_tasks::<ExampleTask>(a, &asked)
         .await
         .unwrap();
     done.sort();
@@ -310,7 +312,7 @@ async fn finish_is_fenced_to_the_tasks_the_session_still_holds() {
     // Finishing again returns nothing: they are no longer open.
     assert!(
         s.store
-            .tasks_finish::<ExampleTask>(a, &mine[..3])
+            .finish_tasks::<ExampleTask>(a, &mine[..3])
             .await
             .unwrap()
             .is_empty()
@@ -338,18 +340,18 @@ async fn finish_is_fenced_to_the_tasks_the_session_still_holds() {
 async fn a_stalled_session_cannot_finish_tasks_that_moved_on() {
     let s = setup(4).await;
     let a = start(&s.store, "stall").await;
-    let held = work(&s.store, a, 10).await;
+    let held = work(&s.store, a).await;
     assert_eq!(held.len(), 4);
     // a freezes past its TTL; b starts and takes the work over.
     expire(&s.client, a).await;
     let b = start(&s.store, "stall").await;
-    assert_eq!(work(&s.store, b, 10).await, held);
+    assert_eq!(work(&s.store, b).await, held);
     // a wakes up and tries to finish what it was running: rejected.
     assert_lost(
-        s.store.tasks_finish::<ExampleTask>(a, &held).await,
+        s.store.finish_tasks::<ExampleTask>(a, &held).await,
         "stale finish",
     );
-    let done = s.store.tasks_finish::<ExampleTask>(b, &held).await.unwrap();
+    let done = s.store.finish_tasks::<ExampleTask>(b, &held).await.unwrap();
     assert_eq!(done.len(), 4, "the new holder finishes them");
 }
 
@@ -359,21 +361,22 @@ async fn reap_deletes_only_sessions_reclaimed_long_enough_ago() {
     let live = start(&s.store, "reap").await;
     let ended = start(&s.store, "reap").await;
     let expired_elsewhere = start(&s.store, "other-name").await;
-    work(&s.store, ended, 10).await;
-    s.store.session_end(ended).await.unwrap();
+    work(&s.store, ended).await;
+    s.store.end_session(ended).await.unwrap();
     expire(&s.client, expired_elsewhere).await;
-    // live reclaims `ended` (same name), not `expired_elsewhere`.
-    work(&s.store, live, 10).await;
+    // live reclaims `ended` (same name), not `expired_elsewhere`, which
+    // holds no task of this table for the sweep to find.
+    work(&s.store, live).await;
 
     assert_eq!(
         s.store
-            .sessions_reap(Duration::from_secs(3600))
+            .reap_sessions(Duration::from_secs(3600))
             .await
             .unwrap(),
         0,
         "reclaimed just now: younger than the age"
     );
-    assert_eq!(s.store.sessions_reap(Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(s.store.reap_sessions(Duration::ZERO).await.unwrap(), 1);
     let left: Vec<i64> = s
         .client
         .query("SELECT id FROM session_lock.session ORDER BY id", &[])
@@ -385,7 +388,7 @@ async fn reap_deletes_only_sessions_reclaimed_long_enough_ago() {
     assert_eq!(
         left,
         vec![live, expired_elsewhere],
-        "the unreclaimed expired session stays until a session of its name frees its tasks"
+        "the unreclaimed expired session stays until a session of its name reclaims it"
     );
 }
 
@@ -393,31 +396,35 @@ async fn reap_deletes_only_sessions_reclaimed_long_enough_ago() {
 async fn bad_arguments_are_rejected_with_a_clear_error() {
     let s = setup(1).await;
     let a = start(&s.store, "args").await;
-    for (max_tasks, what) in [(0, "zero"), (100_000, "enormous")] {
-        match try_work(&s.store, a, max_tasks).await {
+    for (capacity, what) in [(0, "zero"), (100_000, "enormous")] {
+        match s
+            .store
+            .start_session(&SessionStart::new("args", TTL, capacity))
+            .await
+        {
             Err(Error::InvalidArgument(msg)) => {
                 assert!(
-                    msg.contains("max_tasks"),
-                    "{what}: message names max_tasks: {msg}"
+                    msg.contains("capacity"),
+                    "{what}: message names the capacity: {msg}"
                 )
             }
-            other => panic!("{what} max_tasks: expected InvalidArgument, got {other:?}"),
+            other => panic!("{what} capacity: expected InvalidArgument, got {other:?}"),
         }
     }
-    match s.store.session_start(&SessionStart::new("", TTL)).await {
+    match s.store.start_session(&SessionStart::new("", TTL, 10)).await {
         Err(Error::InvalidArgument(msg)) => assert!(msg.contains("name"), "{msg}"),
         other => panic!("empty name: expected InvalidArgument, got {other:?}"),
     }
     match s
         .store
-        .session_start(&SessionStart::new("x", Duration::ZERO))
+        .start_session(&SessionStart::new("x", Duration::ZERO, 10))
         .await
     {
         Err(Error::InvalidArgument(msg)) => assert!(msg.contains("ttl"), "{msg}"),
         other => panic!("zero ttl: expected InvalidArgument, got {other:?}"),
     }
     // The session survived the rejected calls and still works.
-    assert_eq!(work(&s.store, a, 10).await.len(), 1);
+    assert_eq!(work(&s.store, a).await.len(), 1);
     drop(s.db);
 }
 
@@ -426,7 +433,7 @@ async fn an_unmigrated_database_says_to_run_migrate() {
     let db = fresh_db().await;
     let store = PgStore::connect(&db.url).await.unwrap();
     let err = store
-        .session_start(&SessionStart::new("x", TTL))
+        .start_session(&SessionStart::new("x", TTL, 10))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::NotMigrated { .. }), "got {err:?}");
@@ -495,18 +502,19 @@ async fn concurrent_sessions_never_hold_the_same_task() {
             if n % 2 == 1 {
                 tokio::task::yield_now().await;
             }
-            let mut session = start(&store, "race").await;
+            // Sessions of every capacity from 3 to 10.
+            let capacity = 3 + (next(&mut rng) % 8) as u32;
+            let mut session = start_cap(&store, "race", capacity).await;
             let mut mine: Vec<TaskId> = Vec::new();
             let mut finished = 0usize;
             for tick in 0..TICKS {
                 claims.lock().unwrap().retain(|_, s| *s != session);
                 if n % 3 == 0 && tick == TICKS / 2 {
                     // Leave and rejoin under a new session mid-run.
-                    store.session_end(session).await.unwrap();
-                    session = start(&store, "race").await;
+                    store.end_session(session).await.unwrap();
+                    session = start_cap(&store, "race", capacity).await;
                 }
-                let max_tasks = 3 + (next(&mut rng) % 8) as u32;
-                mine = work(&store, session, max_tasks).await;
+                mine = work(&store, session).await;
                 {
                     let mut claims = claims.lock().unwrap();
                     for &t in &mine {
@@ -523,7 +531,7 @@ async fn concurrent_sessions_never_hold_the_same_task() {
                     .filter(|_| next(&mut rng) % 3 == 0)
                     .collect();
                 let done = store
-                    .tasks_finish::<ExampleTask>(session, &some)
+                    .finish_tasks::<ExampleTask>(session, &some)
                     .await
                     .unwrap();
                 assert_eq!(
@@ -588,11 +596,7 @@ async fn a_row_that_does_not_scan_is_reported_by_column_and_stays_assigned() {
     let a = start(&s.store, "scan").await;
     let work = s
         .store
-        .work_get::<MisreadTask>(WorkGet {
-            session: a,
-            max_tasks: 10,
-            ttl: TTL,
-        })
+        .get_work::<MisreadTask>(GetWork::new(a))
         .await
         .expect("get_work itself succeeds");
     assert!(work.tasks.is_empty());
@@ -608,7 +612,7 @@ async fn a_row_that_does_not_scan_is_reported_by_column_and_stays_assigned() {
 #[tokio::test]
 async fn pooled_connections_carry_the_statement_timeout() {
     let s = setup(0).await;
-    let conn = s.store.pool().get().await.expect("a pooled connection");
+    let conn = s.store.client().await.expect("a pooled connection");
     let row = conn.query_one("SHOW statement_timeout", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "30s");
     let row = conn.query_one("SHOW application_name", &[]).await.unwrap();
@@ -629,7 +633,7 @@ async fn shares_stay_within_one_and_a_joiner_gets_its_share_in_two_ticks_under_t
     for _ in 0..2 {
         held.clear();
         for &id in &ids {
-            held.push(work(&s.store, id, 10).await.len());
+            held.push(work(&s.store, id).await.len());
         }
     }
     assert_eq!(held.iter().sum::<usize>(), 115, "every task is held");
@@ -643,7 +647,7 @@ async fn shares_stay_within_one_and_a_joiner_gets_its_share_in_two_ticks_under_t
         ids.push(start(&s.store, "join-fair").await);
     }
     for &id in &ids {
-        work(&s.store, id, 10).await;
+        work(&s.store, id).await;
     }
     let joiner = start(&s.store, "join-fair").await;
     ids.push(joiner);
@@ -651,12 +655,12 @@ async fn shares_stay_within_one_and_a_joiner_gets_its_share_in_two_ticks_under_t
     for _round in 0..2 {
         held.clear();
         for &id in &ids {
-            held.push(work(&s.store, id, 10).await.len());
+            held.push(work(&s.store, id).await.len());
         }
     }
     assert_eq!(
         held,
-        vec![7, 6, 6, 6, 6],
+        vec![6, 6, 6, 6, 7],
         "the joiner holds its share after two ticks"
     );
 }
@@ -709,7 +713,7 @@ async fn held_counters_follow_pickup_release_finish_and_reclaim() {
     ];
     for _ in 0..2 {
         for &id in &ids {
-            work(&s.store, id, 10).await;
+            work(&s.store, id).await;
         }
     }
     assert_counters_match(&s.client, "pickup").await;
@@ -719,59 +723,60 @@ async fn held_counters_follow_pickup_release_finish_and_reclaim() {
             .values()
             .copied()
             .collect::<Vec<_>>(),
-        vec![9, 8, 8]
+        vec![8, 8, 9]
     );
 
     // The fenced finish.
-    let a_tasks = work(&s.store, ids[0], 10).await;
+    let a_tasks = work(&s.store, ids[0]).await;
     let done = s
         .store
-        .tasks_finish::<ExampleTask>(ids[0], &a_tasks[..5])
+        .finish_tasks::<ExampleTask>(ids[0], &a_tasks[..5])
         .await
         .expect("finish");
     assert_eq!(done.len(), 5);
     assert_counters_match(&s.client, "finish_tasks").await;
 
     // The finish inside get_work.
-    let b_tasks = work(&s.store, ids[1], 10).await;
+    let b_tasks = work(&s.store, ids[1]).await;
     let w = s
         .store
-        .work_finish_and_get::<ExampleTask>(
-            WorkGet {
-                session: ids[1],
-                max_tasks: 10,
-                ttl: TTL,
-            },
-            &b_tasks[..3],
-        )
+        .get_work::<ExampleTask>(GetWork {
+            finished: &b_tasks[..3],
+            ..GetWork::new(ids[1])
+        })
         .await
         .expect("finish and get");
+    assert_eq!(
+        w.finished,
+        b_tasks[..3].to_vec(),
+        "it says what it finished"
+    );
     assert!(w.tasks.iter().all(|t| !b_tasks[..3].contains(&t.id)));
     assert_counters_match(&s.client, "get_work with finished ids").await;
 
     // 17 open tasks now: the session above its share releases the surplus
-    // and two more ticks each settle 6, 6, 5.
+    // and two more ticks each settle 5, 6, 6.
     for _ in 0..2 {
         for &id in &ids {
-            work(&s.store, id, 10).await;
+            work(&s.store, id).await;
         }
     }
     assert_counters_match(&s.client, "rebalancing").await;
-    assert_eq!(held_per_session(&s.client).await, vec![6, 6, 5]);
+    assert_eq!(held_per_session(&s.client).await, vec![5, 6, 6]);
 
-    // A new session joins: 17 / 4 = 4 rest 1; the others release.
+    // A new session joins: 17 among 4 gives 4, 4, 4, 5; the others release.
     let d = start(&s.store, "held").await;
     for _ in 0..2 {
         for &id in ids.iter().chain([&d]) {
-            work(&s.store, id, 10).await;
+            work(&s.store, id).await;
         }
     }
     assert_counters_match(&s.client, "release to a joiner").await;
-    assert_eq!(held_per_session(&s.client).await, vec![5, 4, 4, 4]);
+    assert_eq!(held_per_session(&s.client).await, vec![4, 4, 4, 5]);
 
     // An expired session's tasks are reclaimed, and its counter with them.
     expire(&s.client, ids[2]).await;
-    work(&s.store, ids[0], 10).await;
+    work(&s.store, ids[0]).await;
     let reclaimed: i32 = s
         .client
         .query_one(
@@ -784,7 +789,7 @@ async fn held_counters_follow_pickup_release_finish_and_reclaim() {
     assert_eq!(reclaimed, 0);
     assert_counters_match(&s.client, "reclaim").await;
     for &id in [ids[1], d, ids[0]].iter() {
-        work(&s.store, id, 10).await;
+        work(&s.store, id).await;
     }
     assert_counters_match(&s.client, "after the reclaim").await;
     let table = holdings(&s.client).await;
@@ -804,8 +809,8 @@ async fn a_share_ignores_a_counter_that_drifted_once_its_session_ticks() {
         start(&s.store, "drift").await,
     );
     for _ in 0..2 {
-        work(&s.store, a, 10).await;
-        work(&s.store, b, 10).await;
+        work(&s.store, a).await;
+        work(&s.store, b).await;
     }
     s.client
         .execute(
@@ -815,14 +820,14 @@ async fn a_share_ignores_a_counter_that_drifted_once_its_session_ticks() {
         .await
         .expect("finish a's tasks directly");
     // b still believes a holds 10: 10 + 10 = 20 open, b keeps its 10.
-    assert_eq!(work(&s.store, b, 10).await.len(), 10);
+    assert_eq!(work(&s.store, b).await.len(), 10);
     // a's own tick corrects its counter (it counts its own tasks); nothing
     // is free yet, and with 10 open tasks left b gives 5 back on its next
     // tick, which a then picks up.
-    assert_eq!(work(&s.store, a, 10).await.len(), 0);
+    assert_eq!(work(&s.store, a).await.len(), 0);
     assert_counters_match(&s.client, "a's tick").await;
-    assert_eq!(work(&s.store, b, 10).await.len(), 5);
-    assert_eq!(work(&s.store, a, 10).await.len(), 5);
+    assert_eq!(work(&s.store, b).await.len(), 5);
+    assert_eq!(work(&s.store, a).await.len(), 5);
     assert_counters_match(&s.client, "both ticked").await;
 }
 
@@ -836,25 +841,244 @@ async fn a_pickup_that_proves_a_full_backlog_stands_in_for_the_count() {
         start(&s.store, "proof").await,
         start(&s.store, "proof").await,
     );
-    assert_eq!(work(&s.store, a, 10).await.len(), 10, "a counts: 20 open");
+    assert_eq!(work(&s.store, a).await.len(), 10, "a counts: 20 open");
     // b: a holds 10, so 10 more make the bound of 20: the pickup decides.
-    let b_tasks = work(&s.store, b, 10).await;
+    let b_tasks = work(&s.store, b).await;
     assert_eq!(b_tasks.len(), 10, "b's pickup finds all 10");
     assert_counters_match(&s.client, "a full pickup").await;
 
     // b finishes everything and 5 new tasks arrive: 15 open. b's pickup
-    // comes up short (5 of 10), so it counts: 15 / 2 gives b (the younger)
-    // 7, of which only the 5 free ones are there to take.
+    // comes up short (5 of 10), so it counts: 15 between two gives b (the
+    // younger) 8, of which only the 5 free ones are there to take.
     s.store
-        .tasks_finish::<ExampleTask>(b, &b_tasks)
+        .finish_tasks::<ExampleTask>(b, &b_tasks)
         .await
         .expect("finish");
     seed(&s.client, 5).await;
-    assert_eq!(work(&s.store, b, 10).await.len(), 5);
+    assert_eq!(work(&s.store, b).await.len(), 5);
     assert_counters_match(&s.client, "a short pickup").await;
-    // a's share is now 8: it releases 2, which b then picks up.
-    assert_eq!(work(&s.store, a, 10).await.len(), 8);
-    assert_eq!(work(&s.store, b, 10).await.len(), 7);
+    // a's share is now 7: it releases 3, which b then picks up.
+    assert_eq!(work(&s.store, a).await.len(), 7);
+    assert_eq!(work(&s.store, b).await.len(), 8);
     assert_counters_match(&s.client, "settled").await;
-    assert_eq!(held_per_session(&s.client).await, vec![8, 7]);
+    assert_eq!(held_per_session(&s.client).await, vec![7, 8]);
+}
+
+/// A task table of another shape than the example's: its own key name, an
+/// open state instead of a timestamp, a priority order, and functions of
+/// another prefix.
+#[derive(Debug)]
+struct Job {
+    id: TaskId,
+    priority: i32,
+}
+
+impl session_lock::Task for Job {
+    fn id(&self) -> TaskId {
+        self.id
+    }
+}
+
+impl session_lock::ScanTask for Job {
+    const QUERIES: session_lock::TaskQueries = session_lock::task_queries!("public.jobq");
+
+    fn scan(row: &tokio_postgres::Row) -> Result<Self, session_lock::ScanError> {
+        let id = session_lock::column(row, None, "job_id")?;
+        Ok(Job {
+            id,
+            priority: session_lock::column(row, Some(id), "priority")?,
+        })
+    }
+}
+
+#[tokio::test]
+async fn two_declared_tables_and_three_names_share_one_database() {
+    let s = setup(12).await;
+    s.client
+        .batch_execute(
+            "CREATE TABLE public.jobs (
+                 job_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                 state    text NOT NULL DEFAULT 'new',
+                 priority int NOT NULL,
+                 done_by  bigint);
+             SELECT session_lock.declare_task_table('public.jobs',
+                 id_column => 'job_id', open_when => 'state <> ''done''',
+                 finish => 'state = ''done''', finished_by => 'done_by',
+                 order_by => 'priority DESC, job_id', fn_prefix => 'jobq');
+             INSERT INTO public.jobs (priority) SELECT g % 5 FROM generate_series(1, 20) g;",
+        )
+        .await
+        .unwrap();
+    // Two names on the example table, one on the jobs table.
+    let e1 = start_cap(&s.store, "example-a", 6).await;
+    let e2 = start_cap(&s.store, "example-b", 6).await;
+    let j = start_cap(&s.store, "jobs", 4).await;
+    assert_eq!(work(&s.store, e1).await.len(), 6);
+    assert_eq!(work(&s.store, e2).await.len(), 6);
+    let jobs = s
+        .store
+        .get_work::<Job>(GetWork::new(j))
+        .await
+        .expect("get_work on the jobs table");
+    let priorities: Vec<i32> = jobs.tasks.iter().map(|t| t.priority).collect();
+    assert_eq!(priorities, vec![4, 4, 4, 4], "picked up by priority");
+    let ids: Vec<TaskId> = jobs.tasks.iter().map(|t| t.id).collect();
+    let w = s
+        .store
+        .get_work::<Job>(GetWork {
+            finished: &ids,
+            ..GetWork::new(j)
+        })
+        .await
+        .unwrap();
+    assert_eq!(w.finished, ids, "the finish of another table's shape");
+    let done: i64 = s
+        .client
+        .query_one(
+            "SELECT count(*) FROM public.jobs WHERE state = 'done' AND done_by = $1",
+            &[&j],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(done, 4);
+    // The tables never touch each other's tasks.
+    assert_eq!(
+        holdings(&s.client).await.values().sum::<i64>(),
+        12,
+        "the example's tasks are all still open"
+    );
+}
+
+#[tokio::test]
+async fn a_task_still_running_is_never_given_back_as_surplus() {
+    let s = setup(20).await;
+    let a = start(&s.store, "running").await;
+    let mine = work(&s.store, a).await;
+    assert_eq!(mine.len(), 10);
+    let b = start(&s.store, "running").await;
+    assert_eq!(work(&s.store, b).await.len(), 10);
+    // A third session joins: a's share drops to 6, but 7 of its tasks are
+    // still running in its process: only the other 3 may go.
+    let c = start(&s.store, "running").await;
+    work(&s.store, c).await;
+    let running = &mine[..7];
+    let w = s
+        .store
+        .get_work::<ExampleTask>(GetWork {
+            running,
+            ..GetWork::new(a)
+        })
+        .await
+        .unwrap();
+    let held: Vec<TaskId> = w.tasks.iter().map(|t| t.id).collect();
+    assert_eq!(held.len(), 7, "{held:?}");
+    for t in running {
+        assert!(held.contains(t), "running task {t} kept");
+    }
+    // Once they returned, the share applies.
+    assert_eq!(work(&s.store, a).await.len(), 6);
+}
+
+#[tokio::test]
+async fn a_completed_task_someone_else_has_locked_stays_held_until_it_can_be_finished() {
+    let s = setup(4).await;
+    let a = start(&s.store, "locked").await;
+    let held = work(&s.store, a).await;
+    let foreign = s.db.client().await;
+    foreign
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM example_task WHERE id = {} FOR UPDATE",
+            held[0]
+        ))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let w = s
+        .store
+        .get_work::<ExampleTask>(GetWork {
+            finished: &held[..2],
+            ..GetWork::new(a)
+        })
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the locked row was waited for briefly, not for long: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(w.finished, vec![held[1]], "the unlocked one is finished");
+    let still: Vec<TaskId> = w.tasks.iter().map(|t| t.id).collect();
+    assert!(still.contains(&held[0]), "the locked one is still held");
+    foreign.batch_execute("ROLLBACK").await.unwrap();
+    let w = s
+        .store
+        .get_work::<ExampleTask>(GetWork {
+            finished: &held[..1],
+            ..GetWork::new(a)
+        })
+        .await
+        .unwrap();
+    assert_eq!(w.finished, vec![held[0]], "finished once the lock is gone");
+}
+
+#[tokio::test]
+async fn the_first_releases_calls_are_refused_as_another_protocol() {
+    let s = setup(2).await;
+    let a = start(&s.store, "old").await;
+    // A session a runner of the first release left behind.
+    let old: i64 = s
+        .client
+        .query_one(
+            "UPDATE session_lock.session SET protocol = 1 WHERE id = $1 RETURNING id",
+            &[&a],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for (sql, with_session) in [
+        (
+            "SELECT session_lock.start_session('old', interval '1 minute', 'host', 1)",
+            false,
+        ),
+        (
+            "SELECT * FROM public.example_task_get_work($1, 10, interval '1 minute', '{}'::bigint[])",
+            true,
+        ),
+        (
+            "SELECT session_lock.bump_session($1, interval '1 minute')",
+            true,
+        ),
+        (
+            "SELECT session_lock.work_begin($1, 10, interval '1 minute')",
+            true,
+        ),
+        ("SELECT session_lock.lock_session($1)", true),
+    ] {
+        let err = if with_session {
+            s.client.query(sql, &[&old]).await
+        } else {
+            s.client.query(sql, &[]).await
+        }
+        .expect_err(sql);
+        let db = err.as_db_error().unwrap();
+        assert_eq!(db.code().code(), "SL004", "{sql}: {}", db.message());
+        assert!(
+            db.message().contains("protocol 1"),
+            "{sql}: {}",
+            db.message()
+        );
+        assert!(
+            db.hint().unwrap_or("").contains("Upgrade session-lock"),
+            "{sql}: {:?}",
+            db.hint()
+        );
+    }
+    // Through the store, the refusal is a typed error.
+    match s.store.bump_session(old, TTL).await {
+        Err(Error::ProtocolMismatch { detail }) => {
+            assert!(detail.contains("protocol 1"), "{detail}")
+        }
+        other => panic!("expected ProtocolMismatch, got {other:?}"),
+    }
 }

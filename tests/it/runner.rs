@@ -1165,6 +1165,23 @@ fn every_invalid_configuration_gives_its_error() {
             "safety margin",
         ),
         (
+            "zero heartbeat_timeout",
+            base().heartbeat_timeout(Duration::ZERO),
+            ConfigError::Zero("heartbeat_timeout"),
+            "heartbeat_timeout",
+        ),
+        (
+            "a heartbeat that could land after the fence",
+            base().ttl(s(10)).heartbeat(s(3)).heartbeat_timeout(s(6)),
+            ConfigError::HeartbeatTimeoutTooLong {
+                timeout: s(6),
+                heartbeat: s(3),
+                ttl: s(10),
+                fence: s(8),
+            },
+            "heartbeat_timeout 6s is too long for ttl 10s",
+        ),
+        (
             "safety margin above the ttl",
             base().ttl(s(10)).heartbeat(s(3)).safety_margin(s(60)),
             ConfigError::MarginTooLarge {
@@ -1201,10 +1218,11 @@ fn every_invalid_configuration_gives_its_error() {
         .ttl(s(9))
         .heartbeat(s(3))
         .safety_margin(Duration::from_millis(5999))
+        .heartbeat_timeout(Duration::from_millis(1))
         .max_tasks(10_000)
         .workers(1024)
         .build()
-        .expect("heartbeat = ttl/3, margin just under ttl - heartbeat, max limits");
+        .expect("heartbeat = ttl/3, margin just under ttl - heartbeat, a heartbeat timeout that just fits, max limits");
     assert_eq!(edge.safety_margin(), Duration::from_millis(5999));
     assert!(RunnerConfig::builder("n".repeat(200)).build().is_ok());
     assert!(base().ttl(s(24 * 3600)).build().is_ok());

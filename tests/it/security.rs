@@ -116,8 +116,13 @@ async fn a_runtime_role_with_execute_only_runs_the_runner_and_touches_nothing_el
         "UPDATE session_lock.session SET expires_at = now() + interval '1 day'",
         "SELECT * FROM session_lock.live_session",
         "SELECT * FROM example_task_run",
-        "SELECT public.example_task_pickup(1, 10)",
-        "SELECT public.example_task_release(ARRAY[1::bigint], NULL)",
+        "SELECT public.example_task_free_of(ARRAY[1::bigint], 10)",
+        "SELECT public.example_task_finish_ids(1, ARRAY[1::bigint])",
+        "SELECT public.example_task_count_open('x', 1, 0, 10::bigint)",
+        "SELECT public.example_task_sweep(1, NULL, true)",
+        "SELECT session_lock.generate_task_tables()",
+        "SELECT session_lock.declare_task_table('public.example_task')",
+        "SELECT session_lock.forget_task_table('public.example_task')",
         "SELECT session_lock.work_begin(1, 10, interval '1 minute')",
         "SELECT session_lock.lock_session(1)",
         "CREATE TABLE public.intruder (id int)",
@@ -138,7 +143,7 @@ async fn a_runtime_role_with_execute_only_runs_the_runner_and_touches_nothing_el
         .await
         .unwrap();
     let err = store
-        .session_start(&SessionStart::new("x", Duration::from_secs(60)))
+        .start_session(&SessionStart::new("x", Duration::from_secs(60), 10))
         .await
         .unwrap_err();
     assert_eq!(err.db_code(), Some("42501"), "{err}");
@@ -210,7 +215,7 @@ fn make_pki(data_dir: &Path) -> Pki {
 }
 
 async fn ssl_in_use(store: &PgStore) -> Result<bool, String> {
-    let conn = store.pool().get().await.map_err(|e| format!("{e:?}"))?;
+    let conn = store.client().await.map_err(|e| format!("{e:?}"))?;
     let row = conn
         .query_one(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
@@ -289,7 +294,7 @@ async fn tls_require_verify_ca_and_verify_full_against_a_self_signed_server() {
         assert_eq!(ssl_in_use(&store).await, Ok(*encrypted), "{what}");
         // The protocol works over it.
         store
-            .session_start(&SessionStart::new("tls", Duration::from_secs(30)))
+            .start_session(&SessionStart::new("tls", Duration::from_secs(30), 10))
             .await
             .unwrap_or_else(|e| panic!("{what}: {e}"));
     }
@@ -323,7 +328,7 @@ async fn tls_require_verify_ca_and_verify_full_against_a_self_signed_server() {
     for (what, url, reason) in refused {
         let store = PgStore::connect(url).await.unwrap();
         let err = store
-            .session_start(&SessionStart::new("tls", Duration::from_secs(30)))
+            .start_session(&SessionStart::new("tls", Duration::from_secs(30), 10))
             .await
             .expect_err(what);
         let text = err.to_string();

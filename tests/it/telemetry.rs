@@ -156,7 +156,7 @@ async fn one_tick_exports_one_tick_span_with_its_children() {
         Some(&Value::I64(session))
     );
     assert_eq!(count_attr(tick, "session_lock.tasks.fetched"), Some(3));
-    assert_eq!(count_attr(tick, "session_lock.tasks.completed"), Some(3));
+    assert_eq!(count_attr(tick, "session_lock.tasks.finished"), Some(3));
     assert_eq!(count_attr(tick, "session_lock.tasks.failed"), Some(0));
     for child in [SPAN_GET_WORK, SPAN_RUN_TASKS, SPAN_FINISH] {
         let spans = named(child);
@@ -202,7 +202,7 @@ async fn one_tick_exports_one_tick_span_with_its_children() {
     let exported = metrics.get_finished_metrics().unwrap();
     assert_eq!(counter(&exported, "session_lock.ticks", &name), Some(1));
     assert_eq!(
-        counter(&exported, "session_lock.tasks.completed", &name),
+        counter(&exported, "session_lock.tasks.finished", &name),
         Some(3)
     );
     assert_eq!(

@@ -96,7 +96,7 @@ pub(crate) struct DemoArgs {
     /// Tick interval in milliseconds.
     #[arg(long, default_value_t = 200)]
     tick_ms: u64,
-    /// Most tasks a session holds at once.
+    /// Most tasks a session holds at once: every worker's capacity.
     #[arg(long, default_value_t = 10)]
     max_tasks: u32,
     /// Give up (kill the workers, report what is left, exit 1) after this many seconds.
@@ -299,8 +299,10 @@ async fn demo(
     board.start(seeded);
     out.say(&format!(
         "seeded {} tasks (example_task ids {}..={})\n  \
-         every tick a session takes its share: min(floor(open / live sessions), {}),\n  \
-         plus one for each of the (open mod live) oldest sessions while under the cap",
+         every tick a session takes its share, weighted by capacity (its max_tasks):\n  \
+         floor(open * (before + C) / W) - floor(open * before / W), at most C, where C is\n  \
+         its capacity, W the live sessions' total and before that of the older ones;\n  \
+         every demo worker has capacity {}: shares within one task of open / live sessions",
         args.tasks, range.0, range.1, args.max_tasks
     ));
 
@@ -595,14 +597,20 @@ impl Run<'_> {
             let expiring = self.kill.as_ref().is_some_and(|k| k.failover.is_none());
             let live = self.fleet.workers.iter().filter(|w| w.alive()).count() as u64
                 + u64::from(expiring);
-            // The newest session ranks last, so the remainder's extra
-            // tasks go to the older ones: its share is the floor.
-            let share = (open / live.max(1)).min(u64::from(self.args.max_tasks));
+            // Shares are weighted by capacity, and every demo worker has the
+            // same: the newest session comes last (before = W - C), so its
+            // share is open - floor(open * (live - 1) / live), the ceiling
+            // of open / live, at most its capacity. (open is counted only
+            // as far as W: past it every session is at its capacity.)
+            let cap = u64::from(self.args.max_tasks);
+            let live = live.max(1);
+            let counted = open.min(live * cap);
+            let share = (counted - counted * (live - 1) / live).min(cap);
             self.board.out.say(&format!(
                 "rebalanced: session {session} took its first share within {} of joining\n  \
-                 its share: min(floor({open} open / {live} sessions), {}) = {share}",
+                 its share, the newest of {live} sessions of capacity {cap} (shares weighted by capacity):\n  \
+                 min(ceil({open} open / {live}), {cap}) = {share}",
                 secs(took),
-                self.args.max_tasks,
             ));
         }
     }

@@ -25,7 +25,7 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Apply the session-lock migrations, and a directory of your own.
     Migrate(ops::MigrateArgs),
-    /// Show the live sessions and the task counts of a task table.
+    /// Show the live sessions and the open tasks of every declared task table.
     Status(ops::StatusArgs),
 }
 

@@ -27,10 +27,12 @@ pub(crate) struct StatusArgs {
     /// The database, as a URL or key=value string.
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
-    /// The task table's `*_held` function (from the task template), whose
-    /// open tasks per session are shown.
-    #[arg(long, default_value = "public.example_task_held")]
-    held: String,
+    /// Show only the task table whose `*_held` function this is (e.g.
+    /// `public.example_task_held`). By default every table declared with
+    /// `session_lock.declare_task_table` (its task table declaration) is
+    /// shown.
+    #[arg(long)]
+    held: Option<String>,
 }
 
 pub(crate) fn migrate(args: MigrateArgs) -> Result<(), String> {
@@ -66,28 +68,85 @@ pub(crate) fn migrate(args: MigrateArgs) -> Result<(), String> {
     })
 }
 
+/// Every declared task table whose table still exists, by its generated
+/// functions' schema and prefix: its name, and its open tasks per holding
+/// session through `session_lock.task_overview` (a table without open tasks
+/// gives one row of NULLs). The `*_held` function's name is built and
+/// quoted here, in SQL.
+const DECLARED_OVERVIEW: &str = "
+SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), o.session_id, o.tasks, o.live
+  FROM session_lock.task_table t
+  JOIN pg_catalog.pg_class c ON c.oid = t.task_table
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN LATERAL session_lock.task_overview(
+           pg_catalog.format('%I.%I', t.fn_schema, t.fn_prefix || '_held')::regproc) o ON true
+ ORDER BY t.fn_schema, t.fn_prefix, o.session_id";
+
+/// The same for the one table whose `*_held` function is `$1`: named by
+/// its declaration when it has one, else by the function.
+const HELD_OVERVIEW: &str = "
+SELECT coalesce(
+           (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+              FROM session_lock.task_table t
+              JOIN pg_catalog.pg_class c ON c.oid = t.task_table
+              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE pg_catalog.to_regproc(
+                       pg_catalog.format('%I.%I', t.fn_schema, t.fn_prefix || '_held')) = h.held),
+           h.held::text),
+       o.session_id, o.tasks, o.live
+  FROM (SELECT $1::text::regproc AS held) h
+  LEFT JOIN LATERAL session_lock.task_overview(h.held) o ON true
+ ORDER BY o.session_id";
+
+/// One task table's open tasks.
+#[derive(Debug, Default)]
+struct TableCounts {
+    name: String,
+    open: i64,
+    /// Held by live sessions.
+    held: i64,
+    /// Held by no session.
+    free: i64,
+    /// Held by sessions that are not live.
+    orphaned: i64,
+}
+
 pub(crate) fn status(args: StatusArgs) -> Result<(), String> {
     runtime()?.block_on(async move {
         let client = connect(&args.database_url).await?;
-        let held = client
-            .query(
-                "SELECT session_id, tasks, live FROM session_lock.task_overview($1::text::regproc)",
-                &[&args.held],
-            )
-            .await
-            .map_err(|e| query_error(&e, &args.held))?;
+        let held_fn = args.held.as_deref();
+        let rows = match held_fn {
+            Some(held) => client.query(HELD_OVERVIEW, &[&held]).await,
+            None => client.query(DECLARED_OVERVIEW, &[]).await,
+        }
+        .map_err(|e| query_error(&e, held_fn))?;
+        // Per table, in the query's order; per live session, its open tasks
+        // over every table shown.
+        let mut tables: Vec<TableCounts> = Vec::new();
         let mut held_by = std::collections::HashMap::new();
-        let (mut open, mut unowned, mut orphaned) = (0i64, 0i64, 0i64);
-        for row in &held {
-            let session: Option<i64> = row.get(0);
-            let tasks: i64 = row.get(1);
-            let live: bool = row.get(2);
-            open += tasks;
+        for row in &rows {
+            let name: String = row.get(0);
+            if tables.last().is_none_or(|t| t.name != name) {
+                tables.push(TableCounts {
+                    name,
+                    ..TableCounts::default()
+                });
+            }
+            let Some(table) = tables.last_mut() else {
+                continue;
+            };
+            let session: Option<i64> = row.get(1);
+            let Some(tasks) = row.get::<_, Option<i64>>(2) else {
+                continue; // no open tasks
+            };
+            let live = row.get::<_, Option<bool>>(3).unwrap_or(false);
+            table.open += tasks;
             match session {
-                None => unowned += tasks,
-                Some(_) if !live => orphaned += tasks,
+                None => table.free += tasks,
+                Some(_) if !live => table.orphaned += tasks,
                 Some(id) => {
-                    held_by.insert(id, tasks);
+                    table.held += tasks;
+                    *held_by.entry(id).or_insert(0i64) += tasks;
                 }
             }
         }
@@ -96,13 +155,14 @@ pub(crate) fn status(args: StatusArgs) -> Result<(), String> {
                 "SELECT id, name, host, pid,
                         extract(epoch FROM age)::float8,
                         extract(epoch FROM expires_in)::float8,
+                        capacity,
                         held
                    FROM session_lock.live_session
                   ORDER BY name, id",
                 &[],
             )
             .await
-            .map_err(|e| query_error(&e, &args.held))?;
+            .map_err(|e| query_error(&e, held_fn))?;
 
         println!("live sessions: {}", sessions.len());
         if !sessions.is_empty() {
@@ -113,6 +173,7 @@ pub(crate) fn status(args: StatusArgs) -> Result<(), String> {
                 "PID".to_owned(),
                 "AGE".to_owned(),
                 "EXPIRES IN".to_owned(),
+                "CAPACITY".to_owned(),
                 "TASKS HELD".to_owned(),
                 "COUNTER".to_owned(),
             ]];
@@ -120,7 +181,7 @@ pub(crate) fn status(args: StatusArgs) -> Result<(), String> {
             for row in &sessions {
                 let id: i64 = row.get(0);
                 let held = held_by.get(&id).copied().unwrap_or(0);
-                let counter = i64::from(row.get::<_, i32>(6));
+                let counter = i64::from(row.get::<_, i32>(7));
                 if counter != held {
                     drifted += 1;
                 }
@@ -131,22 +192,43 @@ pub(crate) fn status(args: StatusArgs) -> Result<(), String> {
                     row.get::<_, i32>(3).to_string(),
                     human(row.get(4)),
                     human(row.get(5)),
+                    row.get::<_, i32>(6).to_string(),
                     held.to_string(),
                     counter.to_string(),
                 ]);
             }
             print_table(&table);
             if drifted > 0 {
+                let scope = if held_fn.is_some() {
+                    " (only the tasks of the table shown are counted)"
+                } else {
+                    ""
+                };
                 println!(
-                    "{drifted} session(s) hold a different number of tasks than their counter says (the counter is what the other sessions count them as holding): tasks changed outside session-lock, or a get_work in flight; each session corrects its counter on its next get_work"
+                    "{drifted} session(s) hold a different number of tasks than their counter says (the counter is what the other sessions count them as holding){scope}: tasks changed outside session-lock, or a get_work in flight; each session corrects its counter on its next get_work"
                 );
             }
         }
-        println!(
-            "tasks ({}): {open} open, {} assigned to live sessions, {unowned} unowned, {orphaned} orphaned (held by sessions that are no longer live, freed on the next tick of a live session of the same name)",
-            args.held,
-            open - unowned - orphaned,
-        );
+        if tables.is_empty() {
+            println!(
+                "task tables: none declared (declare one with session_lock.declare_task_table, or run `session-lock migrate --example` for the worked example)"
+            );
+        }
+        for t in &tables {
+            println!(
+                "tasks ({}): {} open, {} assigned to live sessions, {} unowned, {} orphaned{}",
+                t.name,
+                t.open,
+                t.held,
+                t.free,
+                t.orphaned,
+                if t.orphaned > 0 {
+                    " (held by sessions that are not live: freed by the next sweep of a live session of the table, within a tick)"
+                } else {
+                    ""
+                },
+            );
+        }
         Ok(())
     })
 }
@@ -167,28 +249,34 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
     })
 }
 
-fn query_error(e: &tokio_postgres::Error, held: &str) -> String {
-    match e.as_db_error() {
-        Some(db)
+fn query_error(e: &tokio_postgres::Error, held: Option<&str>) -> String {
+    match (e.as_db_error(), held) {
+        (Some(db), Some(held))
             if db.code().code() == "42883"
                 && db
                     .message()
                     .contains(held.rsplit('.').next().unwrap_or(held)) =>
         {
             format!(
-                "task function {held} does not exist: pass the *_held function of your task table with --held, or run `session-lock migrate --example` for the worked example"
+                "task function {held} does not exist: pass the *_held function of a declared task table with --held, or leave --held out to show every declared table"
             )
         }
-        Some(db) if matches!(db.code().code(), "42883" | "42P01" | "3F000") => format!(
-            "the session-lock migrations are not applied to this database ({}): run `session-lock migrate --database-url URL`",
+        (Some(db), _) if db.code().code() == "42883" && db.message().contains("_held") => format!(
+            "a declared task table has no *_held function ({}): run `session-lock migrate --database-url URL` to generate its functions again",
             db.message()
         ),
-        Some(db) => format!(
+        (Some(db), _) if matches!(db.code().code(), "42883" | "42P01" | "42703" | "3F000") => {
+            format!(
+                "the session-lock migrations of this release are not applied to this database ({}): run `session-lock migrate --database-url URL`",
+                db.message()
+            )
+        }
+        (Some(db), _) => format!(
             "query failed: {} (SQLSTATE {})",
             db.message(),
             db.code().code()
         ),
-        None => format!("query failed: {}", chain(e)),
+        (None, _) => format!("query failed: {}", chain(e)),
     }
 }
 

@@ -3,10 +3,14 @@
 //! Its tasker writes an `example_task_run` row per execution (started_at
 //! when it starts, finished_at when its work is done), sleeps `--work-ms`,
 //! and completes the task. Tools read those rows to count executions and
-//! duplicates. With `--noop` it completes every task at once and records
-//! nothing (`NoopTasker`), so throughput runs measure the coordination
-//! alone. It prints `session_id=<id>` on stdout each time it holds a new
-//! session, and on SIGTERM or SIGINT sends Stop, drains and exits 0.
+//! duplicates. A task whose payload is `block:<ms>` blocks its worker's
+//! thread that long before its work, as a synchronous Tasker would (no
+//! timeout can stop it): with `--batch-timeout-ms` shorter than that, tests
+//! drive a stuck task from the outside. With `--noop` it completes every
+//! task at once and records nothing (`NoopTasker`, which ignores payloads),
+//! so throughput runs measure the coordination alone. It prints
+//! `session_id=<id>` on stdout each time it holds a new session, and on
+//! SIGTERM or SIGINT sends Stop, drains and exits 0.
 
 use std::time::Duration;
 
@@ -29,10 +33,16 @@ pub(crate) struct WorkerArgs {
     /// Heartbeat interval in milliseconds.
     #[arg(long)]
     heartbeat_ms: Option<u64>,
+    /// Longest one heartbeat may take before it counts as failed, in
+    /// milliseconds (heartbeat + this must fit before ttl - safety margin;
+    /// default: the heartbeat interval, at most 10 s).
+    #[arg(long)]
+    heartbeat_timeout_ms: Option<u64>,
     /// Session TTL in milliseconds.
     #[arg(long)]
     ttl_ms: Option<u64>,
-    /// Most tasks this worker's session holds.
+    /// Most tasks this worker's session holds: its capacity, and its
+    /// weight in the fair shares of its name.
     #[arg(long)]
     max_tasks: Option<u32>,
     /// Tasker workers.
@@ -44,6 +54,11 @@ pub(crate) struct WorkerArgs {
     /// Most random delay before the first tick, in milliseconds.
     #[arg(long)]
     jitter_ms: Option<u64>,
+    /// Longest one batch may run before its unfinished tasks are given up
+    /// (they stay assigned and run again) and its worker restarted, in
+    /// milliseconds (default 60 s).
+    #[arg(long)]
+    batch_timeout_ms: Option<u64>,
     /// Drain timeout on stop, in milliseconds.
     #[arg(long)]
     drain_timeout_ms: Option<u64>,
@@ -92,7 +107,18 @@ pub(crate) fn run(args: WorkerArgs) -> Result<(), String> {
         tracing::info!("signal received: stopping");
         runner.stop().await;
         let s = runner.status();
-        tracing::info!(finished = s.finished, failed = s.failed, "stopped");
+        if !s.left_at_stop.is_empty() {
+            tracing::warn!(
+                tasks = ?s.left_at_stop,
+                "tasks still running at stop: their session was left to expire, and they move to another worker after its ttl"
+            );
+        }
+        tracing::info!(
+            finished = s.finished,
+            failed = s.failed,
+            stuck = s.stuck_tasks,
+            "stopped"
+        );
         Ok(())
     })
 }
@@ -106,6 +132,9 @@ fn config(args: &WorkerArgs) -> Result<RunnerConfig, String> {
     if let Some(v) = args.heartbeat_ms {
         b = b.heartbeat(ms(v));
     }
+    if let Some(v) = args.heartbeat_timeout_ms {
+        b = b.heartbeat_timeout(ms(v));
+    }
     if let Some(v) = args.tick_ms {
         b = b.tick(ms(v)).jitter(ms(v));
     }
@@ -117,6 +146,9 @@ fn config(args: &WorkerArgs) -> Result<RunnerConfig, String> {
     }
     if let Some(v) = args.workers {
         b = b.workers(v);
+    }
+    if let Some(v) = args.batch_timeout_ms {
+        b = b.batch_timeout(ms(v));
     }
     if let Some(v) = args.drain_timeout_ms {
         b = b.drain_timeout(ms(v));

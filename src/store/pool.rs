@@ -1,0 +1,256 @@
+//! The store's connections: a bb8 connection manager that opens every
+//! connection on the store's home runtime, bounds the whole connect, reads
+//! the database's identity on every new connection, and never pools a
+//! connection whose call was abandoned; and the record of connect failures
+//! that lets a caller waiting for a connection learn why none came.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bb8_postgres::PostgresConnectionManager;
+
+use crate::error::{Error, Result};
+use crate::store::DatabaseId;
+use crate::tls::Tls;
+
+/// Why a pooled connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The server or the network refused it.
+    #[error("{}", crate::error::describe_db(.0))]
+    Db(#[source] tokio_postgres::Error),
+    /// The whole connect (TCP, TLS, startup, authentication) took longer
+    /// than the connect timeout. tokio-postgres bounds only the TCP part; a
+    /// partition behind a proxy that accepts the TCP connection would
+    /// otherwise hold the attempt, and its pool slot, until the server's
+    /// authentication_timeout (a minute).
+    #[error("no answer while connecting within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// The latest identity read from a new connection, shared by a store's
+/// pools: a connection that lands in another database (a DNS name moved, a
+/// restored backup) changes it, and the runner starts over there.
+#[derive(Debug, Default)]
+pub(crate) struct IdentityCell(Mutex<Option<DatabaseId>>);
+
+impl IdentityCell {
+    pub(crate) fn get(&self) -> Option<DatabaseId> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, id: DatabaseId) {
+        let mut current = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref().is_some_and(|c| *c != id) {
+            tracing::warn!(from = %current.as_ref().map(ToString::to_string).unwrap_or_default(), to = %id,
+                "a new connection reached another database than before");
+        }
+        *current = Some(id);
+    }
+}
+
+/// The pool's connection manager: bb8-postgres's, with every connection
+/// opened and driven on the runtime that created the store.
+///
+/// tokio-postgres splits a connection into a `Client` and a task that owns
+/// the socket. bb8-postgres spawns that task wherever `connect` is called, so
+/// a connection first needed by an actor on a short-lived arbiter would die
+/// with that arbiter and leave a dead client in a pool the whole service
+/// shares. Opening it on the store's home runtime (the actix System's, when
+/// the store is made in `main`) ties every connection to the process instead.
+#[derive(Debug, Clone)]
+pub(crate) struct Manager {
+    inner: Arc<PostgresConnectionManager<Tls>>,
+    home: tokio::runtime::Handle,
+    connect_timeout: Duration,
+    /// Where to record the identity of each new connection's database, for
+    /// the pools the protocol uses (a user's pool does not read it).
+    identity: Option<Arc<IdentityCell>>,
+}
+
+impl Manager {
+    pub(crate) fn new(
+        config: tokio_postgres::Config,
+        tls: Tls,
+        connect_timeout: Duration,
+        identity: Option<Arc<IdentityCell>>,
+    ) -> Self {
+        Manager {
+            inner: Arc::new(PostgresConnectionManager::new(config, tls)),
+            home: tokio::runtime::Handle::current(),
+            connect_timeout,
+            identity,
+        }
+    }
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = PgConnection;
+    type Error = ConnectError;
+
+    async fn connect(&self) -> std::result::Result<Self::Connection, Self::Error> {
+        let limit = self.connect_timeout;
+        let inner = self.inner.clone();
+        let attempt = async move { connect_within(limit, inner.connect()).await };
+        let client = match self.home.spawn(attempt).await {
+            Ok(res) => res,
+            // The home runtime has shut down: connect here rather than fail.
+            Err(_) => connect_within(limit, self.inner.connect()).await,
+        }?;
+        if let Some(cell) = &self.identity {
+            // Unmigrated databases have no such function: the protocol's
+            // own calls report that, with the remedy.
+            let read = tokio::time::timeout(
+                limit,
+                client.query_opt("SELECT session_lock.database_identity()", &[]),
+            )
+            .await
+            .map_err(|_| ConnectError::TimedOut(limit))?;
+            if let Ok(Some(row)) = read {
+                if let Ok(id) = row.try_get::<_, String>(0) {
+                    cell.set(DatabaseId(id));
+                }
+            }
+        }
+        Ok(PgConnection {
+            client,
+            abandoned: AtomicBool::new(false),
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut Self::Connection) -> std::result::Result<(), Self::Error> {
+        self.inner
+            .is_valid(&mut conn.client)
+            .await
+            .map_err(ConnectError::Db)
+    }
+
+    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
+        conn.abandoned.load(Ordering::Relaxed) || self.inner.has_broken(&mut conn.client)
+    }
+}
+
+/// A pooled connection: a tokio-postgres `Client` (it derefs to one) that
+/// is thrown away instead of pooled once a call on it was abandoned.
+///
+/// A call abandoned mid-flight (timed out, or its future dropped) leaves a
+/// request outstanding whose answer may never come: behind a partition that
+/// a proxy acknowledges, TCP timeouts never fire, and reusing such a
+/// connection would hang every later call on it.
+#[derive(Debug)]
+pub(crate) struct PgConnection {
+    client: tokio_postgres::Client,
+    abandoned: AtomicBool,
+}
+
+impl PgConnection {
+    /// Runs `call` on this connection; if the call does not complete (it
+    /// is dropped, or times out), the connection is marked abandoned and
+    /// never pooled again.
+    pub(crate) async fn guarded<T>(&self, call: impl Future<Output = T>) -> T {
+        struct InFlight<'a>(&'a AtomicBool, bool);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        let mut in_flight = InFlight(&self.abandoned, false);
+        let out = call.await;
+        in_flight.1 = true;
+        out
+    }
+}
+
+impl std::ops::Deref for PgConnection {
+    type Target = tokio_postgres::Client;
+
+    fn deref(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+}
+
+/// Keeps the latest failure to open a pooled connection, so that a caller
+/// waiting for a connection gets its cause (wrong password, TLS refused,
+/// connection refused) at once, instead of bb8's bare timeout.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ConnectErrors(Arc<ConnectErrorsInner>);
+
+#[derive(Debug, Default)]
+struct ConnectErrorsInner {
+    /// Sequence number and description of the latest failure.
+    latest: Mutex<(u64, String)>,
+    notify: tokio::sync::Notify,
+}
+
+impl ConnectErrors {
+    pub(crate) fn seq(&self) -> u64 {
+        self.0
+            .latest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+
+    /// Waits for a failure after `seq` and returns its description.
+    pub(crate) async fn after(&self, seq: u64) -> String {
+        loop {
+            let notified = self.0.notify.notified();
+            {
+                let latest = self.0.latest.lock().unwrap_or_else(PoisonError::into_inner);
+                if latest.0 > seq {
+                    return latest.1.clone();
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+impl bb8::ErrorSink<ConnectError> for ConnectErrors {
+    fn sink(&self, error: ConnectError) {
+        let text = error.to_string();
+        tracing::debug!(error = %text, "cannot open a database connection");
+        {
+            let mut latest = self.0.latest.lock().unwrap_or_else(PoisonError::into_inner);
+            latest.0 += 1;
+            latest.1 = text;
+        }
+        self.0.notify.notify_waiters();
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<ConnectError>> {
+        Box::new(self.clone())
+    }
+}
+
+/// Runs a connect for at most `limit`: tokio-postgres bounds only the TCP
+/// connect, not the TLS, startup and authentication that follow. Pooled and
+/// dedicated connections alike.
+pub(crate) async fn connect_within<T>(
+    limit: Duration,
+    connect: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+) -> std::result::Result<T, ConnectError> {
+    tokio::time::timeout(limit, connect)
+        .await
+        .map_err(|_| ConnectError::TimedOut(limit))?
+        .map_err(ConnectError::Db)
+}
+
+/// [`connect_within`] for a dedicated connection, with the crate's errors.
+pub(crate) async fn bounded_connect<T>(
+    limit: Duration,
+    connect: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+) -> Result<T> {
+    connect_within(limit, connect).await.map_err(|e| match e {
+        ConnectError::TimedOut(limit) => Error::Connect(format!("no answer within {limit:?}")),
+        ConnectError::Db(e) => Error::from_db(e, None),
+    })
+}

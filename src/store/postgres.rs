@@ -1,0 +1,514 @@
+//! [`PgStore`], the [`Database`] over PostgreSQL: the protocol's SQL
+//! functions called over tokio-postgres, on pools of their own. Heartbeats
+//! and session starts use the control pool, which nothing else draws from,
+//! so no slow get_work and no query of the application's can make a renewal
+//! wait; get_work and finish_tasks use the work pool; the application's own
+//! queries ([`PgStore::client`]) a third. Every call is bounded on the
+//! client, and a connection whose call was abandoned is never reused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bb8::{Pool, PooledConnection};
+use tokio_postgres::Row;
+use tokio_postgres::types::{ToSql, Type};
+
+use super::interval::Interval;
+use super::pool::{ConnectErrors, IdentityCell, Manager, bounded_connect};
+use super::{Database, DatabaseId, DbFinder, GetWork, Listener, SessionId, SessionStart, Work};
+use crate::error::{Error, Result};
+use crate::task::{ScanTask, TaskId};
+use crate::tls::{Tls, TlsMode};
+
+/// Default size of the work pool (get_work, finish_tasks) and of the pool
+/// for the application's own queries.
+pub const DEFAULT_POOL_SIZE: u32 = 4;
+/// Size of the control pool (session starts, heartbeats, ends).
+const CONTROL_POOL_SIZE: u32 = 2;
+/// Default time allowed to open a connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default server-side limit on any one statement.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time unacknowledged data may sit on the socket before the kernel
+/// drops the connection (`TCP_USER_TIMEOUT`).
+pub const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle time before the first TCP keepalive probe.
+pub const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(10);
+/// Default time between TCP keepalive probes.
+pub const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(2);
+/// Default number of unanswered keepalive probes before the connection is dropped.
+pub const DEFAULT_KEEPALIVES_RETRIES: u32 = 3;
+
+const START_SESSION: &str = "SELECT session_lock.start_session($1, $2, $3, $4, $5)";
+const BUMP_SESSION: &str = "SELECT session_lock.bump_session($1, $2)";
+const END_SESSION: &str = "SELECT session_lock.end_session($1)";
+const REAP_SESSIONS: &str = "SELECT session_lock.reap_sessions($1)";
+const DATABASE_IDENTITY: &str = "SELECT session_lock.database_identity()";
+
+/// Connection and pool settings for [`PgStore`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Encryption and server verification. Defaults to [`TlsMode::Prefer`],
+    /// as libpq; [`PgStore::connect`] takes it from the URL's `sslmode`.
+    pub tls: TlsMode,
+    /// Most connections in the pool. Defaults to [`DEFAULT_POOL_SIZE`].
+    pub pool_size: u32,
+    /// Time allowed to open a connection, and to wait for one from the pool.
+    /// Defaults to [`DEFAULT_CONNECT_TIMEOUT`].
+    pub connect_timeout: Duration,
+    /// Server-side limit on any one statement. Defaults to
+    /// [`DEFAULT_STATEMENT_TIMEOUT`].
+    pub statement_timeout: Duration,
+    /// Client-side limit on any one call, for when the server never sees
+    /// the statement (a partition that a proxy acknowledges defeats TCP
+    /// timeouts). A connection whose call timed out is discarded. Defaults
+    /// to the statement timeout plus 5 seconds.
+    pub call_timeout: Duration,
+    /// `TCP_USER_TIMEOUT` of each connection. Defaults to
+    /// [`DEFAULT_TCP_USER_TIMEOUT`].
+    pub tcp_user_timeout: Duration,
+    /// TCP keepalive idle time. Defaults to [`DEFAULT_KEEPALIVES_IDLE`].
+    pub keepalives_idle: Duration,
+    /// TCP keepalive probe interval. Defaults to [`DEFAULT_KEEPALIVES_INTERVAL`].
+    pub keepalives_interval: Duration,
+    /// TCP keepalive probes before giving up. Defaults to [`DEFAULT_KEEPALIVES_RETRIES`].
+    pub keepalives_retries: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            tls: TlsMode::default(),
+            pool_size: DEFAULT_POOL_SIZE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            call_timeout: DEFAULT_STATEMENT_TIMEOUT + Duration::from_secs(5),
+            tcp_user_timeout: DEFAULT_TCP_USER_TIMEOUT,
+            keepalives_idle: DEFAULT_KEEPALIVES_IDLE,
+            keepalives_interval: DEFAULT_KEEPALIVES_INTERVAL,
+            keepalives_retries: DEFAULT_KEEPALIVES_RETRIES,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Applies the timeouts and keepalives to a connection config, so that a
+    /// partitioned database fails a call in seconds instead of hanging on the
+    /// kernel's defaults (minutes). A statement timeout already present in
+    /// the config's `options` is kept.
+    pub fn apply(&self, config: &mut tokio_postgres::Config) {
+        config
+            .connect_timeout(self.connect_timeout)
+            .tcp_user_timeout(self.tcp_user_timeout)
+            .keepalives(true)
+            .keepalives_idle(self.keepalives_idle)
+            .keepalives_interval(self.keepalives_interval)
+            .keepalives_retries(self.keepalives_retries);
+        let options = config.get_options().unwrap_or("").to_owned();
+        if !options.contains("statement_timeout") {
+            let timeout = format!(
+                "-c statement_timeout={}",
+                self.statement_timeout.as_millis()
+            );
+            let joined = if options.is_empty() {
+                timeout
+            } else {
+                format!("{options} {timeout}")
+            };
+            config.options(joined);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("session-lock");
+        }
+    }
+}
+
+/// The [`Database`] over Postgres: bb8 pools of tokio-postgres connections
+/// calling the session-lock SQL functions. Cheap to clone; clones share the
+/// pools.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Session starts, heartbeats and ends: nothing else waits in it.
+    control: Pool<Manager>,
+    /// get_work, finish_tasks, reap_sessions.
+    work: Pool<Manager>,
+    /// The application's own queries.
+    user: Pool<Manager>,
+    /// The identity of the database the latest new connection reached.
+    identity: Arc<IdentityCell>,
+    /// For connections outside the pools (LISTEN needs one of its own).
+    config: tokio_postgres::Config,
+    tls: Tls,
+    connect_errors: ConnectErrors,
+    call_timeout: Duration,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("work", &self.inner.work)
+            .field("control", &self.inner.control)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection from the pool [`PgStore::client`] hands out for the
+/// application's own queries; it derefs to a tokio-postgres `Client` and
+/// goes back to that pool when dropped.
+pub struct StoreClient<'a>(PooledConnection<'a, Manager>);
+
+impl std::fmt::Debug for StoreClient<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreClient").finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for StoreClient<'_> {
+    type Target = tokio_postgres::Client;
+
+    fn deref(&self) -> &tokio_postgres::Client {
+        &self.0
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (a libpq-style URL or key=value
+    /// string) with [`StoreOptions::default`] and the TLS mode of its
+    /// `sslmode` (see [`tls`](crate::tls): `verify-full` with `sslrootcert`
+    /// checks the server).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let (config, tls) = crate::tls::parse_url(url)?;
+        Self::from_config(
+            config,
+            StoreOptions {
+                tls,
+                ..StoreOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Builds the pools for `config` with the given options. They connect
+    /// lazily: an unreachable database is reported by the first call.
+    ///
+    /// Connections are opened and driven on the Tokio runtime this is called
+    /// on: in an actix application, call it from `main` (the System's
+    /// arbiter), which lives as long as the process.
+    pub async fn from_config(
+        mut config: tokio_postgres::Config,
+        options: StoreOptions,
+    ) -> Result<Self> {
+        if options.pool_size == 0 {
+            return Err(Error::InvalidArgument(
+                "pool_size must be at least 1".into(),
+            ));
+        }
+        options.apply(&mut config);
+        let tls = crate::tls::connector(&options.tls)?;
+        let connect_errors = ConnectErrors::default();
+        let identity = Arc::new(IdentityCell::default());
+        let pool = |size: u32, identity: Option<Arc<IdentityCell>>, test_on_check_out: bool| {
+            Pool::builder()
+                .error_sink(Box::new(connect_errors.clone()))
+                .max_size(size)
+                .min_idle(Some(0))
+                .connection_timeout(options.connect_timeout)
+                // The protocol's pools find a broken connection when a call
+                // fails, and bb8 then drops it: testing every checkout would
+                // add a round trip to every call. The application's pool
+                // tests, since its users' calls are not guarded.
+                .test_on_check_out(test_on_check_out)
+                // A failed connect is reported (see ConnectErrors) rather
+                // than retried silently until the caller's wait times out.
+                .retry_connection(false)
+                .build_unchecked(Manager::new(
+                    config.clone(),
+                    tls.clone(),
+                    options.connect_timeout,
+                    identity,
+                ))
+        };
+        Ok(PgStore {
+            inner: Arc::new(Inner {
+                control: pool(CONTROL_POOL_SIZE, Some(identity.clone()), false),
+                work: pool(options.pool_size, Some(identity.clone()), false),
+                user: pool(options.pool_size, None, true),
+                identity,
+                config,
+                tls,
+                connect_errors,
+                call_timeout: options.call_timeout,
+            }),
+        })
+    }
+
+    /// A connection for the application's own queries (a Tasker's, say),
+    /// from a pool the protocol never uses: however the application uses
+    /// or abandons it, no heartbeat or get_work waits behind it.
+    pub async fn client(&self) -> Result<StoreClient<'_>> {
+        Ok(StoreClient(self.checkout(&self.inner.user).await?))
+    }
+
+    /// Runs one statement on a connection of `pool`, bounded by the call
+    /// timeout; the connection is discarded if the call does not complete.
+    async fn query(
+        &self,
+        pool: &Pool<Manager>,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+        session: Option<SessionId>,
+    ) -> Result<Vec<Row>> {
+        let conn = self.checkout(pool).await?;
+        let limit = self.inner.call_timeout;
+        let rows = conn
+            .guarded(tokio::time::timeout(limit, conn.query_typed(sql, params)))
+            .await
+            .map_err(|_| Error::Timeout(limit))?;
+        rows.map_err(|e| Error::from_db(e, session))
+    }
+
+    async fn checkout<'a>(&self, pool: &'a Pool<Manager>) -> Result<PooledConnection<'a, Manager>> {
+        let seq = self.inner.connect_errors.seq();
+        tokio::select! {
+            conn = pool.get() => Ok(conn?),
+            cause = self.inner.connect_errors.after(seq) => Err(Error::Connect(cause)),
+        }
+    }
+}
+
+impl Database for PgStore {
+    async fn database_identity(&self) -> Result<DatabaseId> {
+        if let Some(id) = self.inner.identity.get() {
+            return Ok(id);
+        }
+        let rows = self
+            .query(&self.inner.control, DATABASE_IDENTITY, &[], None)
+            .await?;
+        let id = DatabaseId(first(&rows, None)?);
+        Ok(self.inner.identity.get().unwrap_or(id))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, params), fields(session.name = %params.name), err)]
+    async fn start_session(&self, params: &SessionStart) -> Result<SessionId> {
+        let pid = i32::try_from(params.pid).unwrap_or(0);
+        let capacity = i32::try_from(params.capacity).map_err(|_| {
+            Error::InvalidArgument(format!("capacity {} is out of range", params.capacity))
+        })?;
+        let rows = self
+            .query(
+                &self.inner.control,
+                START_SESSION,
+                &[
+                    (&params.name, Type::TEXT),
+                    (&Interval(params.ttl), Type::INTERVAL),
+                    (&capacity, Type::INT4),
+                    (&params.host, Type::TEXT),
+                    (&pid, Type::INT4),
+                ],
+                None,
+            )
+            .await?;
+        first(&rows, None)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), err)]
+    async fn bump_session(&self, session: SessionId, ttl: Duration) -> Result<()> {
+        self.query(
+            &self.inner.control,
+            BUMP_SESSION,
+            &[(&session, Type::INT8), (&Interval(ttl), Type::INTERVAL)],
+            Some(session),
+        )
+        .await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), err)]
+    async fn end_session(&self, session: SessionId) -> Result<bool> {
+        let rows = self
+            .query(
+                &self.inner.control,
+                END_SESSION,
+                &[(&session, Type::INT8)],
+                Some(session),
+            )
+            .await?;
+        first(&rows, Some(session))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, params), fields(session = params.session, finishing = params.finished.len()), err)]
+    async fn get_work<T: ScanTask>(&self, params: GetWork<'_>) -> Result<Work<T>> {
+        let rows = self
+            .query(
+                &self.inner.work,
+                T::QUERIES.get_work,
+                &[
+                    (&params.session, Type::INT8),
+                    (&params.finished, Type::INT8_ARRAY),
+                    (&params.running, Type::INT8_ARRAY),
+                    (&params.sweep, Type::BOOL),
+                ],
+                Some(params.session),
+            )
+            .await?;
+        let mut work = Work {
+            finished: Vec::new(),
+            tasks: Vec::with_capacity(rows.len()),
+            unreadable: Vec::new(),
+        };
+        for row in &rows {
+            // A finished id comes first in its row, with the task's columns
+            // NULL; a held task has no finished id.
+            let finished: Option<TaskId> = row
+                .try_get(0)
+                .map_err(|e| Error::from_db(e, Some(params.session)))?;
+            match finished {
+                Some(id) => work.finished.push(id),
+                None => match T::scan(row) {
+                    Ok(task) => work.tasks.push(task),
+                    Err(e) => work.unreadable.push(e),
+                },
+            }
+        }
+        Ok(work)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, ids), fields(tasks = ids.len()), err)]
+    async fn finish_tasks<T: ScanTask>(
+        &self,
+        session: SessionId,
+        ids: &[TaskId],
+    ) -> Result<Vec<TaskId>> {
+        let rows = self
+            .query(
+                &self.inner.work,
+                T::QUERIES.finish,
+                &[(&session, Type::INT8), (&ids, Type::INT8_ARRAY)],
+                Some(session),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(|e| Error::from_db(e, Some(session))))
+            .collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), err)]
+    async fn reap_sessions(&self, older_than: Duration) -> Result<u64> {
+        let rows = self
+            .query(
+                &self.inner.work,
+                REAP_SESSIONS,
+                &[(&Interval(older_than), Type::INTERVAL)],
+                None,
+            )
+            .await?;
+        let reaped: i32 = first(&rows, None)?;
+        Ok(u64::try_from(reaped).unwrap_or(0))
+    }
+
+    async fn listen(&self, channel: &'static str) -> Result<Option<Listener>> {
+        self.listen_on(channel).await
+    }
+}
+
+impl PgStore {
+    async fn listen_on(&self, channel: &'static str) -> Result<Option<Listener>> {
+        use futures_util::future::poll_fn;
+        use tokio_postgres::AsyncMessage;
+
+        let config = &self.inner.config;
+        let limit = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let (client, mut connection) =
+            bounded_connect(limit, config.connect(self.inner.tls.clone())).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
+                match msg {
+                    // A full channel already holds a wake-up: coalesce.
+                    Ok(AsyncMessage::Notification(_)) => {
+                        let _ = tx.try_send(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "listen connection closed");
+                        break;
+                    }
+                }
+            }
+        });
+        // LISTEN takes no bind parameters; the channel is a constant chosen
+        // in code (TaskQueries::notify_channel), quoted as an identifier.
+        tokio::time::timeout(
+            limit,
+            client.batch_execute(&format!("LISTEN {}", quote_ident(channel))),
+        )
+        .await
+        .map_err(|_| Error::Timeout(limit))?
+        .map_err(|e| Error::from_db(e, None))?;
+        Ok(Some(Listener::new(client, rx)))
+    }
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+impl DbFinder for PgStore {
+    type Db = PgStore;
+
+    async fn find(&self) -> Result<PgStore> {
+        Ok(self.clone())
+    }
+}
+
+/// Opens one connection to `url` outside any pool (for migrations and
+/// operator queries), honouring its `sslmode` and with the timeouts of
+/// [`StoreOptions::default`]. The connection is driven by a task on the
+/// current Tokio runtime and closes when the client is dropped.
+pub async fn connect_one(url: &str) -> Result<tokio_postgres::Client> {
+    connect_one_with(url, StoreOptions::default()).await
+}
+
+/// [`connect_one`] with other timeouts and keepalives; the TLS mode always
+/// comes from the URL's `sslmode`.
+pub async fn connect_one_with(url: &str, options: StoreOptions) -> Result<tokio_postgres::Client> {
+    let (mut config, tls) = crate::tls::parse_url(url)?;
+    let options = StoreOptions { tls, ..options };
+    options.apply(&mut config);
+    let connect = config.connect(crate::tls::connector(&options.tls)?);
+    let (client, connection) = bounded_connect(options.connect_timeout, connect).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// The first column of the first row of a one-row result.
+fn first<'a, T: tokio_postgres::types::FromSql<'a>>(
+    rows: &'a [Row],
+    session: Option<SessionId>,
+) -> Result<T> {
+    let row = rows
+        .first()
+        .ok_or_else(|| Error::InvalidArgument("a session-lock function returned no row".into()))?;
+    row.try_get(0).map_err(|e| Error::from_db(e, session))
+}
+
+/// This machine's host name, or "" when it cannot be read.
+pub(crate) fn local_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
