@@ -12,6 +12,10 @@ pub mod example;
 mod fetcher;
 pub mod migrate;
 mod reaper;
+#[cfg(test)]
+mod runtime_tests;
+#[cfg(test)]
+mod scripted;
 mod session;
 pub mod status;
 pub mod store;

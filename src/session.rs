@@ -27,7 +27,7 @@
 //! session here) and a new one starts in the new database.
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use actix::prelude::*;
 use tokio::sync::oneshot;

@@ -99,6 +99,16 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Runner<T, K, F> {
     /// (for example in an actix-web `main`); the runner then runs until it
     /// gets [`Stop`] or the System stops.
     pub fn start(self) -> RunnerHandle {
+        self.start_on(false)
+    }
+
+    /// Starts every actor on the current arbiter (tests with a paused clock).
+    #[cfg(test)]
+    pub(crate) fn start_inline(self) -> RunnerHandle {
+        self.start_on(true)
+    }
+
+    fn start_on(self, inline: bool) -> RunnerHandle {
         let (status, rx) = watch::channel(RunnerStatus {
             name: self.config.name.clone(),
             ..RunnerStatus::default()
@@ -117,6 +127,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Runner<T, K, F> {
             running: None,
             state: State::Running,
             stop_waiters: Vec::new(),
+            inline,
         }
         .start();
         RunnerHandle {
@@ -171,7 +182,7 @@ enum State {
 }
 
 struct Running<T: ScanTask, K: Tasker<T>, F: DbFinder> {
-    control: Arbiter,
+    control: Option<Arbiter>,
     worker_arbiters: Vec<Arbiter>,
     session: Addr<SessionActor<F>>,
     fetcher: Addr<Fetcher<T, K, F>>,
@@ -189,6 +200,7 @@ pub struct RunnerSupervisor<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     running: Option<Running<T, K, F>>,
     state: State,
     stop_waiters: Vec<oneshot::Sender<()>>,
+    inline: bool,
 }
 
 impl<T: ScanTask, K: Tasker<T>, F: DbFinder> std::fmt::Debug for RunnerSupervisor<T, K, F> {
@@ -203,18 +215,22 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Context<Self>) {
-        let control = Arbiter::new();
-        let worker_arbiters: Vec<Arbiter> =
-            (0..self.config.workers).map(|_| Arbiter::new()).collect();
-        let workers: Arc<[Addr<Worker<T, K>>]> = worker_arbiters
-            .iter()
-            .enumerate()
-            .map(|(i, arbiter)| {
+        // Inline (tests only): every actor on the caller's arbiter, so that
+        // a paused test clock governs them all.
+        let (control, worker_arbiters) = if self.inline {
+            (None, Vec::new())
+        } else {
+            let workers = (0..self.config.workers).map(|_| Arbiter::new()).collect();
+            (Some(Arbiter::new()), workers)
+        };
+        let on = |arbiter: Option<&Arbiter>| arbiter.map_or_else(Arbiter::current, Arbiter::handle);
+        let workers: Arc<[Addr<Worker<T, K>>]> = (0..self.config.workers)
+            .map(|i| {
                 let runner: Arc<str> = self.config.name.as_str().into();
                 let tasker = self.tasker.clone();
                 let status = self.status.clone();
                 let metrics = self.metrics.clone();
-                Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+                Supervisor::start_in_arbiter(&on(worker_arbiters.get(i)), move |_| {
                     Worker::new(i, runner, tasker, status, metrics)
                 })
             })
@@ -226,7 +242,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
                 self.status.clone(),
                 self.metrics.clone(),
             );
-            Supervisor::start_in_arbiter(&control.handle(), move |_| {
+            Supervisor::start_in_arbiter(&on(control.as_ref()), move |_| {
                 SessionActor::new(config, finder, status, metrics)
             })
         };
@@ -238,14 +254,16 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
                 self.metrics.clone(),
             );
             let (session, workers) = (session.clone(), workers.clone());
-            Supervisor::start_in_arbiter(&control.handle(), move |_| {
+            Supervisor::start_in_arbiter(&on(control.as_ref()), move |_| {
                 Fetcher::new(config, finder, status, metrics, session, workers)
             })
         };
         session.do_send(Subscribe(fetcher.clone().recipient()));
         let reaper = {
             let (config, finder) = (self.config.clone(), self.finder.clone());
-            Supervisor::start_in_arbiter(&control.handle(), move |_| Reaper::new(config, finder))
+            Supervisor::start_in_arbiter(&on(control.as_ref()), move |_| {
+                Reaper::new(config, finder)
+            })
         };
         tracing::info!(runner = %self.config.name, workers = self.config.workers, "runner started");
         self.running = Some(Running {
@@ -331,7 +349,9 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Stop> for RunnerSupervisor<
 impl<T: ScanTask, K: Tasker<T>, F: DbFinder> RunnerSupervisor<T, K, F> {
     fn finish_stop(&mut self) {
         if let Some(running) = self.running.take() {
-            running.control.stop();
+            if let Some(control) = &running.control {
+                control.stop();
+            }
             for arbiter in &running.worker_arbiters {
                 arbiter.stop();
             }

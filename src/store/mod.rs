@@ -177,12 +177,16 @@ pub trait Database: Send + Sync + 'static {
 /// connection.
 #[derive(Debug)]
 pub struct Listener {
-    _client: tokio_postgres::Client,
+    /// The LISTEN connection, kept open while the listener lives.
+    _client: Option<tokio_postgres::Client>,
     rx: tokio::sync::mpsc::Receiver<()>,
 }
 
 impl Listener {
-    pub(crate) fn new(client: tokio_postgres::Client, rx: tokio::sync::mpsc::Receiver<()>) -> Self {
+    pub(crate) fn new(
+        client: Option<tokio_postgres::Client>,
+        rx: tokio::sync::mpsc::Receiver<()>,
+    ) -> Self {
         Listener {
             _client: client,
             rx,

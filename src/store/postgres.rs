@@ -453,7 +453,7 @@ impl PgStore {
         .await
         .map_err(|_| Error::Timeout(limit))?
         .map_err(|e| Error::from_db(e, None))?;
-        Ok(Some(Listener::new(client, rx)))
+        Ok(Some(Listener::new(Some(client), rx)))
     }
 }
 

@@ -1,0 +1,358 @@
+//! The runtime's timing, unit-tested against the scripted database with a
+//! paused clock: every actor runs on the test's arbiter, so tokio's paused
+//! time governs them all, and a test of seconds of runner time takes
+//! milliseconds. The real-database tests (tests/it) check the same runner
+//! against PostgreSQL; these check what is hard to time there: the fence,
+//! the drain, Stop in the middle of things, backoff under notifications,
+//! carried completions and a database that moves.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::RunnerConfig;
+use crate::scripted::{Fault, Method, POISONED, ScriptedDb, ScriptedFinder, TestTask};
+use crate::status::{RunnerStatus, wait_for_status};
+use crate::supervisor::{Runner, RunnerHandle};
+use crate::task::TaskId;
+use crate::tasker::{Progress, TaskerError};
+
+const MS: Duration = Duration::from_millis(1);
+
+/// ttl 1 s, heartbeat 300 ms (timeout 100 ms), fence at 800 ms, tick 100 ms.
+fn config() -> crate::config::RunnerConfigBuilder {
+    RunnerConfig::builder("scripted")
+        .ttl(1000 * MS)
+        .heartbeat(300 * MS)
+        .heartbeat_timeout(100 * MS)
+        .safety_margin(200 * MS)
+        .tick(100 * MS)
+        .jitter(Duration::ZERO)
+        .retry_max(2000 * MS)
+        .drain_timeout(300 * MS)
+        .max_tasks(4)
+        .workers(2)
+}
+
+/// How many times each task's run started.
+type Runs = Arc<Mutex<BTreeMap<TaskId, u32>>>;
+
+/// A Tasker that records each run and completes every task after `work`.
+fn tasker(
+    runs: Runs,
+    work: Duration,
+) -> impl Fn(
+    Vec<TestTask>,
+    Progress,
+) -> futures_util::future::BoxFuture<'static, Result<Vec<TaskId>, TaskerError>>
++ Send
++ Sync
++ 'static {
+    move |tasks: Vec<TestTask>, progress: Progress| {
+        let runs = runs.clone();
+        Box::pin(async move {
+            for t in &tasks {
+                *runs.lock().unwrap().entry(t.id).or_default() += 1;
+            }
+            tokio::time::sleep(work).await;
+            for t in &tasks {
+                progress.complete(t.id);
+            }
+            Ok(Vec::new())
+        })
+    }
+}
+
+fn start(db: &ScriptedDb, config: RunnerConfig, runs: &Runs, work: Duration) -> RunnerHandle {
+    Runner::<TestTask, _, _>::new(
+        config,
+        ScriptedFinder::new(db.clone()),
+        tasker(runs.clone(), work),
+    )
+    .start_inline()
+}
+
+/// Waits (in paused time) until `runs` says `n` distinct tasks have started.
+async fn started(runs: &Runs, n: usize) {
+    let deadline = Instant::now() + 5000 * MS;
+    while runs.lock().unwrap().len() < n {
+        assert!(Instant::now() < deadline, "runs never started: {runs:?}");
+        tokio::time::sleep(MS).await;
+    }
+}
+
+async fn until(
+    runner: &RunnerHandle,
+    within: Duration,
+    pred: impl FnMut(&RunnerStatus) -> bool,
+) -> RunnerStatus {
+    let mut rx = runner.subscribe();
+    wait_for_status(&mut rx, within, pred)
+        .await
+        .unwrap_or_else(|| panic!("status never came: {:?}", runner.status()))
+}
+
+#[actix_rt::test]
+async fn the_runner_fences_itself_at_ttl_minus_margin_after_its_last_heartbeat() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 0);
+    let runs = Runs::default();
+    let t0 = Instant::now();
+    let runner = start(&db, config().build().unwrap(), &runs, MS);
+    until(&runner, 5000 * MS, |s| s.session.is_some()).await;
+    // The first heartbeat (at 300 ms) succeeds; every later one fails.
+    until(&runner, 5000 * MS, |s| s.heartbeats >= 1).await;
+    let renewed = db.calls(Method::Bump).len();
+    assert_eq!(renewed, 1);
+    db.failing(Method::Bump, true);
+    let fenced = until(&runner, 5000 * MS, |s| s.fences == 1).await;
+    let at = t0.elapsed();
+    // Sent at 300 ms: fenced at 300 + 1000 - 200 = 1100 ms, not later.
+    assert!(
+        at >= 1100 * MS && at < 1110 * MS,
+        "fenced at {at:?}: {fenced:?}"
+    );
+    assert!(fenced.session.is_none(), "a fenced runner has no session");
+    // A heartbeat that succeeds again lifts the fence.
+    db.failing(Method::Bump, false);
+    let lifted = until(&runner, 5000 * MS, |s| s.session.is_some()).await;
+    assert_eq!(lifted.fences, 1);
+    assert_eq!(lifted.session_starts, 1, "the same session, no new one");
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_notification_does_not_cut_the_backoff_short() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 3);
+    let runs = Runs::default();
+    let runner = start(&db, config().build().unwrap(), &runs, MS);
+    until(&runner, 5000 * MS, |s| s.session.is_some()).await;
+    db.failing(Method::GetWork, true);
+    let before = db.calls(Method::GetWork).len();
+    // A notification every 20 ms for 10 s while get_work keeps failing.
+    let end = Instant::now() + 10_000 * MS;
+    while Instant::now() < end {
+        db.notify();
+        tokio::time::sleep(20 * MS).await;
+    }
+    let calls = db.calls(Method::GetWork).len() - before;
+    // Backoff from 100 ms doubling to 2 s: about 8 tries in 10 s. Without
+    // it, one every 20 ms: 500.
+    assert!((4..=12).contains(&calls), "{calls} get_work calls in 10 s");
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn status_keeps_what_is_held_after_a_failed_tick() {
+    tokio::time::pause();
+    // More tasks than the capacity: every tick holds 4.
+    let db = ScriptedDb::new("db", 1000);
+    let runs = Runs::default();
+    let runner = start(&db, config().build().unwrap(), &runs, 50 * MS);
+    until(&runner, 5000 * MS, |s| s.tasks_held == 4).await;
+    db.failing(Method::GetWork, true);
+    let failed = until(&runner, 5000 * MS, |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no answer"))
+    })
+    .await;
+    assert_eq!(failed.tasks_held, 4, "{failed:?}");
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_completed_task_locked_elsewhere_is_carried_not_run_again_and_counted_once() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 2);
+    // Task 1 is locked by someone else: its finish is skipped.
+    db.with(|s| s.locked.insert(1));
+    let runs = Runs::default();
+    let runner = start(&db, config().max_tasks(2).build().unwrap(), &runs, MS);
+    until(&runner, 5000 * MS, |s| s.finished >= 1).await;
+    // Several ticks go by with task 1 held, completed and unfinished.
+    tokio::time::sleep(1000 * MS).await;
+    let status = runner.status();
+    assert_eq!(status.finished, 1, "only task 2 is finished: {status:?}");
+    assert_eq!(status.rejected, 0, "task 1 is still held: {status:?}");
+    assert_eq!(runs.lock().unwrap()[&1], 1, "task 1 never ran again");
+    // The lock goes: the next call finishes it.
+    db.with(|s| s.locked.clear());
+    until(&runner, 5000 * MS, |s| s.finished == 2).await;
+    assert_eq!(
+        db.with(|s| s.finished.len()),
+        2,
+        "the database agrees: two finished"
+    );
+    assert_eq!(runs.lock().unwrap()[&1], 1);
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_session_started_while_stopping_is_ended() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 0);
+    // The start answers after 80 ms (within the heartbeat timeout).
+    db.fault(Method::Start, Fault::Delay(80 * MS));
+    let runs = Runs::default();
+    let runner = start(&db, config().build().unwrap(), &runs, MS);
+    tokio::time::sleep(10 * MS).await;
+    assert_eq!(db.calls(Method::Start).len(), 1, "the start is in flight");
+    runner.stop().await;
+    let sessions = db.with(|s| s.sessions.clone());
+    assert_eq!(sessions.len(), 1);
+    let session = sessions.values().next().unwrap();
+    assert!(
+        session.ended && !session.live,
+        "the session the stopping runner started was ended: {session:?}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_batch_fetched_while_stop_arrives_is_not_started() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 3);
+    // The first get_work answers late; Stop comes while it is in flight.
+    db.fault(Method::GetWork, Fault::Delay(200 * MS));
+    let runs = Runs::default();
+    let runner = start(&db, config().build().unwrap(), &runs, MS);
+    until(&runner, 5000 * MS, |s| s.session.is_some()).await;
+    tokio::time::sleep(50 * MS).await;
+    assert_eq!(db.calls(Method::GetWork).len(), 1, "get_work in flight");
+    runner.stop().await;
+    assert!(runs.lock().unwrap().is_empty(), "nothing ran: {runs:?}");
+    assert_eq!(
+        db.with(|s| s.tasks.values().filter(|h| h.is_some()).count()),
+        0,
+        "the ended session's tasks are free again"
+    );
+}
+
+#[actix_rt::test]
+async fn stop_waits_for_the_drain_then_stops_the_batch_and_ends_the_session() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 2);
+    let runs = Runs::default();
+    // Tasks that take 10 s: longer than the drain timeout (300 ms).
+    let runner = start(&db, config().build().unwrap(), &runs, 10_000 * MS);
+    started(&runs, 2).await;
+    let t0 = Instant::now();
+    runner.stop().await;
+    let took = t0.elapsed();
+    assert!(
+        took >= 300 * MS && took < 400 * MS,
+        "Stop waited the drain timeout, then stopped the batch: {took:?}"
+    );
+    let status = runner.status();
+    assert!(status.left_at_stop.is_empty(), "the stopped runs returned");
+    assert_eq!(db.with(|s| s.finished.len()), 0, "nothing completed");
+    assert!(
+        db.with(|s| s.sessions.values().all(|s| s.ended)),
+        "the session was ended"
+    );
+}
+
+#[actix_rt::test]
+async fn a_database_that_moves_gets_a_new_session_and_never_the_old_ids() {
+    tokio::time::pause();
+    let first = ScriptedDb::new("first", 4);
+    let second = ScriptedDb::new("second", 4);
+    let finder = ScriptedFinder::new(first.clone());
+    let runs = Runs::default();
+    // Drain mode carries completed ids to the next get_work.
+    let runner = Runner::<TestTask, _, _>::new(
+        config().max_tasks(4).build().unwrap(),
+        finder.clone(),
+        tasker(runs.clone(), 20 * MS),
+    )
+    .start_inline();
+    until(&runner, 5000 * MS, |s| s.fetched >= 4).await;
+    finder.move_to(second.clone());
+    let moved = until(&runner, 5000 * MS, |s| s.database_moves >= 1).await;
+    until(&runner, 5000 * MS, |s| s.session_starts >= 2).await;
+    until(&runner, 5000 * MS, |s| s.finished >= 4).await;
+    // In the second database, session 1 is the one started there; nothing
+    // used an id of the first database before that start.
+    let calls = second.with(|s| s.calls.clone());
+    let first_start = calls
+        .iter()
+        .position(|c| c.method == Method::Start)
+        .expect("a session started in the second database");
+    for c in &calls[..first_start] {
+        assert!(
+            c.session.is_none() && c.ids.is_empty(),
+            "an id from the first database reached the second: {c:?} ({moved:?})"
+        );
+    }
+    for c in &calls[first_start..] {
+        if let Some(s) = c.session {
+            assert!(
+                second.with(|st| st.sessions.contains_key(&s)),
+                "{c:?} names a session of the second database"
+            );
+        }
+    }
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_task_whose_id_panics_is_reported_and_the_rest_run() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 0);
+    db.with(|s| {
+        s.tasks.insert(1, None);
+        s.tasks.insert(POISONED, None);
+        s.tasks.insert(2, None);
+    });
+    let runs = Runs::default();
+    let runner = start(&db, config().build().unwrap(), &runs, MS);
+    let status = until(&runner, 5000 * MS, |s| s.finished >= 2).await;
+    assert!(status.failed >= 1, "{status:?}");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("Task::id panicked")),
+        "{status:?}"
+    );
+    assert_eq!(
+        runs.lock().unwrap().keys().copied().collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(status.actor_restarts, 0, "no actor died");
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_lost_session_is_replaced_and_its_carried_ids_are_not_counted_finished() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 4);
+    let runs = Runs::default();
+    let runner = start(&db, config().build().unwrap(), &runs, 200 * MS);
+    started(&runs, 4).await;
+    // The session is lost (a survivor reclaimed it) while its batch runs.
+    db.with(|s| {
+        for sess in s.sessions.values_mut() {
+            sess.live = false;
+        }
+        for holder in s.tasks.values_mut() {
+            *holder = None;
+        }
+    });
+    let status = until(&runner, 5000 * MS, |s| s.session_losses >= 1).await;
+    assert_eq!(
+        status.finished, 0,
+        "nothing the database refused counts: {status:?}"
+    );
+    let after = until(&runner, 5000 * MS, |s| s.finished == 4).await;
+    assert_eq!(after.session_starts, 2, "{after:?}");
+    assert_eq!(db.with(|s| s.finished.len()), 4);
+    assert!(
+        runs.lock().unwrap().values().all(|&n| n == 2),
+        "each ran again under the new session: {runs:?}"
+    );
+    runner.stop().await;
+}
