@@ -349,6 +349,13 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             span.record("otel.status_code", "ERROR");
             span.record("error.message", field::display(e));
         }
+        if report.rejected > 0 {
+            tracing::warn!(
+                runner = %self.config.name,
+                rejected = report.rejected,
+                "finish refused for completed tasks the session no longer holds; they run again elsewhere"
+            );
+        }
         if report.swept {
             self.last_sweep = Some(started);
         }

@@ -124,11 +124,22 @@ impl bb8::ManageConnection for Manager {
         })
     }
 
+    /// Bounded, and guarded: a connection whose check does not answer (a
+    /// peer gone silent behind a partition, a query still pending on it) is
+    /// marked abandoned, so bb8 drops it instead of pooling it again, also
+    /// when the caller's wait for a connection times out first. Unbounded,
+    /// one dead connection would fail every checkout of its pool for ever.
     async fn is_valid(&self, conn: &mut Self::Connection) -> std::result::Result<(), Self::Error> {
-        self.inner
-            .is_valid(&mut conn.client)
-            .await
-            .map_err(ConnectError::Db)
+        let limit = self.connect_timeout / 2;
+        let check = tokio::time::timeout(limit, conn.client.simple_query(""));
+        match conn.guarded(check).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(ConnectError::Db(e)),
+            Err(_) => {
+                conn.abandoned.store(true, Ordering::Relaxed);
+                Err(ConnectError::TimedOut(limit))
+            }
+        }
     }
 
     fn has_broken(&self, conn: &mut Self::Connection) -> bool {
