@@ -13,4 +13,5 @@ mod runner;
 mod security;
 mod service;
 mod telemetry;
+mod upgrade;
 mod worker;
