@@ -1,6 +1,7 @@
 //! Integration tests against a real PostgreSQL started by the harness (one server
 //! per run, one database per test).
 mod bad_input;
+mod blocking;
 mod chaos;
 mod cli;
 mod demo;

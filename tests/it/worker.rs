@@ -20,7 +20,7 @@ use crate::harness::migrated_db;
 use crate::process::WorkerProcess;
 
 /// Guards every wait: far longer than any condition should take.
-const DEADLINE: Duration = Duration::from_secs(60);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(60);
 /// How often the database is polled.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -71,7 +71,7 @@ fn spawn(label: &str, url: &str, opts: Opts) -> Worker {
 }
 
 /// Polls `check` every [`POLL`] until it returns `Some`, failing after `within`.
-async fn poll_until<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+pub(crate) async fn poll_until<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -118,7 +118,7 @@ async fn seed(client: &Client, n: i32) -> Vec<i64> {
         .collect()
 }
 
-async fn count(
+pub(crate) async fn count(
     client: &Client,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
@@ -146,7 +146,7 @@ async fn unfinished(client: &Client) -> i64 {
 }
 
 /// Waits until every task is finished.
-async fn wait_all_finished(client: &Client, within: Duration) {
+pub(crate) async fn wait_all_finished(client: &Client, within: Duration) {
     poll_until("every task finished", within, || async {
         (unfinished(client).await == 0).then_some(())
     })
@@ -170,7 +170,7 @@ async fn duplicate_runs(client: &Client) -> BTreeMap<i64, Vec<i64>> {
 /// Checks that hold after every test: every task finished, each by a session
 /// that ran it, while that session's lease was live (the fence), and every
 /// task ran at least once.
-async fn assert_finished_and_fenced(client: &Client) {
+pub(crate) async fn assert_finished_and_fenced(client: &Client) {
     assert_eq!(unfinished(client).await, 0, "tasks left open");
     let late = client
         .query(
