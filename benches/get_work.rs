@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
 use session_lock::example::ExampleTask;
-use session_lock::{Database, GetWork, PgStore, SessionId, SessionStart, StoreOptions};
+use session_lock::{Database, GetWork, PgStore, Session, SessionStart, StoreOptions};
 use tokio_postgres::Client;
 
 use common::{Table, median, ms, quantile, verdict};
@@ -85,7 +85,7 @@ struct Db {
     backlog: u64,
     store: PgStore,
     client: Client,
-    sessions: Vec<SessionId>,
+    sessions: Vec<Session>,
     /// Per session, the batch it holds until its next turn (busy turns).
     batches: Vec<Vec<i64>>,
     turns: Turns,
@@ -144,13 +144,13 @@ impl Db {
     /// itself, so that it measures get_work alone, as before the finish
     /// was fused into it.
     async fn turn(&mut self, i: usize) -> Duration {
-        let session = self.sessions[i];
+        let session = self.sessions[i].clone();
         let held = std::mem::take(&mut self.batches[i]);
-        self.finish_and_replace(session, &held).await;
+        self.finish_and_replace(&session, &held).await;
         let t0 = Instant::now();
         let work = self
             .store
-            .get_work::<ExampleTask>(GetWork::new(session))
+            .get_work::<ExampleTask>(GetWork::new(&session))
             .await
             .expect("get_work");
         let elapsed = t0.elapsed();
@@ -158,7 +158,7 @@ impl Db {
         self.last_batch = ids.len();
         match self.turns {
             Turns::Busy => self.batches[i] = ids,
-            Turns::Idle => self.finish_and_replace(session, &ids).await,
+            Turns::Idle => self.finish_and_replace(&session, &ids).await,
         }
         elapsed
     }
@@ -200,7 +200,7 @@ impl Db {
     }
 
     /// Finishes `ids` for `session` and inserts as many new tasks.
-    async fn finish_and_replace(&self, session: SessionId, ids: &[i64]) {
+    async fn finish_and_replace(&self, session: &Session, ids: &[i64]) {
         common::finish_and_replace(&self.client, session, ids).await;
     }
 }

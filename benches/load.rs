@@ -1378,7 +1378,7 @@ async fn diag_get_work(ctx: &Ctx, backlog: u64, sessions: usize, max_tasks: u32)
     }
     common::track_statements(&client, "all").await;
     for round in 0..3 {
-        for &session in &ids {
+        for session in &ids {
             let work = store
                 .get_work::<ExampleTask>(GetWork::new(session))
                 .await

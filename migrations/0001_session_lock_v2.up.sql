@@ -12,10 +12,18 @@
 -- the functions of protocol 2 refuse sessions of another version with
 -- SQLSTATE SL004, so a runner of an older release stops clearly instead of
 -- misreading a newer protocol's rows.
+-- token is the session's secret: start_session returns it once, and every
+-- call that acts for the session must present it, so that holding the
+-- runtime role is not enough to end, renew or finish for another process's
+-- session. task_table is the one task table the session works, bound by its
+-- first get_work: shares, held counters and the sweep are per name and
+-- table.
 ALTER TABLE session_lock.session
     ADD COLUMN capacity integer NOT NULL DEFAULT 1
         CHECK (capacity BETWEEN 1 AND 10000),
-    ADD COLUMN protocol smallint NOT NULL DEFAULT 1;
+    ADD COLUMN protocol smallint NOT NULL DEFAULT 1,
+    ADD COLUMN token uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+    ADD COLUMN task_table regclass;
 
 UPDATE session_lock.session
    SET capacity = least(greatest(held, 1), 10000)
@@ -27,16 +35,15 @@ ALTER TABLE session_lock.session
 
 -- The declared task tables. A row is a declaration, written by
 -- session_lock.declare_task_table; from it session-lock generates the
--- table's protocol functions (0003_task_table.alwaysup.sql), again on
--- every migration, so a new release's protocol reaches every declared
--- table without anyone copying SQL.
+-- table's protocol functions in this schema (0003_task_table.alwaysup.sql),
+-- again on every migration, so a new release's protocol reaches every
+-- declared table without anyone copying SQL.
 CREATE TABLE session_lock.task_table (
     -- regclass: kept by name through pg_dump and restore.
     task_table   regclass    PRIMARY KEY,
-    -- Schema and leading name of the generated functions
-    -- (<fn_schema>.<fn_prefix>_get_work, ..._finish_tasks, ..._held).
-    fn_schema    name        NOT NULL,
-    fn_prefix    text        NOT NULL,
+    -- The leading name of the generated functions
+    -- (session_lock.<fn_prefix>_get_work, ..._finish_tasks, ..._held).
+    fn_prefix    text        NOT NULL UNIQUE,
     -- The BIGINT primary key column.
     id_column    name        NOT NULL,
     -- Which rows are open: a boolean SQL expression over the row's columns.
@@ -52,8 +59,7 @@ CREATE TABLE session_lock.task_table (
     -- The longest any statement of the table's protocol waits for a lock.
     lock_timeout interval    NOT NULL,
     declared_at  timestamptz NOT NULL DEFAULT now(),
-    generated_at timestamptz,
-    UNIQUE (fn_schema, fn_prefix)
+    generated_at timestamptz
 );
 
 COMMENT ON TABLE session_lock.task_table IS

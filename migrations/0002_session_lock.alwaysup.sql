@@ -14,7 +14,9 @@
 -- What holds, in one paragraph. A task belongs to the session in its
 -- session_id column, so it is never held by two sessions at once; the
 -- question is only whether a session may still act on what it holds. It
--- may while its row is live: not expired, not ended, not reclaimed. Every
+-- may while its row is live (not expired, not ended, not reclaimed), and
+-- only the process that started it may: every call for a session presents
+-- the token start_session returned, a secret nobody else has. Every
 -- call that acts for a session locks that row and checks it is live;
 -- whoever frees the tasks of a session that is not live first locks its
 -- row FOR UPDATE and stamps reclaimed_at, in the transaction that releases
@@ -72,6 +74,7 @@ DROP FUNCTION IF EXISTS session_lock.fair_share(bigint, integer, integer, intege
 DROP FUNCTION IF EXISTS session_lock.check_ttl(interval);
 DROP FUNCTION IF EXISTS session_lock.check_max_tasks(integer);
 DROP FUNCTION IF EXISTS session_lock.start_session(text, interval, text, integer);
+DROP FUNCTION IF EXISTS session_lock.bump_session(bigint, interval);
 
 CREATE FUNCTION session_lock.work_begin(p_session bigint, p_max_tasks integer, p_ttl interval)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -92,6 +95,9 @@ AS $$ BEGIN PERFORM session_lock.refuse_protocol_1('fair_share'); RETURN NULL; E
 CREATE FUNCTION session_lock.start_session(p_name text, p_ttl interval, p_host text, p_pid integer)
 RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$ BEGIN PERFORM session_lock.refuse_protocol_1('start_session without a capacity'); RETURN NULL; END; $$;
+CREATE FUNCTION session_lock.bump_session(p_session bigint, p_ttl interval)
+RETURNS timestamptz LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM session_lock.refuse_protocol_1('bump_session without a token'); RETURN NULL; END; $$;
 
 -- ---------------------------------------------------------------------------
 -- Arguments.
@@ -140,7 +146,8 @@ END;
 $$;
 
 -- Raises SL004 if p_session exists and speaks another protocol, SL001
--- otherwise: the error of a call that found its session not live.
+-- otherwise: the error of a call that found its session not live, or not
+-- its own (the token does not match: said the same way, on purpose).
 CREATE OR REPLACE FUNCTION session_lock.raise_not_live(p_session bigint)
 RETURNS void
 LANGUAGE plpgsql
@@ -153,7 +160,7 @@ BEGIN
     IF FOUND AND v_protocol <> 2 THEN
         PERFORM session_lock.refuse_protocol_1('session ' || p_session);
     END IF;
-    RAISE EXCEPTION 'session % is lost: missing, expired, ended or reclaimed', p_session
+    RAISE EXCEPTION 'session % is lost: missing, expired, ended or reclaimed, or not the caller''s', p_session
         USING ERRCODE = 'SL001';
 END;
 $$;
@@ -163,23 +170,24 @@ $$;
 -- ---------------------------------------------------------------------------
 
 -- Starts a session of the runner called p_name with a lease of p_ttl and
--- room for p_capacity tasks, and returns its id. host and pid identify the
+-- room for p_capacity tasks, and returns its id and its token: the secret
+-- every later call for the session must present. host and pid identify the
 -- process for operators; host defaults to the client's address.
 CREATE OR REPLACE FUNCTION session_lock.start_session(
     p_name     text,
     p_ttl      interval,
     p_capacity integer DEFAULT 10,
     p_host     text DEFAULT NULL,
-    p_pid      integer DEFAULT NULL
+    p_pid      integer DEFAULT NULL,
+    OUT session_id bigint,
+    OUT session_token uuid
 )
-RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '1s'
 AS $$
 DECLARE
-    v_id  bigint;
     v_ttl interval;
 BEGIN
     IF p_name IS NULL OR p_name = '' OR pg_catalog.length(p_name) > 200 THEN
@@ -188,24 +196,25 @@ BEGIN
     END IF;
     v_ttl := session_lock.lease_length(p_ttl);
     PERFORM session_lock.check_capacity(p_capacity);
-    INSERT INTO session_lock.session (name, host, pid, capacity, protocol, started_at, bumped_at, expires_at)
+    INSERT INTO session_lock.session AS s
+           (name, host, pid, capacity, protocol, token, started_at, bumped_at, expires_at)
     VALUES (p_name,
             coalesce(p_host, pg_catalog.host(pg_catalog.inet_client_addr()), 'local'),
             coalesce(p_pid, 0),
             p_capacity,
             2,
+            pg_catalog.gen_random_uuid(),
             pg_catalog.clock_timestamp(),
             pg_catalog.clock_timestamp(),
             pg_catalog.clock_timestamp() + v_ttl)
-    RETURNING id INTO v_id;
-    RETURN v_id;
+    RETURNING s.id, s.token INTO session_id, session_token;
 END;
 $$;
 
 -- The heartbeat: extends a live session's lease to p_ttl from now (never
 -- shortening it) and returns the new expiry. Raises SL001 when the session
--- is missing, expired, ended or reclaimed.
-CREATE OR REPLACE FUNCTION session_lock.bump_session(p_session bigint, p_ttl interval)
+-- is missing, expired, ended or reclaimed, or the token is not its own.
+CREATE OR REPLACE FUNCTION session_lock.bump_session(p_session bigint, p_token uuid, p_ttl interval)
 RETURNS timestamptz
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -221,6 +230,7 @@ BEGIN
        SET bumped_at = pg_catalog.clock_timestamp(),
            expires_at = greatest(s.expires_at, pg_catalog.clock_timestamp() + v_ttl)
      WHERE s.id = p_session
+       AND s.token = p_token
        AND s.protocol = 2
        AND s.ended_at IS NULL
        AND s.reclaimed_at IS NULL
@@ -235,8 +245,9 @@ $$;
 
 -- Gives the lease back: the session is over at once, and the other
 -- sessions of its name free its tasks on their next get_work. Idempotent:
--- returns false when the session was already over or missing.
-CREATE OR REPLACE FUNCTION session_lock.end_session(p_session bigint)
+-- returns false when the session was already over, missing, or not the
+-- caller's.
+CREATE OR REPLACE FUNCTION session_lock.end_session(p_session bigint, p_token uuid)
 RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -248,9 +259,24 @@ BEGIN
        SET ended_at = pg_catalog.clock_timestamp(),
            expires_at = least(s.expires_at, pg_catalog.clock_timestamp())
      WHERE s.id = p_session
+       AND s.token = p_token
        AND s.ended_at IS NULL
        AND s.reclaimed_at IS NULL;
     RETURN FOUND;
+END;
+$$;
+
+-- For operators (not granted to the runtime role): ends any session by id,
+-- as end_session does for its owner.
+CREATE OR REPLACE FUNCTION session_lock.end_session(p_session bigint)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '1s'
+AS $$
+BEGIN
+    RETURN session_lock.end_session(p_session,
+        (SELECT s.token FROM session_lock.session s WHERE s.id = p_session));
 END;
 $$;
 
@@ -305,7 +331,7 @@ CREATE VIEW session_lock.live_session AS
 SELECT s.id, s.name, s.host, s.pid, s.started_at, s.bumped_at, s.expires_at,
        pg_catalog.clock_timestamp() - s.started_at AS age,
        s.expires_at - pg_catalog.clock_timestamp() AS expires_in,
-       s.held, s.capacity, s.protocol
+       s.held, s.capacity, s.protocol, s.task_table
   FROM session_lock.session s
  WHERE s.reclaimed_at IS NULL
    AND s.ended_at IS NULL
@@ -321,11 +347,15 @@ BEGIN
         GRANT USAGE ON SCHEMA session_lock TO session_lock_runtime;
         GRANT EXECUTE ON FUNCTION
             session_lock.start_session(text, interval, integer, text, integer),
-            session_lock.bump_session(bigint, interval),
-            session_lock.end_session(bigint),
+            session_lock.bump_session(bigint, uuid, interval),
+            session_lock.end_session(bigint, uuid),
             session_lock.reap_sessions(interval),
             session_lock.database_identity()
         TO session_lock_runtime;
+        -- The first release granted these; they now refuse or are for
+        -- operators only.
+        REVOKE EXECUTE ON FUNCTION session_lock.end_session(bigint)
+            FROM session_lock_runtime;
     END IF;
 END;
 $$;

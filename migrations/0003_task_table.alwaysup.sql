@@ -5,7 +5,7 @@
 -- protocol of every task table, with nothing for anyone to copy.
 --
 -- A user declares a table once (in a migration, or with
--- Migrator::task_table in Rust):
+-- Migrator::task_table in Rust), as the table's owner:
 --
 --     SELECT session_lock.declare_task_table('public.email',
 --         open_when   => 'sent_at IS NULL',
@@ -14,19 +14,22 @@
 --
 -- and session-lock adds what the protocol needs to the table (a BIGINT
 -- session_id column if missing, one partial index over open tasks, a
--- NOTIFY trigger) and generates its functions, in the table's schema:
+-- NOTIFY trigger) and generates its functions, in this schema, where only
+-- session-lock's owner can create (so nobody can plant, replace or
+-- overload them, and a runtime role needs no access to the table's schema):
 --
---   <prefix>_get_work(session, finished[], running[], sweep)   entry point
---   <prefix>_finish_tasks(session, ids[])                       entry point
---   <prefix>_held()                                             for status
---   <prefix>_finish_ids, _free_of, _count_open, _sweep          internal
+--   session_lock.<prefix>_get_work(session, token, finished[], running[], sweep)  entry point
+--   session_lock.<prefix>_finish_tasks(session, token, ids[])                      entry point
+--   session_lock.<prefix>_held()                                                   for status
+--   session_lock.<prefix>_finish_ids, _free_of, _count_open, _sweep                internal
 --
 -- Each is static PL/pgSQL (it keeps its cached plans; no dynamic SQL on
 -- the hot path), made by replacing the {{placeholders}} of the templates
--- below. The crate's placeholders are replaced first and the declaration's
--- fragments (open_when, finish, order_by) last, so that nothing inside a
--- fragment is ever taken for a placeholder; fragments may not contain ';'
--- or '$', so that none can end a statement or a function body.
+-- below. The declaration's fragments (open_when, finish, order_by) are
+-- checked first by a small lexer: no ';' or '$' (nothing can end a
+-- statement or a function body), no comments, balanced parentheses outside
+-- strings, no '{{' or '}}' (no placeholder inside a fragment); they are
+-- substituted last, each on lines of its own.
 --
 -- What a declaration may say is what differs between tables: which rows
 -- are open, how a row is marked finished (and which column records the
@@ -34,28 +37,41 @@
 -- notify channel, and the lock timeout. Everything else, the protocol
 -- itself, is the same for every table and lives only here. For a table
 -- that needs more (moving a finished row elsewhere, say), the finish may
--- set a column that a trigger of the user's acts on.
+-- set a column that a trigger of the table's owner acts on.
 --
--- The protocol, per get_work call of session S (name N, capacity C):
---   1. lock S's row FOR KEY SHARE and check it is live (SL001 if not);
+-- The generated functions run with their owner's rights, and so does
+-- whatever the protocol's statements fire on the table. So the declarer
+-- must own the table, and every trigger function on it must belong to the
+-- declarer and pin its own search_path (checked at every generation).
+--
+-- The protocol, per get_work call of session S (name N, capacity C, table T):
+--   1. lock S's row FOR KEY SHARE and check it is live and S's (its token),
+--      and that S works T (a session works one task table, bound by its
+--      first get_work);
 --   2. finish the previous batch's completed tasks (those S still holds);
---   3. reclaim the expired and ended sessions of N (stamp, free their
---      tasks here, SKIP LOCKED);
---   4. read the live sessions of N: total capacity W, the capacity of
---      those before S (by id), the others' held counters, S's neighbour;
+--   3. reclaim the expired and ended sessions of N other than S (stamp,
+--      free their tasks here, SKIP LOCKED);
+--   4. read the live sessions of N that work T (or have not ticked yet):
+--      total capacity W, the capacity of those before S (by id), the
+--      others' held counters, S's neighbour;
 --   5. once per tick (p_sweep), sweep S's stretch of session ids for
---      orphans: open tasks whose session_id names no live session;
+--      orphans: open tasks whose session_id names no live session of T;
 --   6. move S to its share of the open tasks: a weighted fair share,
 --      floor(open * (before + C) / W) - floor(open * before / W), at most
 --      C; open is counted only as far as W (past it every session is at
 --      its capacity), and not at all when a pickup of all S still lacks
 --      can stand in for the count;
---   7. record S's held counter and return the finished ids and S's tasks.
+--   7. check S's lease again (a call that outlived it commits nothing),
+--      record S's held counter, and return the finished ids and S's tasks.
 -- Every statement on task rows locks them FOR NO KEY UPDATE SKIP LOCKED
 -- (the lock an UPDATE that keeps the key takes: a foreign-key child's
 -- FOR KEY SHARE does not conflict with it), so a row someone else has
--- locked delays only that row, never the call; the call itself runs under
--- the declaration's lock_timeout (1 s by default).
+-- locked delays only that row, never the call; the call runs under the
+-- declaration's lock_timeout (1 s by default), with deferred constraints
+-- checked at once, so nothing waits at commit while S's row is written.
+-- The generated functions also pin the settings that change how a
+-- fragment reads (standard_conforming_strings, DateStyle, IntervalStyle,
+-- TimeZone = UTC), whatever the caller set.
 
 -- New tasks wake idle runners at once (LISTEN <channel>) instead of
 -- waiting for their next tick: one notification per statement, however
@@ -85,30 +101,167 @@ END;
 $$;
 
 -- The names the generated functions use for their own parameters, results
--- and variables: a column of a declared table may not have one of them, or
--- a fragment mentioning it would be ambiguous.
+-- and variables (and PL/pgSQL's own FOUND): a column of a declared table
+-- may not have one of them, or a fragment mentioning it would be
+-- ambiguous.
 CREATE OR REPLACE FUNCTION session_lock.generated_names()
 RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    RETURN ARRAY['p_session', 'p_finished', 'p_running', 'p_sweep', 'p_ids', 'p_sessions',
-                 'p_limit', 'p_name', 'p_held', 'p_bound', 'p_next', 'p_lowest', 'p_count',
-                 'sl_finished', 'sl_task', 'sl_name', 'sl_capacity', 'sl_done', 'sl_dead',
-                 'sl_weight', 'sl_before', 'sl_others', 'sl_next', 'sl_lowest', 'sl_held',
-                 'sl_want', 'sl_got', 'sl_open', 'sl_share', 'sl_fast', 'sl_pick',
-                 'sl_left_open', 'sl_from', 'sl_to', 'sl_i', 'sl_at', 'sl_orphan',
-                 'sl_live', 'sl_freed', 'sl_n', 'sl_steps'];
+    RETURN ARRAY['found', 'p_session', 'p_token', 'p_finished', 'p_running', 'p_sweep',
+                 'p_ids', 'p_sessions', 'p_limit', 'p_name', 'p_held', 'p_bound', 'p_next',
+                 'p_lowest', 'p_count', 'sl_finished', 'sl_task', 'sl_name', 'sl_capacity',
+                 'sl_bound', 'sl_done', 'sl_more', 'sl_dead', 'sl_weight', 'sl_before',
+                 'sl_others', 'sl_next', 'sl_lowest', 'sl_held', 'sl_want', 'sl_got',
+                 'sl_open', 'sl_share', 'sl_fast', 'sl_pick', 'sl_left_open', 'sl_reopened',
+                 'sl_from', 'sl_to', 'sl_i', 'sl_at', 'sl_orphan', 'sl_live', 'sl_freed',
+                 'sl_n', 'sl_steps'];
+END;
+$$;
+
+-- Checks one fragment of a declaration (p_what names it) before it goes
+-- into generated code: not empty, no ';' or '$', no comments, no '{{' or
+-- '}}', and, outside string literals and quoted identifiers, balanced
+-- parentheses, so that it cannot break out of the parentheses or the line
+-- it is put in. (standard_conforming_strings is pinned on in the generated
+-- functions, so only E'...' strings treat a backslash as an escape.)
+CREATE OR REPLACE FUNCTION session_lock.check_fragment(p_table regclass, p_what text, p_fragment text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_i     integer := 1;
+    v_n     integer;
+    v_c     text;
+    v_depth integer := 0;
+    v_state text := 'code';
+BEGIN
+    IF p_fragment IS NULL OR pg_catalog.btrim(p_fragment) = '' THEN
+        PERFORM session_lock.bad_declaration(p_table, p_what || ' must not be empty');
+    END IF;
+    IF pg_catalog.strpos(p_fragment, ';') > 0 OR pg_catalog.strpos(p_fragment, '$') > 0 THEN
+        PERFORM session_lock.bad_declaration(p_table,
+            pg_catalog.format('%s %L may not contain ; or $', p_what, p_fragment));
+    END IF;
+    IF pg_catalog.strpos(p_fragment, '{{') > 0 OR pg_catalog.strpos(p_fragment, '}}') > 0 THEN
+        PERFORM session_lock.bad_declaration(p_table,
+            pg_catalog.format('%s %L may not contain {{ or }}', p_what, p_fragment));
+    END IF;
+    v_n := pg_catalog.length(p_fragment);
+    WHILE v_i <= v_n LOOP
+        v_c := pg_catalog.substr(p_fragment, v_i, 1);
+        IF v_state = 'code' THEN
+            IF v_c = '''' THEN
+                v_state := CASE
+                    WHEN v_i > 1 AND pg_catalog.lower(pg_catalog.substr(p_fragment, v_i - 1, 1)) = 'e'
+                         AND (v_i = 2 OR pg_catalog.substr(p_fragment, v_i - 2, 1) !~ '[[:alnum:]_]')
+                    THEN 'escape string' ELSE 'string' END;
+            ELSIF v_c = '"' THEN
+                v_state := 'identifier';
+            ELSIF v_c = '(' THEN
+                v_depth := v_depth + 1;
+            ELSIF v_c = ')' THEN
+                v_depth := v_depth - 1;
+                IF v_depth < 0 THEN
+                    PERFORM session_lock.bad_declaration(p_table, pg_catalog.format(
+                        '%s %L closes a parenthesis it did not open', p_what, p_fragment));
+                END IF;
+            ELSIF (v_c = '-' AND pg_catalog.substr(p_fragment, v_i + 1, 1) = '-')
+               OR (v_c = '/' AND pg_catalog.substr(p_fragment, v_i + 1, 1) = '*') THEN
+                PERFORM session_lock.bad_declaration(p_table,
+                    pg_catalog.format('%s %L may not contain a comment', p_what, p_fragment));
+            END IF;
+        ELSIF v_state = 'escape string' AND v_c = '\' THEN
+            v_i := v_i + 1;
+        ELSIF v_state IN ('string', 'escape string') AND v_c = '''' THEN
+            IF pg_catalog.substr(p_fragment, v_i + 1, 1) = '''' THEN
+                v_i := v_i + 1;
+            ELSE
+                v_state := 'code';
+            END IF;
+        ELSIF v_state = 'identifier' AND v_c = '"' THEN
+            IF pg_catalog.substr(p_fragment, v_i + 1, 1) = '"' THEN
+                v_i := v_i + 1;
+            ELSE
+                v_state := 'code';
+            END IF;
+        END IF;
+        v_i := v_i + 1;
+    END LOOP;
+    IF v_state <> 'code' THEN
+        PERFORM session_lock.bad_declaration(p_table,
+            pg_catalog.format('%s %L leaves a %s open', p_what, p_fragment, v_state));
+    END IF;
+    IF v_depth <> 0 THEN
+        PERFORM session_lock.bad_declaration(p_table,
+            pg_catalog.format('%s %L leaves a parenthesis open', p_what, p_fragment));
+    END IF;
+END;
+$$;
+
+-- What must hold of a declared table for the protocol to run on it with
+-- its owner's rights: the declarer (the current user) owns it, and what its
+-- statements fire on it is the owner's own code that cannot be steered by
+-- the caller: trigger functions belong to the owner and pin their
+-- search_path, no rules, no forced row security.
+CREATE OR REPLACE FUNCTION session_lock.check_task_table(p_table regclass)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_owner name;
+    v_kind  "char";
+    v_force boolean;
+    v_bad   text;
+BEGIN
+    SELECT c.relowner::regrole::name, c.relkind, c.relforcerowsecurity
+      INTO v_owner, v_kind, v_force
+      FROM pg_catalog.pg_class c
+     WHERE c.oid = p_table;
+    IF v_kind IS NULL OR v_kind NOT IN ('r', 'p') THEN
+        PERFORM session_lock.bad_declaration(p_table, 'it is not a table');
+    END IF;
+    IF v_owner <> CURRENT_USER THEN
+        PERFORM session_lock.bad_declaration(p_table, pg_catalog.format(
+            'it is owned by %I, and must be declared by its owner (not %I): the generated functions run with the declarer''s rights, and so does what fires on the table',
+            v_owner, CURRENT_USER));
+    END IF;
+    SELECT pg_catalog.string_agg(pg_catalog.format('%I (function %s)', t.tgname, t.tgfoid::regprocedure), ', ')
+      INTO v_bad
+      FROM pg_catalog.pg_trigger t
+      JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+     WHERE t.tgrelid = p_table
+       AND NOT t.tgisinternal
+       AND t.tgfoid <> 'session_lock.notify_task_inserted()'::regprocedure
+       AND (p.proowner::regrole::name <> CURRENT_USER
+            OR NOT EXISTS (SELECT 1 FROM pg_catalog.unnest(p.proconfig) AS c(setting)
+                            WHERE c.setting LIKE 'search\_path=%'));
+    IF v_bad IS NOT NULL THEN
+        PERFORM session_lock.bad_declaration(p_table, pg_catalog.format(
+            'its triggers %s run inside the protocol''s SECURITY DEFINER functions: each trigger function must belong to %I and pin its search_path (ALTER FUNCTION ... SET search_path = ...)',
+            v_bad, CURRENT_USER));
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r
+                WHERE r.ev_class = p_table AND r.rulename <> '_RETURN') THEN
+        PERFORM session_lock.bad_declaration(p_table, 'it has rules, which would run inside the protocol''s functions');
+    END IF;
+    IF v_force THEN
+        PERFORM session_lock.bad_declaration(p_table, 'it forces row level security on its owner, whose policies would run inside the protocol''s functions');
+    END IF;
 END;
 $$;
 
 -- ---------------------------------------------------------------------------
 -- The templates. One CREATE FUNCTION each; placeholders:
+--   {{fn:NAME}}      the generated function session_lock.<prefix>_NAME
+--   {{settings}}     the SET clauses every generated function pins
 --   {{table}}        the table, schema-qualified and quoted
---   {{fn:NAME}}      the generated function <prefix>_NAME, qualified, quoted
+--   {{regclass}}     the table as a regclass constant
 --   {{id}}           the primary key column, quoted
---   {{lock_timeout}} the declaration's lock timeout, as a literal
 --   {{name}}         the table's name as a string literal, for messages
 --   {{open}}         the open_when fragment
 --   {{finish}}       the finish fragment (plus the finished_by column)
@@ -126,63 +279,77 @@ BEGIN
 -- then waited for, briefly: a concurrent pickup that passed over a row it
 -- found already taken keeps it locked until it commits (milliseconds),
 -- while a foreign transaction may keep it for long. Those still locked
--- after 100 ms stay held and unfinished; the caller tries them again.
+-- after 100 ms stay held and unfinished; the caller tries them again. A
+-- row the finish leaves open (reopened by the application, or a finish
+-- that does not close it) is given back: it is not finished, and another
+-- run will do it.
 $tmpl$
 CREATE OR REPLACE FUNCTION {{fn:finish_ids}}(p_session bigint, p_ids bigint[])
 RETURNS bigint[]
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET lock_timeout = {{lock_timeout}}
+{{settings}}
 AS $sl_fn$
 -- Generated by session-lock (protocol 2) for {{table}}: do not edit.
 DECLARE
-    sl_done      bigint[];
-    sl_more      bigint[];
-    sl_left_open boolean;
+    sl_done     bigint[];
+    sl_more     bigint[];
+    sl_reopened bigint[];
 BEGIN
     WITH done AS (
         UPDATE {{table}} t
-           SET {{finish}}
+           SET
+{{finish}}
          WHERE t.{{id}} = ANY (ARRAY(
                    SELECT f.{{id}}
                      FROM {{table}} f
                     WHERE f.{{id}} = ANY (p_ids)
                       AND f.session_id = p_session
-                      AND ({{open}}
+                      AND (
+{{open}}
                           )
                       FOR NO KEY UPDATE SKIP LOCKED))
-        RETURNING t.{{id}} AS id, ({{open}}
+        RETURNING t.{{id}} AS id, (
+{{open}}
                                   ) AS left_open
     )
-    SELECT coalesce(pg_catalog.array_agg(done.id), '{}'), coalesce(pg_catalog.bool_or(done.left_open), false)
-      INTO sl_done, sl_left_open
+    SELECT coalesce(pg_catalog.array_agg(done.id) FILTER (WHERE NOT done.left_open), '{}'),
+           coalesce(pg_catalog.array_agg(done.id) FILTER (WHERE done.left_open), '{}')
+      INTO sl_done, sl_reopened
       FROM done;
-    IF pg_catalog.cardinality(sl_done) < pg_catalog.cardinality(p_ids) THEN
+    IF pg_catalog.cardinality(sl_done) + pg_catalog.cardinality(sl_reopened)
+       < pg_catalog.cardinality(p_ids) THEN
         BEGIN
             PERFORM pg_catalog.set_config('lock_timeout', '100ms', true);
             WITH done AS (
                 UPDATE {{table}} t
-                   SET {{finish}}
+                   SET
+{{finish}}
                  WHERE t.{{id}} = ANY (p_ids)
-                   AND NOT (t.{{id}} = ANY (sl_done))
+                   AND NOT (t.{{id}} = ANY (sl_done || sl_reopened))
                    AND t.session_id = p_session
-                   AND ({{open}}
+                   AND (
+{{open}}
                        )
-                RETURNING t.{{id}} AS id, ({{open}}
+                RETURNING t.{{id}} AS id, (
+{{open}}
                                           ) AS left_open
             )
-            SELECT coalesce(pg_catalog.array_agg(done.id), '{}'),
-                   sl_left_open OR coalesce(pg_catalog.bool_or(done.left_open), false)
-              INTO sl_more, sl_left_open
+            SELECT coalesce(pg_catalog.array_agg(done.id) FILTER (WHERE NOT done.left_open), '{}'),
+                   coalesce(pg_catalog.array_agg(done.id) FILTER (WHERE done.left_open), '{}')
+              INTO sl_more, sl_reopened
               FROM done;
             sl_done := sl_done || sl_more;
         EXCEPTION WHEN lock_not_available THEN
             NULL;
         END;
     END IF;
-    IF sl_left_open THEN
-        PERFORM session_lock.bad_declaration({{name}}::regclass,
-            'its finish leaves a finished task open: the finish must make open_when false'::text);
+    IF pg_catalog.cardinality(sl_reopened) > 0 THEN
+        UPDATE {{table}} t
+           SET session_id = NULL
+         WHERE t.{{id}} = ANY (sl_reopened)
+           AND t.session_id = p_session;
+        RAISE WARNING 'session-lock: the finish of % left tasks % open; they were given back to run again (the declared finish must make open_when false)',
+            {{name}}, sl_reopened;
     END IF;
     RETURN sl_done;
 END;
@@ -196,8 +363,7 @@ $tmpl$
 CREATE OR REPLACE FUNCTION {{fn:free_of}}(p_sessions bigint[], p_limit integer)
 RETURNS integer
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET lock_timeout = {{lock_timeout}}
+{{settings}}
 AS $sl_fn$
 -- Generated by session-lock (protocol 2) for {{table}}: do not edit.
 DECLARE
@@ -209,7 +375,8 @@ BEGIN
                SELECT r.{{id}}
                  FROM {{table}} r
                 WHERE r.session_id = ANY (p_sessions)
-                  AND ({{open}}
+                  AND (
+{{open}}
                       )
                 LIMIT p_limit
                   FOR NO KEY UPDATE SKIP LOCKED));
@@ -218,17 +385,16 @@ BEGIN
 END;
 $sl_fn$;
 $tmpl$,
--- The open tasks of p_name's runners, counted no further than p_bound:
--- p_held (the caller's own), the other live sessions' held counters, and
--- the free tasks, in one statement and so one snapshot (a session moving
--- tasks between free and held commits both at once: the sum never counts
--- a task twice or misses one).
+-- The open tasks of p_name's runners of this table, counted no further
+-- than p_bound: p_held (the caller's own), the other live sessions' held
+-- counters, and the free tasks, in one statement and so one snapshot (a
+-- session moving tasks between free and held commits both at once: the sum
+-- never counts a task twice or misses one).
 $tmpl$
 CREATE OR REPLACE FUNCTION {{fn:count_open}}(p_name text, p_session bigint, p_held integer, p_bound bigint)
 RETURNS bigint
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET lock_timeout = {{lock_timeout}}
+{{settings}}
 AS $sl_fn$
 -- Generated by session-lock (protocol 2) for {{table}}: do not edit.
 BEGIN
@@ -238,6 +404,7 @@ BEGIN
                   FROM session_lock.session s
                  WHERE s.name = p_name
                    AND s.id <> p_session
+                   AND (s.task_table = {{regclass}} OR s.task_table IS NULL)
                    AND s.reclaimed_at IS NULL
                    AND s.ended_at IS NULL
                    AND s.expires_at > pg_catalog.clock_timestamp()) o
@@ -246,29 +413,30 @@ BEGIN
                   FROM (SELECT 1
                           FROM {{table}} c
                          WHERE c.session_id IS NULL
-                           AND ({{open}}
+                           AND (
+{{open}}
                                )
-                         ORDER BY c.session_id, {{order}}
+                         ORDER BY c.session_id,
+{{order}}
                          LIMIT greatest(p_bound - p_held - o.held, 0)) f
                ) free ON true);
 END;
 $sl_fn$;
 $tmpl$,
 -- The sweep: frees the open tasks whose session_id names no live session
--- (any name's), in the stretch of session ids that p_session looks after:
+-- of this table, in the stretch of session ids that p_session looks after:
 -- from its own id to the next live session of its name (p_next), and, for
 -- the lowest (p_lowest), below its own id too. Every id is some live
 -- session's to sweep, so an orphan (a task of a reaped session, of a
 -- runner renamed away, reopened after its finisher was reaped, or left
--- behind by a reclaim that found it locked) is free within one tick.
--- The holder's row is locked FOR UPDATE, and stamped reclaimed, before
--- its tasks are freed: it can never be renewed afterwards.
+-- behind by a reclaim that found it locked) is free within one tick. The
+-- holder's row is locked FOR UPDATE, and stamped reclaimed, before its
+-- tasks are freed: it can never be renewed afterwards.
 $tmpl$
 CREATE OR REPLACE FUNCTION {{fn:sweep}}(p_session bigint, p_next bigint, p_lowest boolean)
 RETURNS integer
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET lock_timeout = {{lock_timeout}}
+{{settings}}
 AS $sl_fn$
 -- Generated by session-lock (protocol 2) for {{table}}: do not edit.
 DECLARE
@@ -289,28 +457,34 @@ BEGIN
     END IF;
     FOR sl_i IN 1 .. pg_catalog.cardinality(sl_from) LOOP
         sl_at := sl_from[sl_i];
-        -- A bounded number of holders per call: the rest wait a tick.
-        WHILE sl_at <= sl_to[sl_i] AND sl_steps < 100 LOOP
+        -- A bounded number of holders per call (each an index probe): the
+        -- rest wait a tick.
+        WHILE sl_at <= sl_to[sl_i] AND sl_steps < 1000 LOOP
             sl_steps := sl_steps + 1;
             SELECT t.session_id INTO sl_orphan
               FROM {{table}} t
              WHERE t.session_id >= sl_at
                AND t.session_id <= sl_to[sl_i]
-               AND ({{open}}
+               AND (
+{{open}}
                    )
              ORDER BY t.session_id
              LIMIT 1;
             EXIT WHEN NOT FOUND;
             SELECT s.ended_at IS NULL AND s.reclaimed_at IS NULL
                    AND s.expires_at > pg_catalog.clock_timestamp()
+                   AND s.task_table = {{regclass}}
               INTO sl_live
               FROM session_lock.session s
              WHERE s.id = sl_orphan;
             IF NOT FOUND THEN
                 sl_freed := sl_freed + {{fn:free_of}}(ARRAY[sl_orphan]::bigint[], 10000::integer);
-            ELSIF NOT sl_live THEN
-                -- Re-checked under the lock; a row someone else has locked
-                -- (its owner renewing, another sweeper) waits a tick.
+            ELSIF NOT coalesce(sl_live, false) THEN
+                -- Stamped under its row lock, re-checked there: a holder
+                -- that is live after all (it renewed meanwhile) keeps its
+                -- tasks, a row someone else has locked waits a tick. A live
+                -- session of another table is not stamped (it is not dead),
+                -- but holds nothing here.
                 UPDATE session_lock.session s
                    SET reclaimed_at = coalesce(s.reclaimed_at,
                            greatest(pg_catalog.clock_timestamp(), s.expires_at)),
@@ -321,7 +495,11 @@ BEGIN
                                        OR l.ended_at IS NOT NULL
                                        OR l.expires_at <= pg_catalog.clock_timestamp())
                                   FOR UPDATE SKIP LOCKED);
-                IF FOUND THEN
+                IF FOUND OR EXISTS (SELECT 1 FROM session_lock.session s
+                                     WHERE s.id = sl_orphan
+                                       AND s.task_table IS DISTINCT FROM {{regclass}}
+                                       AND s.ended_at IS NULL AND s.reclaimed_at IS NULL
+                                       AND s.expires_at > pg_catalog.clock_timestamp()) THEN
                     sl_freed := sl_freed + {{fn:free_of}}(ARRAY[sl_orphan]::bigint[], 10000::integer);
                 END IF;
             END IF;
@@ -340,6 +518,7 @@ $tmpl$,
 $tmpl$
 CREATE OR REPLACE FUNCTION {{fn:get_work}}(
     p_session  bigint,
+    p_token    uuid,
     p_finished bigint[] DEFAULT '{}',
     p_running  bigint[] DEFAULT '{}',
     p_sweep    boolean  DEFAULT true
@@ -347,13 +526,13 @@ CREATE OR REPLACE FUNCTION {{fn:get_work}}(
 RETURNS TABLE (sl_finished bigint, sl_task {{table}})
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET lock_timeout = {{lock_timeout}}
+{{settings}}
 AS $sl_fn$
 -- Generated by session-lock (protocol 2) for {{table}}: do not edit.
 DECLARE
     sl_name     text;
     sl_capacity integer;
+    sl_bound    regclass;
     sl_done     bigint[] := '{}';
     sl_dead     bigint[];
     sl_weight   bigint;
@@ -373,13 +552,20 @@ BEGIN
         RAISE EXCEPTION 'get_work of %: finished, running and sweep must not be NULL', {{name}}
             USING ERRCODE = 'SL003';
     END IF;
+    p_finished := pg_catalog.array_remove(p_finished, NULL);
+    p_running := pg_catalog.array_remove(p_running, NULL);
+    -- Deferred constraints now, not at commit, when this session's row is
+    -- written and its heartbeat would wait for them.
+    SET CONSTRAINTS ALL IMMEDIATE;
 
-    -- 1. The lease: live, and kept from reclaimers until commit. FOR KEY
-    -- SHARE conflicts with their FOR UPDATE but not with the heartbeat's
-    -- UPDATE: this call never delays its own session's renewal.
-    SELECT s.name, s.capacity INTO sl_name, sl_capacity
+    -- 1. The lease: live and the caller's, kept from reclaimers until
+    -- commit. FOR KEY SHARE conflicts with their FOR UPDATE but not with
+    -- the heartbeat's UPDATE: this call never delays its own session's
+    -- renewal.
+    SELECT s.name, s.capacity, s.task_table INTO sl_name, sl_capacity, sl_bound
       FROM session_lock.session s
      WHERE s.id = p_session
+       AND s.token = p_token
        AND s.protocol = 2
        AND s.ended_at IS NULL
        AND s.reclaimed_at IS NULL
@@ -387,6 +573,10 @@ BEGIN
        FOR KEY SHARE;
     IF NOT FOUND THEN
         PERFORM session_lock.raise_not_live(p_session);
+    END IF;
+    IF sl_bound IS DISTINCT FROM {{regclass}} AND sl_bound IS NOT NULL THEN
+        RAISE EXCEPTION 'session % works task table %, not %: a session works one task table', p_session, sl_bound, {{name}}
+            USING ERRCODE = 'SL003';
     END IF;
 
     -- 2. The previous batch's completed tasks, fenced by the lease above.
@@ -397,10 +587,13 @@ BEGIN
     -- 3. The expired and ended sessions of this name: stamped under their
     -- row lock (SKIP LOCKED: a row still locked is a session at work, or
     -- one another survivor is reclaiming), then their tasks freed here.
+    -- Never this session itself, whatever its lease says by now (step 7
+    -- decides that).
     WITH dead AS (
         SELECT s.id
           FROM session_lock.session s
          WHERE s.name = sl_name
+           AND s.id <> p_session
            AND s.reclaimed_at IS NULL
            AND (s.ended_at IS NOT NULL OR s.expires_at <= pg_catalog.clock_timestamp())
          ORDER BY s.id
@@ -418,7 +611,8 @@ BEGIN
         PERFORM {{fn:free_of}}(sl_dead, 10000::integer);
     END IF;
 
-    -- 4. The live sessions of this name, read once.
+    -- 4. The live sessions of this name that work this table (or have not
+    -- ticked yet, and will), read once.
     SELECT pg_catalog.sum(s.capacity),
            coalesce(pg_catalog.sum(s.capacity) FILTER (WHERE s.id < p_session), 0),
            coalesce(pg_catalog.sum(s.held) FILTER (WHERE s.id <> p_session), 0),
@@ -429,7 +623,9 @@ BEGIN
      WHERE s.name = sl_name
        AND s.reclaimed_at IS NULL
        AND (s.id = p_session
-            OR (s.ended_at IS NULL AND s.expires_at > pg_catalog.clock_timestamp()));
+            OR ((s.task_table = {{regclass}} OR s.task_table IS NULL)
+                AND s.ended_at IS NULL
+                AND s.expires_at > pg_catalog.clock_timestamp()));
 
     -- 5. Orphans in this session's stretch of ids, once per tick.
     IF p_sweep THEN
@@ -443,7 +639,8 @@ BEGIN
     SELECT pg_catalog.count(*) INTO sl_held
       FROM {{table}} h
      WHERE h.session_id = p_session
-       AND ({{open}}
+       AND (
+{{open}}
            );
     sl_want := sl_capacity - sl_held;
     sl_fast := sl_want > 0 AND sl_weight - sl_held - sl_others <= sl_want;
@@ -463,9 +660,11 @@ BEGIN
                    SELECT f.{{id}}
                      FROM {{table}} f
                     WHERE f.session_id IS NULL
-                      AND ({{open}}
+                      AND (
+{{open}}
                           )
-                    ORDER BY f.session_id, {{order}}
+                    ORDER BY f.session_id,
+{{order}}
                     LIMIT sl_pick
                       FOR NO KEY UPDATE SKIP LOCKED))
            AND t.session_id IS NULL;
@@ -488,9 +687,10 @@ BEGIN
                    SELECT r.{{id}}
                      FROM {{table}} r
                     WHERE r.session_id = p_session
-                      AND ({{open}}
+                      AND (
+{{open}}
                           )
-                      AND r.{{id}} <> ALL (p_running)
+                      AND NOT (r.{{id}} = ANY (p_running))
                     ORDER BY r.{{id}} DESC
                     LIMIT sl_held - sl_share
                       FOR NO KEY UPDATE SKIP LOCKED));
@@ -498,11 +698,23 @@ BEGIN
         sl_held := sl_held - sl_n;
     END IF;
 
-    -- 7. The counter the others size their shares by, and the answer.
+    -- 7. A call that outlived the lease commits nothing (its finishes
+    -- neither); then the counter the others size their shares by, the
+    -- binding to this table, and the answer.
+    PERFORM 1
+       FROM session_lock.session s
+      WHERE s.id = p_session
+        AND s.expires_at > pg_catalog.clock_timestamp()
+        AND s.ended_at IS NULL
+        AND s.reclaimed_at IS NULL;
+    IF NOT FOUND THEN
+        PERFORM session_lock.raise_not_live(p_session);
+    END IF;
     UPDATE session_lock.session s
-       SET held = sl_held
+       SET held = sl_held,
+           task_table = {{regclass}}
      WHERE s.id = p_session
-       AND s.held IS DISTINCT FROM sl_held;
+       AND (s.held IS DISTINCT FROM sl_held OR s.task_table IS NULL);
     RETURN QUERY
         SELECT d.id, NULL::{{table}}
           FROM pg_catalog.unnest(sl_done) AS d(id);
@@ -510,42 +722,62 @@ BEGIN
         SELECT NULL::bigint, h
           FROM {{table}} h
          WHERE h.session_id = p_session
-           AND ({{open}}
+           AND (
+{{open}}
                )
-         ORDER BY h.session_id, {{order}};
+         ORDER BY h.session_id,
+{{order}}
+;
 END;
 $sl_fn$;
 $tmpl$,
--- The fenced finish: raises SL001 when the session is not live, otherwise
--- finishes those of p_ids it still holds and returns their ids.
+-- The fenced finish: raises SL001 when the session is not live or not the
+-- caller's, otherwise finishes those of p_ids it still holds and returns
+-- their ids.
 $tmpl$
-CREATE OR REPLACE FUNCTION {{fn:finish_tasks}}(p_session bigint, p_ids bigint[])
+CREATE OR REPLACE FUNCTION {{fn:finish_tasks}}(p_session bigint, p_token uuid, p_ids bigint[])
 RETURNS SETOF bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET lock_timeout = {{lock_timeout}}
+{{settings}}
 AS $sl_fn$
 -- Generated by session-lock (protocol 2) for {{table}}: do not edit.
 DECLARE
-    sl_done bigint[];
+    sl_done  bigint[];
+    sl_bound regclass;
 BEGIN
     IF p_ids IS NULL THEN
         RAISE EXCEPTION 'finish_tasks of %: ids must not be NULL', {{name}}
             USING ERRCODE = 'SL003';
     END IF;
-    PERFORM 1
-       FROM session_lock.session s
-      WHERE s.id = p_session
-        AND s.protocol = 2
-        AND s.ended_at IS NULL
-        AND s.reclaimed_at IS NULL
-        AND s.expires_at > pg_catalog.clock_timestamp()
-        FOR KEY SHARE;
+    SET CONSTRAINTS ALL IMMEDIATE;
+    SELECT s.task_table INTO sl_bound
+      FROM session_lock.session s
+     WHERE s.id = p_session
+       AND s.token = p_token
+       AND s.protocol = 2
+       AND s.ended_at IS NULL
+       AND s.reclaimed_at IS NULL
+       AND s.expires_at > pg_catalog.clock_timestamp()
+       FOR KEY SHARE;
     IF NOT FOUND THEN
         PERFORM session_lock.raise_not_live(p_session);
     END IF;
-    sl_done := {{fn:finish_ids}}(p_session, p_ids);
+    IF sl_bound IS DISTINCT FROM {{regclass}} AND sl_bound IS NOT NULL THEN
+        RAISE EXCEPTION 'session % works task table %, not %: a session works one task table', p_session, sl_bound, {{name}}
+            USING ERRCODE = 'SL003';
+    END IF;
+    sl_done := {{fn:finish_ids}}(p_session, pg_catalog.array_remove(p_ids, NULL));
+    -- A call that outlived the lease commits nothing.
+    PERFORM 1
+       FROM session_lock.session s
+      WHERE s.id = p_session
+        AND s.expires_at > pg_catalog.clock_timestamp()
+        AND s.ended_at IS NULL
+        AND s.reclaimed_at IS NULL;
+    IF NOT FOUND THEN
+        PERFORM session_lock.raise_not_live(p_session);
+    END IF;
     IF pg_catalog.cardinality(sl_done) > 0 THEN
         UPDATE session_lock.session s
            SET held = greatest(s.held - pg_catalog.cardinality(sl_done), 0)
@@ -562,7 +794,7 @@ CREATE OR REPLACE FUNCTION {{fn:held}}()
 RETURNS TABLE (session_id bigint, tasks bigint)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+{{settings}}
 AS $sl_fn$
 #variable_conflict use_column
 -- Generated by session-lock (protocol 2) for {{table}}: do not edit.
@@ -570,23 +802,10 @@ BEGIN
     RETURN QUERY
         SELECT t.session_id, pg_catalog.count(*)
           FROM {{table}} t
-         WHERE ({{open}}
+         WHERE (
+{{open}}
                )
          GROUP BY t.session_id;
-END;
-$sl_fn$;
-$tmpl$,
--- The first release's entry point, for its runners: refused clearly.
-$tmpl$
-CREATE OR REPLACE FUNCTION {{fn:get_work}}(
-    p_session bigint, p_max_tasks integer, p_ttl interval, p_finished bigint[] DEFAULT NULL)
-RETURNS SETOF {{table}}
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $sl_fn$
--- Generated by session-lock (protocol 2) for {{table}}: do not edit.
-BEGIN
-    PERFORM session_lock.refuse_protocol_1(('get_work(session, max_tasks, ttl, finished) of ' || {{name}})::text);
 END;
 $sl_fn$;
 $tmpl$
@@ -594,9 +813,27 @@ $tmpl$
 END;
 $templates$;
 
+-- The functions generated for a table, by their names in session_lock
+-- (with fn_prefix), and their argument lists.
+CREATE OR REPLACE FUNCTION session_lock.generated_functions(p_prefix text)
+RETURNS TABLE (name text, args text)
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p_prefix || '_' || f.suffix, f.args
+      FROM (VALUES ('finish_ids', 'bigint, bigint[]'),
+                   ('free_of', 'bigint[], integer'),
+                   ('count_open', 'text, bigint, integer, bigint'),
+                   ('sweep', 'bigint, bigint, boolean'),
+                   ('get_work', 'bigint, uuid, bigint[], bigint[], boolean'),
+                   ('finish_tasks', 'bigint, uuid, bigint[]'),
+                   ('held', '')) AS f(suffix, args)
+$$;
+
 -- Generates the protocol functions of one declared table from its
 -- declaration and the templates above, and grants the entry points to
--- session_lock_runtime when that role exists.
+-- session_lock_runtime when that role exists. Refuses (SL005) to replace a
+-- function of that name that another role owns.
 CREATE OR REPLACE FUNCTION session_lock.generate_task_table(p_table regclass)
 RETURNS void
 LANGUAGE plpgsql
@@ -606,14 +843,26 @@ DECLARE
     d          session_lock.task_table%ROWTYPE;
     v_table    text;
     v_sql      text;
-    v_fn       text;
     v_finish   text;
-    v_names    text[] := ARRAY['finish_ids', 'free_of', 'count_open', 'sweep', 'get_work',
-                               'finish_tasks', 'held'];
+    v_settings text;
+    v_fn       record;
+    v_foreign  text;
 BEGIN
     SELECT * INTO d FROM session_lock.task_table t WHERE t.task_table = p_table;
     IF NOT FOUND THEN
         PERFORM session_lock.bad_declaration(p_table, 'it is not declared');
+    END IF;
+    PERFORM session_lock.check_task_table(p_table);
+    SELECT pg_catalog.string_agg(p.oid::regprocedure::text, ', ')
+      INTO v_foreign
+      FROM pg_catalog.pg_proc p
+     WHERE p.pronamespace = 'session_lock'::regnamespace
+       AND p.proname IN (SELECT g.name FROM session_lock.generated_functions(d.fn_prefix) g)
+       AND p.proowner::regrole::name <> CURRENT_USER;
+    IF v_foreign IS NOT NULL THEN
+        PERFORM session_lock.bad_declaration(p_table, pg_catalog.format(
+            'functions %s have the names session-lock generates for it, but another role owns them: choose another fn_prefix, or drop them',
+            v_foreign));
     END IF;
     SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) INTO v_table
       FROM pg_catalog.pg_class c
@@ -621,48 +870,44 @@ BEGIN
      WHERE c.oid = p_table;
     v_finish := d.finish;
     IF d.finished_by IS NOT NULL THEN
-        v_finish := v_finish || ', ' || pg_catalog.quote_ident(d.finished_by) || ' = p_session';
+        v_finish := v_finish || E'\n,' || pg_catalog.quote_ident(d.finished_by) || ' = p_session';
     END IF;
+    v_settings := 'SET search_path = pg_catalog, pg_temp' || E'\n'
+        || pg_catalog.format('SET lock_timeout = %L',
+               pg_catalog.ceil(pg_catalog.extract('epoch', d.lock_timeout) * 1000)::bigint || 'ms') || E'\n'
+        || 'SET standard_conforming_strings = on' || E'\n'
+        || 'SET DateStyle = ''ISO, MDY''' || E'\n'
+        || 'SET IntervalStyle = postgres' || E'\n'
+        || 'SET TimeZone = ''UTC''';
     FOREACH v_sql IN ARRAY session_lock.task_table_templates() LOOP
-        FOREACH v_fn IN ARRAY v_names LOOP
-            v_sql := pg_catalog.replace(v_sql, '{{fn:' || v_fn || '}}',
-                pg_catalog.format('%I.%I', d.fn_schema, d.fn_prefix || '_' || v_fn));
+        FOR v_fn IN SELECT * FROM session_lock.generated_functions(d.fn_prefix) LOOP
+            v_sql := pg_catalog.replace(v_sql,
+                '{{fn:' || pg_catalog.substr(v_fn.name, pg_catalog.length(d.fn_prefix) + 2) || '}}',
+                pg_catalog.format('session_lock.%I', v_fn.name));
         END LOOP;
+        v_sql := pg_catalog.replace(v_sql, '{{settings}}', v_settings);
         v_sql := pg_catalog.replace(v_sql, '{{table}}', v_table);
+        v_sql := pg_catalog.replace(v_sql, '{{regclass}}',
+            pg_catalog.quote_literal(v_table) || '::pg_catalog.regclass');
         v_sql := pg_catalog.replace(v_sql, '{{id}}', pg_catalog.quote_ident(d.id_column));
-        v_sql := pg_catalog.replace(v_sql, '{{lock_timeout}}', pg_catalog.quote_literal(
-            (pg_catalog.extract('epoch', d.lock_timeout) * 1000)::bigint || 'ms'));
         v_sql := pg_catalog.replace(v_sql, '{{name}}', pg_catalog.quote_literal(v_table));
-        -- The declaration's fragments last (see the top of this file).
+        -- The declaration's fragments last, each on lines of its own (the
+        -- templates put them so), checked by session_lock.check_fragment.
         v_sql := pg_catalog.replace(v_sql, '{{open}}', d.open_when);
         v_sql := pg_catalog.replace(v_sql, '{{finish}}', v_finish);
         v_sql := pg_catalog.replace(v_sql, '{{order}}', d.order_by);
         EXECUTE v_sql;
     END LOOP;
 
-    FOREACH v_sql IN ARRAY ARRAY[
-        'REVOKE EXECUTE ON FUNCTION %1$I.%2$I(bigint, bigint[]) FROM PUBLIC',
-        'REVOKE EXECUTE ON FUNCTION %1$I.%3$I(bigint[], integer) FROM PUBLIC',
-        'REVOKE EXECUTE ON FUNCTION %1$I.%4$I(text, bigint, integer, bigint) FROM PUBLIC',
-        'REVOKE EXECUTE ON FUNCTION %1$I.%5$I(bigint, bigint, boolean) FROM PUBLIC',
-        'REVOKE EXECUTE ON FUNCTION %1$I.%6$I(bigint, bigint[], bigint[], boolean) FROM PUBLIC',
-        'REVOKE EXECUTE ON FUNCTION %1$I.%7$I(bigint, bigint[]) FROM PUBLIC',
-        'REVOKE EXECUTE ON FUNCTION %1$I.%8$I() FROM PUBLIC',
-        'REVOKE EXECUTE ON FUNCTION %1$I.%6$I(bigint, integer, interval, bigint[]) FROM PUBLIC']
-    LOOP
-        EXECUTE pg_catalog.format(v_sql, d.fn_schema,
-            d.fn_prefix || '_finish_ids', d.fn_prefix || '_free_of',
-            d.fn_prefix || '_count_open', d.fn_prefix || '_sweep',
-            d.fn_prefix || '_get_work', d.fn_prefix || '_finish_tasks',
-            d.fn_prefix || '_held');
+    FOR v_fn IN SELECT * FROM session_lock.generated_functions(d.fn_prefix) LOOP
+        EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION session_lock.%I(%s) FROM PUBLIC',
+            v_fn.name, v_fn.args);
     END LOOP;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'session_lock_runtime') THEN
         EXECUTE pg_catalog.format(
-            'GRANT USAGE ON SCHEMA %1$I TO session_lock_runtime; '
-            'GRANT EXECUTE ON FUNCTION %1$I.%2$I(bigint, bigint[], bigint[], boolean), '
-            '%1$I.%3$I(bigint, bigint[]), %1$I.%4$I() TO session_lock_runtime',
-            d.fn_schema, d.fn_prefix || '_get_work', d.fn_prefix || '_finish_tasks',
-            d.fn_prefix || '_held');
+            'GRANT EXECUTE ON FUNCTION session_lock.%I(bigint, uuid, bigint[], bigint[], boolean), '
+            'session_lock.%I(bigint, uuid, bigint[]), session_lock.%I() TO session_lock_runtime',
+            d.fn_prefix || '_get_work', d.fn_prefix || '_finish_tasks', d.fn_prefix || '_held');
     END IF;
     UPDATE session_lock.task_table t
        SET generated_at = pg_catalog.clock_timestamp()
@@ -686,7 +931,7 @@ BEGIN
         SELECT t.task_table
           FROM session_lock.task_table t
           JOIN pg_catalog.pg_class c ON c.oid = t.task_table
-         ORDER BY t.fn_schema, t.fn_prefix
+         ORDER BY t.fn_prefix
     LOOP
         PERFORM session_lock.generate_task_table(v_table);
         v_count := v_count + 1;
@@ -695,10 +940,26 @@ BEGIN
 END;
 $$;
 
--- Declares p_table a task table (or changes its declaration) and
--- generates its protocol. Idempotent: declaring again with the same
--- arguments changes nothing but the functions' text. See the top of this
--- file and the README for each argument.
+-- Drops the generated functions of p_prefix.
+CREATE OR REPLACE FUNCTION session_lock.drop_generated(p_prefix text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_fn record;
+BEGIN
+    FOR v_fn IN SELECT * FROM session_lock.generated_functions(p_prefix) LOOP
+        EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS session_lock.%I(%s)', v_fn.name, v_fn.args);
+    END LOOP;
+END;
+$$;
+
+-- Declares task_table a task table (or changes its declaration) and
+-- generates its protocol; must be called by the table's owner. An
+-- unchanged declaration changes nothing but the functions' text: it takes
+-- no lock on the table. See the top of this file and the README for each
+-- argument.
 CREATE OR REPLACE FUNCTION session_lock.declare_task_table(
     task_table   regclass,
     open_when    text     DEFAULT 'finished_at IS NULL',
@@ -717,45 +978,65 @@ AS $$
 DECLARE
     v_schema   name;
     v_relname  name;
-    v_kind     "char";
     v_table    text;
     v_type     regtype;
     v_old      session_lock.task_table%ROWTYPE;
     v_index    text;
-    v_fragment text;
+    v_found    regclass;
     v_clash    text[];
+    v_channel  text;
 BEGIN
     IF task_table IS NULL THEN
         RAISE EXCEPTION 'declare_task_table: the table is NULL' USING ERRCODE = 'SL005';
     END IF;
-    SELECT n.nspname, c.relname, c.relkind INTO v_schema, v_relname, v_kind
+    PERFORM session_lock.check_task_table(task_table);
+    SELECT n.nspname, c.relname INTO v_schema, v_relname
       FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = task_table;
-    IF v_kind NOT IN ('r', 'p') THEN
-        PERFORM session_lock.bad_declaration(task_table, 'it is not a table');
-    END IF;
     v_table := pg_catalog.format('%I.%I', v_schema, v_relname);
     order_by := coalesce(order_by, pg_catalog.quote_ident(id_column));
     fn_prefix := coalesce(fn_prefix, v_relname);
-    IF lock_timeout IS NULL OR lock_timeout <= interval '0' OR lock_timeout > interval '1 minute' THEN
-        PERFORM session_lock.bad_declaration(task_table,
-            pg_catalog.format('lock_timeout %s must be more than 0 and at most 1 minute', lock_timeout));
+    v_channel := CASE WHEN notify = '' THEN 'session_lock_' || fn_prefix ELSE notify END;
+    SELECT * INTO v_old FROM session_lock.task_table t
+     WHERE t.task_table = declare_task_table.task_table;
+
+    IF v_old.task_table IS NOT NULL
+       AND v_old.fn_prefix = fn_prefix AND v_old.id_column = id_column
+       AND v_old.open_when = open_when AND v_old.finish = finish
+       AND v_old.finished_by IS NOT DISTINCT FROM finished_by
+       AND v_old.order_by = order_by AND v_old.notify IS NOT DISTINCT FROM v_channel
+       AND v_old.lock_timeout = lock_timeout THEN
+        -- Unchanged: checked when it was declared; the protocol is
+        -- generated again (the templates may be newer).
+        PERFORM session_lock.generate_task_table(task_table);
+        RETURN;
     END IF;
-    IF fn_prefix = '' OR pg_catalog.length(fn_prefix) > 48 THEN
+
+    IF lock_timeout IS NULL OR lock_timeout < interval '1 millisecond' OR lock_timeout > interval '1 minute' THEN
         PERFORM session_lock.bad_declaration(task_table,
-            'fn_prefix must be 1 to 48 characters, so that every generated name fits');
+            pg_catalog.format('lock_timeout %s must be at least 1 ms and at most 1 minute', lock_timeout));
     END IF;
-    FOREACH v_fragment IN ARRAY ARRAY[open_when, finish, order_by] LOOP
-        IF v_fragment IS NULL OR pg_catalog.btrim(v_fragment) = '' THEN
-            PERFORM session_lock.bad_declaration(task_table,
-                'open_when, finish and order_by must not be empty');
-        END IF;
-        IF pg_catalog.strpos(v_fragment, ';') > 0 OR pg_catalog.strpos(v_fragment, '$') > 0 THEN
-            PERFORM session_lock.bad_declaration(task_table,
-                pg_catalog.format('%L may not contain ; or $', v_fragment));
-        END IF;
-    END LOOP;
+    IF fn_prefix = '' OR pg_catalog.octet_length(fn_prefix) > 48
+       OR pg_catalog.strpos(fn_prefix, '{{') > 0 OR pg_catalog.strpos(fn_prefix, '}}') > 0 THEN
+        PERFORM session_lock.bad_declaration(task_table,
+            'fn_prefix must be 1 to 48 bytes, without {{ or }}, so that every generated name fits');
+    END IF;
+    IF EXISTS (SELECT 1 FROM session_lock.task_table t
+                WHERE t.fn_prefix = declare_task_table.fn_prefix
+                  AND t.task_table <> declare_task_table.task_table) THEN
+        PERFORM session_lock.bad_declaration(task_table, pg_catalog.format(
+            'fn_prefix %L is taken by task table %s: choose another', fn_prefix,
+            (SELECT t.task_table FROM session_lock.task_table t
+              WHERE t.fn_prefix = declare_task_table.fn_prefix)));
+    END IF;
+    IF v_channel IS NOT NULL AND (v_channel = '' OR pg_catalog.octet_length(v_channel) > 63) THEN
+        PERFORM session_lock.bad_declaration(task_table,
+            pg_catalog.format('notify channel %L must be 1 to 63 bytes', v_channel));
+    END IF;
+    PERFORM session_lock.check_fragment(task_table, 'open_when', open_when);
+    PERFORM session_lock.check_fragment(task_table, 'finish', finish);
+    PERFORM session_lock.check_fragment(task_table, 'order_by', order_by);
 
     -- Columns: a BIGINT primary key, BIGINT session_id and finished_by, and
     -- none named like the generated functions' own variables.
@@ -796,31 +1077,36 @@ BEGIN
             'its session_id column must be BIGINT (it is %s)', v_type));
     END IF;
 
-    -- The fragments, tried against the table: an unknown column or a type
-    -- error is reported here, naming the fragment, not at the first tick.
+    -- The fragments, tried against the table under an alias as the
+    -- templates use them: an unknown column, a type error or a reference to
+    -- the table by name is reported here, naming the fragment, not at the
+    -- first tick. The UPDATE changes nothing (WHERE false), whatever the
+    -- fragment says.
     BEGIN
-        EXECUTE pg_catalog.format('SELECT 1 FROM %s WHERE (%s) ORDER BY %s LIMIT 0',
+        EXECUTE pg_catalog.format(E'SELECT 1 FROM %s AS sl_t WHERE (\n%s\n) ORDER BY\n%s\nLIMIT 0',
             v_table, open_when, order_by);
     EXCEPTION WHEN OTHERS THEN
         PERFORM session_lock.bad_declaration(task_table, pg_catalog.format(
             'open_when %L or order_by %L does not work: %s', open_when, order_by, SQLERRM));
     END;
     BEGIN
-        EXECUTE pg_catalog.format('UPDATE %s SET %s WHERE false', v_table, finish);
+        EXECUTE pg_catalog.format(E'UPDATE %s AS sl_t SET\n%s\nWHERE false', v_table, finish);
     EXCEPTION WHEN OTHERS THEN
         PERFORM session_lock.bad_declaration(task_table, pg_catalog.format(
             'finish %L does not work: %s', finish, SQLERRM));
     END;
 
-    SELECT * INTO v_old FROM session_lock.task_table t WHERE t.task_table = declare_task_table.task_table;
+    -- Another prefix before: its functions go.
+    IF v_old.task_table IS NOT NULL AND v_old.fn_prefix <> fn_prefix THEN
+        PERFORM session_lock.drop_generated(v_old.fn_prefix);
+    END IF;
     INSERT INTO session_lock.task_table AS t
-           (task_table, fn_schema, fn_prefix, id_column, open_when, finish, finished_by,
+           (task_table, fn_prefix, id_column, open_when, finish, finished_by,
             order_by, notify, lock_timeout)
-    VALUES (task_table, v_schema, fn_prefix, id_column, open_when, finish, finished_by,
-            order_by, CASE WHEN notify = '' THEN 'session_lock_' || v_relname ELSE notify END,
-            lock_timeout)
+    VALUES (task_table, fn_prefix, id_column, open_when, finish, finished_by,
+            order_by, v_channel, lock_timeout)
     ON CONFLICT ON CONSTRAINT task_table_pkey DO UPDATE
-       SET fn_schema = EXCLUDED.fn_schema, fn_prefix = EXCLUDED.fn_prefix,
+       SET fn_prefix = EXCLUDED.fn_prefix,
            id_column = EXCLUDED.id_column, open_when = EXCLUDED.open_when,
            finish = EXCLUDED.finish, finished_by = EXCLUDED.finished_by,
            order_by = EXCLUDED.order_by, notify = EXCLUDED.notify,
@@ -830,57 +1116,37 @@ BEGIN
     -- pickup order. Pickup is a range scan of its (session_id IS NULL)
     -- part, a session's tasks the (session_id = S) part, and the bounded
     -- count an index-only scan. Partial, so it stays the size of the open
-    -- backlog. Rebuilt when the declaration's open_when or order_by change.
+    -- backlog. Rebuilt when open_when or order_by change; a relation of
+    -- that name that is not this table's index is refused, not skipped.
     v_index := fn_prefix || '_open_idx';
-    IF v_old.task_table IS NOT NULL
-       AND (v_old.open_when <> open_when OR v_old.order_by <> order_by) THEN
-        EXECUTE pg_catalog.format('DROP INDEX IF EXISTS %I.%I', v_schema, v_index);
+    v_found := pg_catalog.to_regclass(pg_catalog.format('%I.%I', v_schema, v_index));
+    IF v_found IS NOT NULL AND NOT EXISTS (
+           SELECT 1 FROM pg_catalog.pg_index i
+            WHERE i.indexrelid = v_found AND i.indrelid = task_table) THEN
+        PERFORM session_lock.bad_declaration(task_table, pg_catalog.format(
+            '%s, the name of its protocol index, is taken by another relation: choose another fn_prefix, or drop it',
+            v_found));
     END IF;
-    EXECUTE pg_catalog.format('CREATE INDEX IF NOT EXISTS %I ON %s (session_id, %s) WHERE (%s)',
-        v_index, v_table, order_by, open_when);
+    IF v_found IS NOT NULL AND v_old.task_table IS NOT NULL
+       AND (v_old.open_when <> open_when OR v_old.order_by <> order_by) THEN
+        EXECUTE pg_catalog.format('DROP INDEX %s', v_found);
+        v_found := NULL;
+    END IF;
+    IF v_found IS NULL THEN
+        EXECUTE pg_catalog.format(E'CREATE INDEX %I ON %s (session_id,\n%s\n) WHERE (\n%s\n)',
+            v_index, v_table, order_by, open_when);
+    END IF;
 
-    IF notify IS NULL THEN
+    IF v_channel IS NULL THEN
         EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS session_lock_notify ON %s', v_table);
     ELSE
         EXECUTE pg_catalog.format(
             'CREATE OR REPLACE TRIGGER session_lock_notify AFTER INSERT ON %s '
             'FOR EACH STATEMENT EXECUTE FUNCTION session_lock.notify_task_inserted(%L)',
-            v_table, CASE WHEN notify = '' THEN 'session_lock_' || v_relname ELSE notify END);
+            v_table, v_channel);
     END IF;
 
-    -- The task template's functions, which the generated ones replace.
-    PERFORM session_lock.drop_template_functions(v_schema, fn_prefix);
-
     PERFORM session_lock.generate_task_table(task_table);
-END;
-$$;
-
--- Drops the functions a task template of the first release defined for
--- p_prefix (the generated functions replace them).
-CREATE OR REPLACE FUNCTION session_lock.drop_template_functions(p_schema name, p_prefix text)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_signature text;
-    v_function  text;
-BEGIN
-    FOREACH v_signature IN ARRAY ARRAY[
-        'count_free(bigint)', 'count(bigint)', 'count_for_session(bigint)',
-        'pickup(bigint, integer)', 'release(bigint[], integer)',
-        'get_for_session(bigint)', 'finish(bigint, bigint[])',
-        'get_work(bigint, integer, interval)']
-    LOOP
-        v_function := pg_catalog.format('%I.%I%s', p_schema,
-            p_prefix || '_' || pg_catalog.split_part(v_signature, '(', 1),
-            '(' || pg_catalog.split_part(v_signature, '(', 2));
-        -- Only those that exist: DROP ... IF EXISTS would say, for each
-        -- one missing, that it skipped it.
-        IF pg_catalog.to_regprocedure(v_function) IS NOT NULL THEN
-            EXECUTE 'DROP FUNCTION ' || v_function;
-        END IF;
-    END LOOP;
 END;
 $$;
 
@@ -894,23 +1160,12 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     d session_lock.task_table%ROWTYPE;
-    v_signature text;
 BEGIN
     SELECT * INTO d FROM session_lock.task_table t WHERE t.task_table = p_table;
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    FOREACH v_signature IN ARRAY ARRAY[
-        'finish_ids(bigint, bigint[])', 'free_of(bigint[], integer)',
-        'count_open(text, bigint, integer, bigint)', 'sweep(bigint, bigint, boolean)',
-        'get_work(bigint, bigint[], bigint[], boolean)',
-        'get_work(bigint, integer, interval, bigint[])',
-        'finish_tasks(bigint, bigint[])', 'held()']
-    LOOP
-        EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I%s', d.fn_schema,
-            d.fn_prefix || '_' || pg_catalog.split_part(v_signature, '(', 1),
-            '(' || pg_catalog.split_part(v_signature, '(', 2));
-    END LOOP;
+    PERFORM session_lock.drop_generated(d.fn_prefix);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS session_lock_notify ON %s', p_table);
     DELETE FROM session_lock.task_table t WHERE t.task_table = p_table;
 END;

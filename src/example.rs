@@ -37,8 +37,7 @@ impl Task for ExampleTask {
 }
 
 impl ScanTask for ExampleTask {
-    const QUERIES: TaskQueries =
-        crate::task_queries!("public.example_task", notify = "session_lock_example_task");
+    const QUERIES: TaskQueries = crate::task_queries!("example_task");
 
     fn scan(row: &Row) -> Result<Self, ScanError> {
         let id = column(row, None, "id")?;

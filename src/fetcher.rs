@@ -217,7 +217,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             if db.database_identity().await? != lease.database {
                 return Ok((0, ids.len()));
             }
-            db.finish_tasks::<T>(lease.session, &ids)
+            db.finish_tasks::<T>(&lease.session, &ids)
                 .await
                 .map(|done| (done.len(), ids.len()))
         }));
@@ -282,7 +282,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             otel.name = SPAN_TICK,
             otel.kind = "internal",
             session_lock.runner = %self.config.name,
-            session_lock.session.id = lease.session,
+            session_lock.session.id = lease.session.id,
             session_lock.tasks.fetched = field::Empty,
             session_lock.tasks.finished = field::Empty,
             session_lock.tasks.failed = field::Empty,
@@ -638,7 +638,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 // Another database: the session and the carried ids mean
                 // nothing (or something else) there.
                 self.session_actor.do_send(Moved {
-                    session: self.lease.session,
+                    session: self.lease.session.id,
                 });
                 report.rejected += report.carry.len();
                 report.carry.clear();
@@ -670,7 +670,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
         let work = bounded(
             limit,
             db.get_work::<T>(GetWork {
-                session: self.lease.session,
+                session: &self.lease.session,
                 finished: &self.carried,
                 running: &running,
                 sweep: self.sweep,
@@ -691,7 +691,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             Err(e) => {
                 if e.is_session_lost() || matches!(e, Error::ProtocolMismatch { .. }) {
                     self.session_actor.do_send(Lost {
-                        session: self.lease.session,
+                        session: self.lease.session.id,
                     });
                     report.rejected += report.carry.len();
                     report.carry.clear();
@@ -843,7 +843,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 stuck.sort_unstable();
                 tracing::error!(
                     runner = %self.config.name,
-                    session = self.lease.session,
+                    session = self.lease.session.id,
                     tasks = ?stuck,
                     batch_timeout = ?timeout,
                     "runs outlived the batch timeout and cannot be stopped (a Tasker blocking its thread?): no longer renewing the session"
@@ -853,16 +853,16 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                     s.stuck_tasks += stuck.len() as u64;
                     s.last_error = Some(format!(
                         "tasks {stuck:?} still running past the batch timeout of {timeout:?}: session {} left to expire",
-                        self.lease.session
+                        self.lease.session.id
                     ));
                 });
                 self.session_actor.do_send(Stuck {
-                    session: self.lease.session,
+                    session: self.lease.session.id,
                     stuck: true,
                 });
                 let outcomes = all.await;
                 self.session_actor.do_send(Stuck {
-                    session: self.lease.session,
+                    session: self.lease.session.id,
                     stuck: false,
                 });
                 outcomes
@@ -873,7 +873,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
     async fn finish(&self, db: &F::Db, ids: Vec<TaskId>, report: &mut TickReport) {
         let res = bounded(
             self.config.ttl,
-            db.finish_tasks::<T>(self.lease.session, &ids),
+            db.finish_tasks::<T>(&self.lease.session, &ids),
         )
         .instrument(tracing::info_span!(
             SPAN_FINISH,
@@ -895,7 +895,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             }
             Err(e) if e.is_session_lost() || matches!(e, Error::ProtocolMismatch { .. }) => {
                 self.session_actor.do_send(Lost {
-                    session: self.lease.session,
+                    session: self.lease.session.id,
                 });
                 report.rejected += ids.len();
                 report.lease_gone = true;

@@ -36,10 +36,12 @@ pub use error::{
 pub use migrate::{MigrateError, Migrator};
 pub use status::RunnerStatus;
 pub use store::{
-    Database, DatabaseId, DbFinder, GetWork, Listener, PgStore, SessionId, SessionStart,
-    StoreClient, StoreOptions, Work, connect_one, connect_one_with,
+    Database, DatabaseId, DbFinder, GetWork, Listener, PgStore, Session, SessionId, SessionStart,
+    SessionToken, StoreClient, StoreOptions, Work, connect_one, connect_one_with,
 };
 pub use supervisor::{Runner, RunnerHandle, RunnerServer, Stop};
+#[doc(hidden)]
+pub use task::is_fn_prefix;
 pub use task::{ScanTask, Task, TaskId, TaskQueries, column};
 pub use task_table::TaskTable;
 pub use tasker::{Progress, Tasker, TaskerError};

@@ -284,11 +284,9 @@ pub enum MigrateError {
         files: Vec<PathBuf>,
     },
     /// A file of yours would replace a function session-lock generates for
-    /// a declared task table: most likely the always-file of a task
-    /// template copied from session-lock 0.1, which the declaration
-    /// replaces (README: upgrading from the template).
+    /// a declared task table.
     #[error(
-        "migration {set}/{file} defines {function}, which session-lock generates from the declaration of task table {table}: delete that file (README: upgrading from the template)"
+        "migration {set}/{file} defines {function}, which session-lock generates from the declaration of task table {table}: remove that definition"
     )]
     ReplacesGenerated {
         /// The set.
@@ -302,9 +300,9 @@ pub enum MigrateError {
     },
     /// A generated function of a declared task table did not survive the
     /// run: a migration of yours replaced it (session-lock generated it
-    /// again; remove the file that replaced it).
+    /// again; remove the definition).
     #[error(
-        "a migration replaced {functions}, which session-lock generates for declared task tables: they were generated again, but remove the migration that defines them (README: upgrading from the template)"
+        "a migration replaced {functions}, which session-lock generates for declared task tables: they were generated again, but remove the migration's definition of them"
     )]
     GeneratedReplaced {
         /// The functions found replaced.
@@ -721,13 +719,26 @@ impl Migrator {
 
     /// Refuses, before anything is applied, a user always-file that defines
     /// a function session-lock generates for a declared table: applied on
-    /// every run, it would replace the protocol with its own copy.
+    /// every run, it would replace the protocol with its own copy. A file
+    /// that looks like a task template copied from session-lock 0.1 (its
+    /// functions call protocol 1's, which now refuse) is only named in a
+    /// warning: its functions live outside the schema `session_lock` and
+    /// touch nothing of protocol 2.
     async fn refuse_replacing_generated(&self, client: &Client) -> Result<(), MigrateError> {
+        for m in &self.migrations {
+            if !is_embedded(&m.set)
+                && m.kind == MigrationKind::Always
+                && m.sql.contains("session_lock.work_begin(")
+            {
+                tracing::warn!(
+                    migration = %m.name(),
+                    "this looks like a task template copied from session-lock 0.1: its functions refuse with SL004 now; declare the table and delete the file (README: upgrading from the template)"
+                );
+            }
+        }
         let rows = client
             .query(
-                "SELECT t.task_table::text, t.fn_schema::text, t.fn_prefix
-                   FROM session_lock.task_table t
-                  WHERE pg_catalog.to_regclass('session_lock.task_table') IS NOT NULL",
+                "SELECT t.task_table::text, t.fn_prefix FROM session_lock.task_table t",
                 &[],
             )
             .await;
@@ -736,8 +747,7 @@ impl Migrator {
             return Ok(());
         };
         for row in rows {
-            let (table, schema, prefix): (String, String, String) =
-                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            let (table, prefix): (String, String) = (row.try_get(0)?, row.try_get(1)?);
             for m in &self.migrations {
                 if is_embedded(&m.set) || m.kind != MigrationKind::Always {
                     continue;
@@ -749,13 +759,12 @@ impl Migrator {
                     .collect::<Vec<_>>()
                     .join(" ");
                 for name in GENERATED_ENTRY_POINTS {
-                    let function = format!("{prefix}_{name}").to_lowercase();
-                    let qualified = format!("function {}.{function}", schema.to_lowercase());
-                    if sql.contains(&qualified) || sql.contains(&format!("function {function}")) {
+                    let function = format!("session_lock.{prefix}_{name}").to_lowercase();
+                    if sql.contains(&format!("function {function}")) {
                         return Err(MigrateError::ReplacesGenerated {
                             set: m.set.clone(),
                             file: m.file.clone(),
-                            function: format!("{schema}.{prefix}_{name}"),
+                            function: format!("session_lock.{prefix}_{name}"),
                             table,
                         });
                     }
@@ -805,11 +814,10 @@ async fn check_generated(client: &Client) -> Result<(), MigrateError> {
             "SELECT p.oid::regprocedure::text
                FROM session_lock.task_table t
                JOIN pg_catalog.pg_proc p
-                 ON p.pronamespace = t.fn_schema::regnamespace
+                 ON p.pronamespace = 'session_lock'::regnamespace
                 AND p.proname IN (t.fn_prefix || '_get_work', t.fn_prefix || '_finish_tasks',
                                   t.fn_prefix || '_held')
-              WHERE pg_catalog.to_regclass('session_lock.task_table') IS NOT NULL
-                AND p.prosrc NOT LIKE '%Generated by session-lock%'
+              WHERE p.prosrc NOT LIKE '%Generated by session-lock%'
               ORDER BY 1",
             &[],
         )

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::store::{
-    Database, DatabaseId, DbFinder, GetWork, Listener, SessionId, SessionStart, Work,
+    Database, DatabaseId, DbFinder, GetWork, Listener, Session, SessionId, SessionStart,
+    SessionToken, Work,
 };
 use crate::task::{ScanTask, Task, TaskId, TaskQueries};
 
@@ -41,7 +42,7 @@ impl Task for TestTask {
 pub(crate) const POISONED: TaskId = 666;
 
 impl ScanTask for TestTask {
-    const QUERIES: TaskQueries = crate::task_queries!("scripted.task", notify = "scripted");
+    const QUERIES: TaskQueries = crate::task_queries!("scripted_task");
 
     fn scan(_: &tokio_postgres::Row) -> std::result::Result<Self, crate::error::ScanError> {
         unreachable!("the scripted database never returns rows")
@@ -85,6 +86,7 @@ pub(crate) struct Call {
 
 #[derive(Debug, Clone)]
 pub(crate) struct Sess {
+    pub(crate) token: SessionToken,
     pub(crate) capacity: u32,
     pub(crate) live: bool,
     pub(crate) ended: bool,
@@ -210,10 +212,12 @@ impl ScriptedDb {
         }
     }
 
-    fn live(s: &State, session: SessionId) -> Result<()> {
-        match s.sessions.get(&session) {
-            Some(sess) if sess.live => Ok(()),
-            _ => Err(Error::SessionLost { session }),
+    fn live(s: &State, session: &Session) -> Result<()> {
+        match s.sessions.get(&session.id) {
+            Some(sess) if sess.live && sess.token == session.token => Ok(()),
+            _ => Err(Error::SessionLost {
+                session: session.id,
+            }),
         }
     }
 
@@ -243,56 +247,61 @@ impl Database for ScriptedDb {
         Ok(self.identity.clone())
     }
 
-    async fn start_session(&self, params: &SessionStart) -> Result<SessionId> {
+    async fn start_session(&self, params: &SessionStart) -> Result<Session> {
         self.enter(Method::Start, None, &[]).await?;
         Ok(self.with(|s| {
             let id = s.next_session;
             s.next_session += 1;
+            let token = SessionToken(fastrand::u128(..).to_le_bytes());
             s.sessions.insert(
                 id,
                 Sess {
+                    token,
                     capacity: params.capacity,
                     live: true,
                     ended: false,
                 },
             );
-            id
+            Session { id, token }
         }))
     }
 
-    async fn bump_session(&self, session: SessionId, _ttl: Duration) -> Result<()> {
-        self.enter(Method::Bump, Some(session), &[]).await?;
+    async fn bump_session(&self, session: &Session, _ttl: Duration) -> Result<()> {
+        self.enter(Method::Bump, Some(session.id), &[]).await?;
         self.with(|s| Self::live(s, session))
     }
 
-    async fn end_session(&self, session: SessionId) -> Result<bool> {
-        self.enter(Method::End, Some(session), &[]).await?;
-        Ok(self.with(|s| match s.sessions.get_mut(&session) {
-            Some(sess) if sess.live => {
+    async fn end_session(&self, session: &Session) -> Result<bool> {
+        self.enter(Method::End, Some(session.id), &[]).await?;
+        Ok(self.with(|s| {
+            if Self::live(s, session).is_err() {
+                return false;
+            }
+            if let Some(sess) = s.sessions.get_mut(&session.id) {
                 sess.live = false;
                 sess.ended = true;
-                for holder in s.tasks.values_mut() {
-                    if *holder == Some(session) {
-                        *holder = None;
-                    }
-                }
-                true
             }
-            _ => false,
+            for holder in s.tasks.values_mut() {
+                if *holder == Some(session.id) {
+                    *holder = None;
+                }
+            }
+            true
         }))
     }
 
     async fn get_work<T: ScanTask>(&self, params: GetWork<'_>) -> Result<Work<T>> {
-        self.enter(Method::GetWork, Some(params.session), params.finished)
+        let session = params.session.id;
+        self.enter(Method::GetWork, Some(session), params.finished)
             .await?;
         let (finished, held) = self.with(|s| {
             Self::live(s, params.session)?;
-            let finished = Self::finish(s, params.session, params.finished);
-            let capacity = s.sessions[&params.session].capacity as usize;
+            let finished = Self::finish(s, session, params.finished);
+            let capacity = s.sessions[&session].capacity as usize;
             let mut held: Vec<TaskId> = s
                 .tasks
                 .iter()
-                .filter(|(_, h)| **h == Some(params.session))
+                .filter(|(_, h)| **h == Some(session))
                 .map(|(id, _)| *id)
                 .collect();
             for (id, holder) in s.tasks.iter_mut() {
@@ -300,7 +309,7 @@ impl Database for ScriptedDb {
                     break;
                 }
                 if holder.is_none() {
-                    *holder = Some(params.session);
+                    *holder = Some(session);
                     held.push(*id);
                 }
             }
@@ -319,13 +328,13 @@ impl Database for ScriptedDb {
 
     async fn finish_tasks<T: ScanTask>(
         &self,
-        session: SessionId,
+        session: &Session,
         ids: &[TaskId],
     ) -> Result<Vec<TaskId>> {
-        self.enter(Method::Finish, Some(session), ids).await?;
+        self.enter(Method::Finish, Some(session.id), ids).await?;
         self.with(|s| {
             Self::live(s, session)?;
-            Ok(Self::finish(s, session, ids))
+            Ok(Self::finish(s, session.id, ids))
         })
     }
 

@@ -38,7 +38,7 @@ use crate::catch::{bounded, caught};
 use crate::config::RunnerConfig;
 use crate::error::Error;
 use crate::status::StatusTx;
-use crate::store::{Database, DatabaseId, DbFinder, SessionId, SessionStart};
+use crate::store::{Database, DatabaseId, DbFinder, Session, SessionId, SessionStart};
 use crate::telemetry::{
     Metrics, SPAN_HEARTBEAT_FAILURE, SPAN_SESSION_END, SPAN_SESSION_LOSS, SPAN_SESSION_START,
 };
@@ -46,7 +46,7 @@ use crate::telemetry::{
 /// The session the fetcher may use, and the database it lives in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Lease {
-    pub(crate) session: SessionId,
+    pub(crate) session: Session,
     pub(crate) database: DatabaseId,
 }
 
@@ -141,7 +141,7 @@ impl<F: DbFinder> SessionActor<F> {
     }
 
     fn session(&self) -> Option<SessionId> {
-        self.lease.as_ref().map(|l| l.session)
+        self.lease.as_ref().map(|l| l.session.id)
     }
 
     /// The lease the fetcher may use now.
@@ -155,7 +155,7 @@ impl<F: DbFinder> SessionActor<F> {
     fn publish(&self) {
         let lease = self.usable();
         self.status
-            .send_modify(|s| s.session = lease.as_ref().map(|l| l.session));
+            .send_modify(|s| s.session = lease.as_ref().map(|l| l.session.id));
         if let Some(sub) = &self.subscriber {
             sub.do_send(LeaseChanged(lease));
         }
@@ -200,11 +200,11 @@ impl<F: DbFinder> SessionActor<F> {
                     // Stop came while the start was in flight: a session
                     // nobody will use must not count in everyone's shares.
                     // The waiting EndSession ends it.
-                    tracing::info!(parent: &span, session = lease.session, "session started after stop: ending it");
+                    tracing::info!(parent: &span, session = lease.session.id, "session started after stop: ending it");
                     act.lease = Some(lease);
                 }
                 Ok(lease) => {
-                    let id = lease.session;
+                    let id = lease.session.id;
                     span.record("session_lock.session.id", id);
                     tracing::info!(parent: &span, session = id, database = %lease.database, "session started");
                     act.lease = Some(lease);
@@ -246,13 +246,13 @@ impl<F: DbFinder> SessionActor<F> {
         let ttl = self.config.ttl;
         let sent_at = Instant::now();
         let limit = self.config.heartbeat_timeout;
-        let session = lease.session;
+        let session = lease.session.id;
         let fut = caught(bounded(limit, async move {
             let db = finder.find().await?;
             if db.database_identity().await? != lease.database {
                 return Ok(false);
             }
-            db.bump_session(session, ttl).await.map(|()| true)
+            db.bump_session(&lease.session, ttl).await.map(|()| true)
         }));
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.bumping = false;
@@ -405,27 +405,28 @@ fn is_refused(e: &Error) -> bool {
 async fn end_session<F: DbFinder>(
     finder: Arc<F>,
     name: String,
-    session: SessionId,
+    session: Session,
     limit: std::time::Duration,
 ) {
+    let id = session.id;
     let span = tracing::info_span!(
         SPAN_SESSION_END,
         otel.name = SPAN_SESSION_END,
         session_lock.runner = %name,
-        session_lock.session.id = session,
+        session_lock.session.id = id,
         otel.status_code = tracing::field::Empty,
     );
     let res = caught(bounded(limit, async {
         let db = finder.find().await?;
-        db.end_session(session).await
+        db.end_session(&session).await
     }))
     .instrument(span.clone())
     .await;
     match res {
-        Ok(_) => tracing::info!(parent: &span, session, "session ended"),
+        Ok(_) => tracing::info!(parent: &span, session = id, "session ended"),
         Err(e) => {
             span.record("otel.status_code", "ERROR");
-            tracing::warn!(parent: &span, session, error = %e, "cannot end the session; it will expire after its ttl");
+            tracing::warn!(parent: &span, session = id, error = %e, "cannot end the session; it will expire after its ttl");
         }
     }
 }
@@ -512,7 +513,7 @@ impl<F: DbFinder> Handler<EndSession> for SessionActor<F> {
         self.publish();
         if msg.leave {
             if let Some(lease) = self.lease.take() {
-                tracing::warn!(session = lease.session, runner = %self.config.name,
+                tracing::warn!(session = lease.session.id, runner = %self.config.name,
                     "stopping with runs still in flight: leaving the session to expire after its ttl");
             }
         }

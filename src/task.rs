@@ -37,59 +37,91 @@ pub trait ScanTask: Task + Sized {
 /// every value travels as a bind parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskQueries {
-    /// Calls the table's generated `<prefix>_get_work`: finishes the
-    /// previous batch's completed tasks, then returns the session's tasks
-    /// after moving it to its fair share. Parameters: `$1` session id
-    /// (BIGINT), `$2` ids to finish first (BIGINT[]), `$3` ids still running
-    /// (BIGINT[]), `$4` whether to sweep for orphans (BOOLEAN). Returns the
-    /// column `sl_finished` (an id finished by this call, the other columns
-    /// NULL) followed by the task table's columns (a held task,
-    /// `sl_finished` NULL).
+    /// Calls the table's generated `session_lock.<prefix>_get_work`:
+    /// finishes the previous batch's completed tasks, then returns the
+    /// session's tasks after moving it to its fair share. Parameters: `$1`
+    /// session id (BIGINT), `$2` its token (UUID), `$3` ids to finish first
+    /// (BIGINT[]), `$4` ids still running (BIGINT[]), `$5` whether to sweep
+    /// for orphans (BOOLEAN). Returns the column `sl_finished` (an id
+    /// finished by this call, the other columns NULL) followed by the task
+    /// table's columns (a held task, `sl_finished` NULL).
     pub get_work: &'static str,
-    /// Calls the table's generated `<prefix>_finish_tasks`, the fenced
-    /// finish. Parameters: `$1` session id (BIGINT), `$2` task ids
-    /// (BIGINT[]). Returns one row per task actually finished, its id first.
+    /// Calls the table's generated `session_lock.<prefix>_finish_tasks`,
+    /// the fenced finish. Parameters: `$1` session id (BIGINT), `$2` its
+    /// token (UUID), `$3` task ids (BIGINT[]). Returns one row per task
+    /// actually finished, its id first.
     pub finish: &'static str,
     /// The channel the table notifies on when tasks are inserted, if any
-    /// (a declaration's `notify`; `session_lock_<table>` by default).
+    /// (a declaration's `notify`; `session_lock_<prefix>` by default).
     pub notify_channel: Option<&'static str>,
 }
 
-/// Builds the [`TaskQueries`] for a declared task table whose generated
-/// functions have the given schema-qualified prefix (the table's name,
-/// unless its declaration chose another `fn_prefix`).
+/// Whether `prefix` is a declaration's `fn_prefix` as [`task_queries!`]
+/// takes it: not empty, no schema (no `.`), no quotes.
+#[doc(hidden)]
+pub const fn is_fn_prefix(prefix: &str) -> bool {
+    let bytes = prefix.as_bytes();
+    if bytes.is_empty() {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'.' || bytes[i] == b'"' {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Builds the [`TaskQueries`] for a declared task table from its
+/// declaration's `fn_prefix` (the table's name, unless the declaration
+/// chose another), without a schema: the generated functions live in the
+/// schema `session_lock`. The notify channel is the declaration's default,
+/// `session_lock_<prefix>`, unless given.
 ///
 /// ```
 /// use session_lock::{task_queries, TaskQueries};
-/// const QUERIES: TaskQueries = task_queries!("public.example_task");
+/// const QUERIES: TaskQueries = task_queries!("example_task");
 /// assert_eq!(
 ///     QUERIES.finish,
-///     "SELECT * FROM public.example_task_finish_tasks($1, $2)"
+///     "SELECT * FROM session_lock.example_task_finish_tasks($1, $2, $3)"
 /// );
-/// // With the channel the table's insert trigger notifies on:
-/// const WITH_NOTIFY: TaskQueries =
-///     task_queries!("public.example_task", notify = "session_lock_example_task");
-/// assert_eq!(WITH_NOTIFY.notify_channel, Some("session_lock_example_task"));
+/// assert_eq!(QUERIES.notify_channel, Some("session_lock_example_task"));
+/// // A table declared with notify => 'jobs_in':
+/// const JOBS: TaskQueries = task_queries!("jobs", notify = "jobs_in");
+/// assert_eq!(JOBS.notify_channel, Some("jobs_in"));
+/// ```
+///
+/// A schema-qualified name is refused at compile time:
+///
+/// ```compile_fail
+/// const BAD: session_lock::TaskQueries = session_lock::task_queries!("public.example_task");
 /// ```
 #[macro_export]
 macro_rules! task_queries {
     ($prefix:literal) => {
+        $crate::task_queries!($prefix, notify = concat!("session_lock_", $prefix))
+    };
+    ($prefix:literal, notify = $channel:expr) => {{
+        const _: () = assert!(
+            $crate::is_fn_prefix($prefix),
+            "task_queries! takes the declaration's fn_prefix (by default the table's name) without a schema: the generated functions live in the schema session_lock"
+        );
         $crate::TaskQueries {
             get_work: concat!(
-                "SELECT w.sl_finished, (w.sl_task).* FROM ",
+                "SELECT w.sl_finished, (w.sl_task).* FROM session_lock.",
                 $prefix,
-                "_get_work($1, $2, $3, $4) AS w"
+                "_get_work($1, $2, $3, $4, $5) AS w"
             ),
-            finish: concat!("SELECT * FROM ", $prefix, "_finish_tasks($1, $2)"),
-            notify_channel: None,
-        }
-    };
-    ($prefix:literal, notify = $channel:literal) => {
-        $crate::TaskQueries {
+            finish: concat!(
+                "SELECT * FROM session_lock.",
+                $prefix,
+                "_finish_tasks($1, $2, $3)"
+            ),
             notify_channel: Some($channel),
-            ..$crate::task_queries!($prefix)
         }
-    };
+    }};
 }
 
 /// Reads column `name` of a task row, with an error naming the column and,

@@ -152,15 +152,15 @@ pub async fn seed(client: &Client, n: u64) {
 
 /// Finishes `ids` for `session` through the fenced finish and inserts as
 /// many new tasks, so that the backlog stays where it is.
-pub async fn finish_and_replace(client: &Client, session: i64, ids: &[i64]) {
+pub async fn finish_and_replace(client: &Client, session: &session_lock::Session, ids: &[i64]) {
     if ids.is_empty() {
         return;
     }
     client
         .execute(
-            "WITH f AS (SELECT * FROM public.example_task_finish_tasks($1, $2))
+            "WITH f AS (SELECT * FROM session_lock.example_task_finish_tasks($1, $2, $3))
              INSERT INTO public.example_task (payload) SELECT 'noop' FROM f",
-            &[&session, &ids],
+            &[&session.id, &session.token, &ids],
         )
         .await
         .expect("finish and replace");

@@ -9,6 +9,7 @@
 mod interval;
 mod pool;
 mod postgres;
+mod token;
 
 use std::future::Future;
 use std::time::Duration;
@@ -21,12 +22,24 @@ pub use postgres::{
     DEFAULT_KEEPALIVES_RETRIES, DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_TIMEOUT,
     DEFAULT_TCP_USER_TIMEOUT, PgStore, StoreClient, StoreOptions, connect_one, connect_one_with,
 };
+pub use token::SessionToken;
 
 use crate::error::{Result, ScanError};
 use crate::task::{ScanTask, TaskId};
 
 /// A session's id: the primary key of its `session_lock.session` row.
 pub type SessionId = i64;
+
+/// A session as its process holds it: the id, and the token every call for
+/// it must present (so that nobody else, even with the same database role,
+/// can renew, end or finish for it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Session {
+    /// The session's id.
+    pub id: SessionId,
+    /// The session's secret.
+    pub token: SessionToken,
+}
 
 /// Which database a session or a task id belongs to: ids are numbered from
 /// 1 in every database, so they mean nothing without it. Read from
@@ -76,7 +89,7 @@ impl SessionStart {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GetWork<'a> {
     /// The calling session.
-    pub session: SessionId,
+    pub session: &'a Session,
     /// The previous batch's completed tasks, finished first (fenced, in the
     /// same transaction), so that a busy runner needs one call per tick.
     pub finished: &'a [TaskId],
@@ -89,9 +102,9 @@ pub struct GetWork<'a> {
     pub sweep: bool,
 }
 
-impl GetWork<'_> {
+impl<'a> GetWork<'a> {
     /// A plain `get_work`: nothing to finish, nothing running, with a sweep.
-    pub fn new(session: SessionId) -> GetWork<'static> {
+    pub fn new(session: &'a Session) -> GetWork<'a> {
         GetWork {
             session,
             finished: &[],
@@ -124,24 +137,21 @@ pub trait Database: Send + Sync + 'static {
     /// session, and starts over when it changed: a session or task id of
     /// one database must never be used in another.
     fn database_identity(&self) -> impl Future<Output = Result<DatabaseId>> + Send;
-    /// `session_lock.start_session`: starts a session and returns its id.
-    fn start_session(
-        &self,
-        params: &SessionStart,
-    ) -> impl Future<Output = Result<SessionId>> + Send;
+    /// `session_lock.start_session`: starts a session and returns it.
+    fn start_session(&self, params: &SessionStart) -> impl Future<Output = Result<Session>> + Send;
     /// `session_lock.bump_session`, the heartbeat: extends a live session's
     /// lease. [`Error::SessionLost`](crate::Error::SessionLost) when it is
     /// not live. Must not wait behind the other calls (a store gives it
     /// connections of its own).
     fn bump_session(
         &self,
-        session: SessionId,
+        session: &Session,
         ttl: Duration,
     ) -> impl Future<Output = Result<()>> + Send;
     /// `session_lock.end_session`: ends a session so that its tasks are
     /// free on the others' next tick. Returns false when it was already
     /// over. Idempotent.
-    fn end_session(&self, session: SessionId) -> impl Future<Output = Result<bool>> + Send;
+    fn end_session(&self, session: &Session) -> impl Future<Output = Result<bool>> + Send;
     /// The task table's `get_work`: finishes [`GetWork::finished`], moves
     /// the session to its fair share and returns its tasks.
     /// [`Error::SessionLost`](crate::Error::SessionLost) when it is not live.
@@ -155,7 +165,7 @@ pub trait Database: Send + Sync + 'static {
     /// live: nothing is finished then.
     fn finish_tasks<T: ScanTask>(
         &self,
-        session: SessionId,
+        session: &Session,
         ids: &[TaskId],
     ) -> impl Future<Output = Result<Vec<TaskId>>> + Send;
     /// `session_lock.reap_sessions`: deletes sessions reclaimed longer than

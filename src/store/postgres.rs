@@ -15,7 +15,9 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::interval::Interval;
 use super::pool::{ConnectErrors, IdentityCell, Manager, bounded_connect};
-use super::{Database, DatabaseId, DbFinder, GetWork, Listener, SessionId, SessionStart, Work};
+use super::{
+    Database, DatabaseId, DbFinder, GetWork, Listener, Session, SessionId, SessionStart, Work,
+};
 use crate::error::{Error, Result};
 use crate::task::{ScanTask, TaskId};
 use crate::tls::{Tls, TlsMode};
@@ -39,9 +41,10 @@ pub const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(2);
 /// Default number of unanswered keepalive probes before the connection is dropped.
 pub const DEFAULT_KEEPALIVES_RETRIES: u32 = 3;
 
-const START_SESSION: &str = "SELECT session_lock.start_session($1, $2, $3, $4, $5)";
-const BUMP_SESSION: &str = "SELECT session_lock.bump_session($1, $2)";
-const END_SESSION: &str = "SELECT session_lock.end_session($1)";
+const START_SESSION: &str =
+    "SELECT session_id, session_token FROM session_lock.start_session($1, $2, $3, $4, $5)";
+const BUMP_SESSION: &str = "SELECT session_lock.bump_session($1, $2, $3)";
+const END_SESSION: &str = "SELECT session_lock.end_session($1, $2)";
 const REAP_SESSIONS: &str = "SELECT session_lock.reap_sessions($1)";
 const DATABASE_IDENTITY: &str = "SELECT session_lock.database_identity()";
 
@@ -294,7 +297,7 @@ impl Database for PgStore {
     }
 
     #[tracing::instrument(level = "debug", skip(self, params), fields(session.name = %params.name), err)]
-    async fn start_session(&self, params: &SessionStart) -> Result<SessionId> {
+    async fn start_session(&self, params: &SessionStart) -> Result<Session> {
         let pid = i32::try_from(params.pid).unwrap_or(0);
         let capacity = i32::try_from(params.capacity).map_err(|_| {
             Error::InvalidArgument(format!("capacity {} is out of range", params.capacity))
@@ -313,47 +316,59 @@ impl Database for PgStore {
                 None,
             )
             .await?;
-        first(&rows, None)
+        let row = rows.first().ok_or_else(|| {
+            Error::InvalidArgument("session_lock.start_session returned no row".into())
+        })?;
+        Ok(Session {
+            id: row.try_get(0).map_err(|e| Error::from_db(e, None))?,
+            token: row.try_get(1).map_err(|e| Error::from_db(e, None))?,
+        })
     }
 
-    #[tracing::instrument(level = "debug", skip(self), err)]
-    async fn bump_session(&self, session: SessionId, ttl: Duration) -> Result<()> {
+    #[tracing::instrument(level = "debug", skip(self, session), fields(session = session.id), err)]
+    async fn bump_session(&self, session: &Session, ttl: Duration) -> Result<()> {
         self.query(
             &self.inner.control,
             BUMP_SESSION,
-            &[(&session, Type::INT8), (&Interval(ttl), Type::INTERVAL)],
-            Some(session),
+            &[
+                (&session.id, Type::INT8),
+                (&session.token, Type::UUID),
+                (&Interval(ttl), Type::INTERVAL),
+            ],
+            Some(session.id),
         )
         .await?;
         Ok(())
     }
 
-    #[tracing::instrument(level = "debug", skip(self), err)]
-    async fn end_session(&self, session: SessionId) -> Result<bool> {
+    #[tracing::instrument(level = "debug", skip(self, session), fields(session = session.id), err)]
+    async fn end_session(&self, session: &Session) -> Result<bool> {
         let rows = self
             .query(
                 &self.inner.control,
                 END_SESSION,
-                &[(&session, Type::INT8)],
-                Some(session),
+                &[(&session.id, Type::INT8), (&session.token, Type::UUID)],
+                Some(session.id),
             )
             .await?;
-        first(&rows, Some(session))
+        first(&rows, Some(session.id))
     }
 
-    #[tracing::instrument(level = "debug", skip(self, params), fields(session = params.session, finishing = params.finished.len()), err)]
+    #[tracing::instrument(level = "debug", skip(self, params), fields(session = params.session.id, finishing = params.finished.len()), err)]
     async fn get_work<T: ScanTask>(&self, params: GetWork<'_>) -> Result<Work<T>> {
+        let session = params.session.id;
         let rows = self
             .query(
                 &self.inner.work,
                 T::QUERIES.get_work,
                 &[
-                    (&params.session, Type::INT8),
+                    (&session, Type::INT8),
+                    (&params.session.token, Type::UUID),
                     (&params.finished, Type::INT8_ARRAY),
                     (&params.running, Type::INT8_ARRAY),
                     (&params.sweep, Type::BOOL),
                 ],
-                Some(params.session),
+                Some(session),
             )
             .await?;
         let mut work = Work {
@@ -366,7 +381,7 @@ impl Database for PgStore {
             // NULL; a held task has no finished id.
             let finished: Option<TaskId> = row
                 .try_get(0)
-                .map_err(|e| Error::from_db(e, Some(params.session)))?;
+                .map_err(|e| Error::from_db(e, Some(session)))?;
             match finished {
                 Some(id) => work.finished.push(id),
                 None => match T::scan(row) {
@@ -378,22 +393,29 @@ impl Database for PgStore {
         Ok(work)
     }
 
-    #[tracing::instrument(level = "debug", skip(self, ids), fields(tasks = ids.len()), err)]
+    #[tracing::instrument(level = "debug", skip(self, session, ids), fields(session = session.id, tasks = ids.len()), err)]
     async fn finish_tasks<T: ScanTask>(
         &self,
-        session: SessionId,
+        session: &Session,
         ids: &[TaskId],
     ) -> Result<Vec<TaskId>> {
         let rows = self
             .query(
                 &self.inner.work,
                 T::QUERIES.finish,
-                &[(&session, Type::INT8), (&ids, Type::INT8_ARRAY)],
-                Some(session),
+                &[
+                    (&session.id, Type::INT8),
+                    (&session.token, Type::UUID),
+                    (&ids, Type::INT8_ARRAY),
+                ],
+                Some(session.id),
             )
             .await?;
         rows.iter()
-            .map(|row| row.try_get(0).map_err(|e| Error::from_db(e, Some(session))))
+            .map(|row| {
+                row.try_get(0)
+                    .map_err(|e| Error::from_db(e, Some(session.id)))
+            })
             .collect()
     }
 

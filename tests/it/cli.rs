@@ -69,7 +69,7 @@ async fn migrate_then_status_shows_sessions_and_task_counts() {
         .start_session(&SessionStart::new("status-test", ttl, 4))
         .await
         .unwrap();
-    for session in [live, dead] {
+    for session in [&live, &dead] {
         store
             .get_work::<ExampleTask>(GetWork::new(session))
             .await
@@ -78,7 +78,7 @@ async fn migrate_then_status_shows_sessions_and_task_counts() {
     client
         .execute(
             "UPDATE session_lock.session SET expires_at = now() - interval '1 s' WHERE id = $1",
-            &[&dead],
+            &[&dead.id],
         )
         .await
         .unwrap();
@@ -89,8 +89,8 @@ async fn migrate_then_status_shows_sessions_and_task_counts() {
     assert!(stdout.contains("live sessions: 1"), "{stdout}");
     let row = stdout
         .lines()
-        .find(|l| l.trim_start().starts_with(&live.to_string()))
-        .unwrap_or_else(|| panic!("a row for session {live}: {stdout}"));
+        .find(|l| l.trim_start().starts_with(&live.id.to_string()))
+        .unwrap_or_else(|| panic!("a row for session {}: {stdout}", live.id));
     assert!(row.contains("status-test"), "{row}");
     assert!(
         row.contains(&std::process::id().to_string()),
@@ -110,7 +110,7 @@ async fn migrate_then_status_shows_sessions_and_task_counts() {
         .execute(
             "UPDATE example_task SET finished_at = now()
               WHERE id = (SELECT min(id) FROM example_task WHERE session_id = $1)",
-            &[&live],
+            &[&live.id],
         )
         .await
         .unwrap();
@@ -119,8 +119,8 @@ async fn migrate_then_status_shows_sessions_and_task_counts() {
     let stdout = text(&out.stdout);
     let row = stdout
         .lines()
-        .find(|l| l.trim_start().starts_with(&live.to_string()))
-        .unwrap_or_else(|| panic!("a row for session {live}: {stdout}"));
+        .find(|l| l.trim_start().starts_with(&live.id.to_string()))
+        .unwrap_or_else(|| panic!("a row for session {}: {stdout}", live.id));
     let last_two: Vec<&str> = row.split_whitespace().rev().take(2).collect();
     assert_eq!(last_two, ["5", "4"], "4 tasks held, counter 5: {row}");
     assert!(

@@ -19,7 +19,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use session_lock::example::ExampleTask;
-use session_lock::{Database, GetWork, Migrator, PgStore, SessionId, SessionStart, TaskId};
+use session_lock::{
+    Database, GetWork, Migrator, PgStore, Session, SessionId, SessionStart, TaskId,
+};
 use tokio::time::timeout;
 use tokio_postgres::{Client, NoTls};
 
@@ -34,12 +36,12 @@ use crate::harness::{TestDb, migrated_db};
 const TTL: Duration = Duration::from_secs(60);
 
 /// Starts a session of runner `name` that may hold up to `capacity` tasks.
-async fn start(store: &PgStore, name: &str, capacity: u32) -> SessionId {
+async fn start(store: &PgStore, name: &str, capacity: u32) -> Session {
     start_with_ttl(store, name, capacity, TTL).await
 }
 
 /// [`start`] with a lease other than [`TTL`].
-async fn start_with_ttl(store: &PgStore, name: &str, capacity: u32, ttl: Duration) -> SessionId {
+async fn start_with_ttl(store: &PgStore, name: &str, capacity: u32, ttl: Duration) -> Session {
     store
         .start_session(&SessionStart::new(name, ttl, capacity))
         .await
@@ -47,21 +49,21 @@ async fn start_with_ttl(store: &PgStore, name: &str, capacity: u32, ttl: Duratio
 }
 
 /// One tick: the session's tasks after the protocol moved it to its share.
-async fn work(store: &PgStore, session: SessionId) -> session_lock::Result<Vec<TaskId>> {
+async fn work(store: &PgStore, session: &Session) -> session_lock::Result<Vec<TaskId>> {
     Ok(finish_and_work(store, session, &[]).await?.held)
 }
 
 /// Finishes those of `ids` the session holds; returns the ones finished.
 async fn finish(
     store: &PgStore,
-    session: SessionId,
+    session: &Session,
     ids: &[TaskId],
 ) -> session_lock::Result<Vec<TaskId>> {
     store.finish_tasks::<ExampleTask>(session, ids).await
 }
 
 /// Extends the session's lease by `ttl` (the heartbeat).
-async fn bump(store: &PgStore, session: SessionId, ttl: Duration) -> session_lock::Result<()> {
+async fn bump(store: &PgStore, session: &Session, ttl: Duration) -> session_lock::Result<()> {
     store.bump_session(session, ttl).await
 }
 
@@ -77,7 +79,7 @@ struct FinishAndWork {
 /// Finishes `ids` and ticks, in one call (sweeping for orphans).
 async fn finish_and_work(
     store: &PgStore,
-    session: SessionId,
+    session: &Session,
     ids: &[TaskId],
 ) -> session_lock::Result<FinishAndWork> {
     let w = store
@@ -267,10 +269,10 @@ async fn hole1_a_foreign_row_lock_does_not_stall_failover() {
 async fn failover_past_a_foreign_lock(variant: ForeignLock) -> Result<(), String> {
     let s = setup(10).await;
     let a = start(&s.store, "n", 100).await;
-    let a_tasks = work(&s.store, a).await.expect("a's work");
+    let a_tasks = work(&s.store, &a).await.expect("a's work");
     assert_eq!(a_tasks.len(), 10, "a holds every task");
     let b = start(&s.store, "n", 100).await;
-    expire(&s.client, a).await;
+    expire(&s.client, a.id).await;
     let locked = a_tasks[3];
 
     let foreign = s.db.client().await;
@@ -306,7 +308,7 @@ async fn failover_past_a_foreign_lock(variant: ForeignLock) -> Result<(), String
     // takes it has returned) and stays open.
 
     let t0 = Instant::now();
-    let tick = timeout(Duration::from_secs(5), work(&s.store, b)).await;
+    let tick = timeout(Duration::from_secs(5), work(&s.store, &b)).await;
     let took = t0.elapsed();
     match tick {
         Err(_) => {
@@ -325,7 +327,7 @@ async fn failover_past_a_foreign_lock(variant: ForeignLock) -> Result<(), String
         .client
         .query(
             "SELECT id FROM example_task WHERE session_id = $1 AND finished_at IS NULL AND id <> $2",
-            &[&a, &locked],
+            &[&a.id, &locked],
         )
         .await
         .unwrap();
@@ -337,7 +339,7 @@ async fn failover_past_a_foreign_lock(variant: ForeignLock) -> Result<(), String
     );
     ensure!(
         matches!(
-            timeout(Duration::from_secs(1), bump(&s.store, b, TTL)).await,
+            timeout(Duration::from_secs(1), bump(&s.store, &b, TTL)).await,
             Ok(Ok(()))
         ),
         "b is not live after the failover"
@@ -350,7 +352,7 @@ async fn failover_past_a_foreign_lock(variant: ForeignLock) -> Result<(), String
         })
         .await
         .unwrap();
-    let next = timeout(Duration::from_secs(3), work(&s.store, b)).await;
+    let next = timeout(Duration::from_secs(3), work(&s.store, &b)).await;
     let held = match next {
         Ok(Ok(held)) => held,
         other => return Err(format!("b's next work: {other:?}")),
@@ -371,7 +373,7 @@ async fn failover_past_a_foreign_lock(variant: ForeignLock) -> Result<(), String
 async fn hole2_a_lease_never_moves_backwards() {
     let s = setup(5).await;
     let a = start(&s.store, "lease", 10).await;
-    let mut seen = vec![("start", expires_at(&s.client, a).await)];
+    let mut seen = vec![("start", expires_at(&s.client, a.id).await)];
     let mut failures = Vec::new();
 
     // A foreign transaction holds the task table.
@@ -383,7 +385,8 @@ async fn hole2_a_lease_never_moves_backwards() {
     // a's tick, on a connection of its own (as a pool might hand it a new
     // one), is held up by it.
     let tick_store = PgStore::connect(&s.db.url).await.unwrap();
-    let delayed = tokio::spawn(async move { work(&tick_store, a).await });
+    let ticking = a.clone();
+    let delayed = tokio::spawn(async move { work(&tick_store, &ticking).await });
     let (pid, waits_for) = wait_for_blocked_get_work(&s.client).await;
     let touched_session: bool = s
         .client
@@ -402,7 +405,7 @@ async fn hole2_a_lease_never_moves_backwards() {
     // difference between the two clocks large enough to read.)
     tokio::time::sleep(Duration::from_secs(1)).await;
     let t0 = Instant::now();
-    match timeout(Duration::from_secs(1), bump(&s.store, a, TTL)).await {
+    match timeout(Duration::from_secs(1), bump(&s.store, &a, TTL)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => failures.push(format!("the heartbeat failed: {e}")),
         Err(_) => failures.push(format!(
@@ -410,7 +413,7 @@ async fn hole2_a_lease_never_moves_backwards() {
             t0.elapsed()
         )),
     }
-    seen.push(("bump", expires_at(&s.client, a).await));
+    seen.push(("bump", expires_at(&s.client, a.id).await));
 
     // The foreign lock goes; the held-up tick completes.
     foreign.batch_execute("COMMIT").await.unwrap();
@@ -418,7 +421,7 @@ async fn hole2_a_lease_never_moves_backwards() {
         Ok(Ok(Ok(held))) => eprintln!("hole2: the delayed get_work returned {} tasks", held.len()),
         other => failures.push(format!("the delayed get_work: {other:?}")),
     }
-    seen.push(("delayed get_work", expires_at(&s.client, a).await));
+    seen.push(("delayed get_work", expires_at(&s.client, a.id).await));
 
     for pair in seen.windows(2) {
         let ((before, e0), (after, e1)) = (pair[0], pair[1]);
@@ -455,9 +458,10 @@ async fn hole3_a_slow_get_work_never_blocks_its_own_heartbeat() {
         .await
         .unwrap();
     let tick_store = s.store.clone();
+    let ticking = a.clone();
     let slow = tokio::spawn(async move {
         let t0 = Instant::now();
-        let r = work(&tick_store, a).await;
+        let r = work(&tick_store, &ticking).await;
         (
             r.map(|held| held.len()).map_err(|e| e.to_string()),
             t0.elapsed(),
@@ -476,7 +480,7 @@ async fn hole3_a_slow_get_work_never_blocks_its_own_heartbeat() {
     let mut beats = Vec::new();
     while Instant::now() < until {
         let t0 = Instant::now();
-        let r = timeout(hold + Duration::from_secs(5), bump(&heart, a, ttl)).await;
+        let r = timeout(hold + Duration::from_secs(5), bump(&heart, &a, ttl)).await;
         let outcome = match r {
             Ok(Ok(())) => "ok".to_owned(),
             Ok(Err(e)) => format!("error {e}"),
@@ -487,7 +491,7 @@ async fn hole3_a_slow_get_work_never_blocks_its_own_heartbeat() {
     }
     release.await.unwrap();
     let (tick, tick_took) = slow.await.unwrap();
-    let left = lease_left(&s.client, a).await;
+    let left = lease_left(&s.client, a.id).await;
 
     let report = format!(
         "get_work waited for {waits_for} and returned {tick:?} after {tick_took:.2?}; lease left at the end: {left:.3} s; heartbeats (time, outcome): {:?}",
@@ -535,7 +539,7 @@ async fn hole4_stranded_tasks_are_picked_up() {
 }
 
 /// Ticks `session` up to twice; Ok once it holds every task of `wanted`.
-async fn picks_up(s: &Setup, session: SessionId, wanted: &[TaskId]) -> Result<(), String> {
+async fn picks_up(s: &Setup, session: &Session, wanted: &[TaskId]) -> Result<(), String> {
     let mut held = Vec::new();
     for _ in 0..2 {
         held = work(&s.store, session).await.map_err(|e| e.to_string())?;
@@ -548,7 +552,8 @@ async fn picks_up(s: &Setup, session: SessionId, wanted: &[TaskId]) -> Result<()
         owners.push((t, owner(&s.client, t).await));
     }
     Err(format!(
-        "after two ticks live session {session} holds {held:?}; the stranded tasks (id, session_id) are {owners:?}"
+        "after two ticks live session {} holds {held:?}; the stranded tasks (id, session_id) are {owners:?}",
+        session.id
     ))
 }
 
@@ -582,18 +587,18 @@ async fn stranded_on_a_missing_session() -> Result<(), String> {
         .await
         .unwrap();
     let live = start(&s.store, "n", 10).await;
-    picks_up(&s, live, &tasks).await
+    picks_up(&s, &live, &tasks).await
 }
 
 /// (b) session_id names an expired session of another runner name.
 async fn stranded_on_another_names_expired_session() -> Result<(), String> {
     let s = setup(3).await;
     let old = start(&s.store, "old-name", 10).await;
-    let old_tasks = work(&s.store, old).await.unwrap();
+    let old_tasks = work(&s.store, &old).await.unwrap();
     assert_eq!(old_tasks.len(), 3);
-    expire(&s.client, old).await;
+    expire(&s.client, old.id).await;
     let new = start(&s.store, "new-name", 10).await;
-    picks_up(&s, new, &old_tasks).await
+    picks_up(&s, &new, &old_tasks).await
 }
 
 /// (c) a finished task re-opened after its finishing session was reclaimed
@@ -601,18 +606,18 @@ async fn stranded_on_another_names_expired_session() -> Result<(), String> {
 async fn stranded_by_reopening_after_reap() -> Result<(), String> {
     let s = setup(3).await;
     let f = start(&s.store, "n", 10).await;
-    let f_tasks = work(&s.store, f).await.unwrap();
+    let f_tasks = work(&s.store, &f).await.unwrap();
     assert_eq!(f_tasks.len(), 3);
     let t = f_tasks[0];
-    assert_eq!(finish(&s.store, f, &[t]).await.unwrap(), vec![t]);
-    expire(&s.client, f).await;
+    assert_eq!(finish(&s.store, &f, &[t]).await.unwrap(), vec![t]);
+    expire(&s.client, f.id).await;
     let g = start(&s.store, "n", 10).await;
-    work(&s.store, g).await.unwrap(); // reclaims f
+    work(&s.store, &g).await.unwrap(); // reclaims f
     let reclaimed: bool = s
         .client
         .query_one(
             "SELECT reclaimed_at IS NOT NULL FROM session_lock.session WHERE id = $1",
-            &[&f],
+            &[&f.id],
         )
         .await
         .unwrap()
@@ -632,7 +637,7 @@ async fn stranded_by_reopening_after_reap() -> Result<(), String> {
         )
         .await
         .unwrap();
-    picks_up(&s, g, &f_tasks).await
+    picks_up(&s, &g, &f_tasks).await
 }
 
 // ---------------------------------------------------------------------------
@@ -646,8 +651,8 @@ async fn hole5_different_capacities_hold_every_task() {
     let small = start(&s.store, "mixed", 5).await;
     let (mut held_big, mut held_small) = (0, 0);
     for _round in 0..4 {
-        held_big = work(&s.store, big).await.unwrap().len();
-        held_small = work(&s.store, small).await.unwrap().len();
+        held_big = work(&s.store, &big).await.unwrap().len();
+        held_small = work(&s.store, &small).await.unwrap().len();
     }
     let table = holdings(&s.client).await;
     assert_eq!(
@@ -705,8 +710,10 @@ BEGIN INSERT INTO public.hijack_log VALUES (current_user, '%s.% bigint'); RETURN
 CREATE OPERATOR %s.% (LEFTARG = bigint, RIGHTARG = integer, FUNCTION = %s.h_mod);
 "#;
 
-/// Looser overloads of the generated helpers, in the task table's schema:
-/// a call whose arguments did not match exactly would pick one of them.
+/// Looser overloads of the generated helpers, where they could go: in the
+/// task table's schema (protocol 2 generates into session_lock, so these
+/// are never called), and in session_lock itself (refused: only
+/// session-lock's owner creates there).
 const OVERLOADS: &str = r#"
 CREATE FUNCTION public.example_task_free_of(anyarray, bigint) RETURNS integer LANGUAGE plpgsql AS $f$
 BEGIN INSERT INTO public.hijack_log VALUES (current_user, 'overload free_of'); RETURN 0; END $f$;
@@ -767,7 +774,12 @@ async fn hole6_planted_functions_never_run_as_the_owner() {
     }
     h.batch_execute(OVERLOADS)
         .await
-        .expect("the hostile role plants its overloads");
+        .expect("the hostile role plants its overloads in public");
+    let refused = h
+        .batch_execute(&OVERLOADS.replace("public.example_task_", "session_lock.example_task_"))
+        .await
+        .expect_err("nobody but session-lock's owner creates in session_lock");
+    assert_eq!(sqlstate(&refused), "42501", "{refused:?}");
 
     // Every path of the protocol: a session that expires at once (so the
     // next get_work reclaims it), orphans (a task of a missing session, one
@@ -775,7 +787,7 @@ async fn hole6_planted_functions_never_run_as_the_owner() {
     // sweep, a fenced finish, heartbeats, an end and a reap.
     let dead: i64 = h
         .query_one(
-            "SELECT session_lock.start_session('h', interval '1 millisecond', 3)",
+            "SELECT session_id FROM session_lock.start_session('h', interval '1 millisecond', 3)",
             &[],
         )
         .await
@@ -783,7 +795,7 @@ async fn hole6_planted_functions_never_run_as_the_owner() {
         .get(0);
     let other: i64 = h
         .query_one(
-            "SELECT session_lock.start_session('other-name', interval '1 millisecond', 3)",
+            "SELECT session_id FROM session_lock.start_session('other-name', interval '1 millisecond', 3)",
             &[],
         )
         .await
@@ -802,19 +814,19 @@ async fn hole6_planted_functions_never_run_as_the_owner() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let session: i64 = h
+    let row = h
         .query_one(
-            "SELECT session_lock.start_session('h', interval '60 s', 10)",
+            "SELECT session_id, session_token::text FROM session_lock.start_session('h', interval '60 s', 10)",
             &[],
         )
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let (session, token): (i64, String) = (row.get(0), row.get(1));
     let mut calls = Vec::new();
     let held: Vec<i64> = h
         .query(
-            "SELECT (w.sl_task).id FROM public.example_task_get_work($1) w WHERE w.sl_finished IS NULL",
-            &[&session],
+            "SELECT (w.sl_task).id FROM session_lock.example_task_get_work($1, $2::text::uuid) w WHERE w.sl_finished IS NULL",
+            &[&session, &token],
         )
         .await
         .expect("get_work as the hostile role")
@@ -824,8 +836,8 @@ async fn hole6_planted_functions_never_run_as_the_owner() {
     calls.push(format!("get_work: holds {held:?}"));
     let finished = h
         .query(
-            "SELECT w.sl_finished FROM public.example_task_get_work($1, ARRAY[$2]::bigint[], '{}', true) w WHERE w.sl_finished IS NOT NULL",
-            &[&session, &held[0]],
+            "SELECT w.sl_finished FROM session_lock.example_task_get_work($1, $2::text::uuid, ARRAY[$3]::bigint[], '{}', true) w WHERE w.sl_finished IS NOT NULL",
+            &[&session, &token, &held[0]],
         )
         .await
         .expect("get_work finishing a task as the hostile role")
@@ -833,18 +845,18 @@ async fn hole6_planted_functions_never_run_as_the_owner() {
     calls.push(format!("get_work finished {finished}"));
     let fenced = h
         .query(
-            "SELECT * FROM public.example_task_finish_tasks($1, ARRAY[$2]::bigint[])",
-            &[&session, &held[1]],
+            "SELECT * FROM session_lock.example_task_finish_tasks($1, $2::text::uuid, ARRAY[$3]::bigint[])",
+            &[&session, &token, &held[1]],
         )
         .await
         .expect("finish_tasks as the hostile role")
         .len();
     calls.push(format!("finish_tasks finished {fenced}"));
     for sql in [
-        "SELECT session_lock.bump_session($1, interval '60 s')::text",
-        "SELECT session_lock.end_session($1)::text",
+        "SELECT session_lock.bump_session($1, $2::text::uuid, interval '60 s')::text",
+        "SELECT session_lock.end_session($1, $2::text::uuid)::text",
     ] {
-        let r: String = h.query_one(sql, &[&session]).await.unwrap().get(0);
+        let r: String = h.query_one(sql, &[&session, &token]).await.unwrap().get(0);
         calls.push(format!("{sql}: {r}"));
     }
     let reaped: i32 = h
@@ -933,23 +945,23 @@ async fn hole7_calendar_intervals_never_write_a_lease_out_of_range() {
             let result = match call {
                 "start_session" => c
                     .query_one(
-                        "SELECT session_lock.start_session('x', $1::text::interval)",
+                        "SELECT session_id FROM session_lock.start_session('x', $1::text::interval)",
                         &[&ttl],
                     )
                     .await
                     .map(|r| r.get::<_, i64>(0)),
                 _ => {
-                    let id: i64 = c
+                    let row = c
                         .query_one(
-                            "SELECT session_lock.start_session('x', interval '60 s')",
+                            "SELECT session_id, session_token::text FROM session_lock.start_session('x', interval '60 s')",
                             &[],
                         )
                         .await
-                        .unwrap()
-                        .get(0);
+                        .unwrap();
+                    let (id, token): (i64, String) = (row.get(0), row.get(1));
                     c.query_one(
-                        "SELECT session_lock.bump_session($1, $2::text::interval)::text",
-                        &[&id, &ttl],
+                        "SELECT session_lock.bump_session($1, $2::text::uuid, $3::text::interval)::text",
+                        &[&id, &token, &ttl],
                     )
                     .await
                     .map(|_| id)
@@ -985,7 +997,7 @@ async fn hole7_calendar_intervals_never_write_a_lease_out_of_range() {
 async fn hole8_finish_and_work_reports_what_it_finished() {
     let s = setup(10).await;
     let a = start(&s.store, "counts", 10).await;
-    let held = work(&s.store, a).await.unwrap();
+    let held = work(&s.store, &a).await.unwrap();
     assert_eq!(held.len(), 10);
     let gone = &held[..3];
     s.client
@@ -995,12 +1007,12 @@ async fn hole8_finish_and_work_reports_what_it_finished() {
         )
         .await
         .unwrap();
-    let r = finish_and_work(&s.store, a, gone).await.unwrap();
+    let r = finish_and_work(&s.store, &a, gone).await.unwrap();
     let by_a: i64 = s
         .client
         .query_one(
             "SELECT count(*) FROM example_task WHERE id = ANY ($1) AND finished_by = $2",
-            &[&gone, &a],
+            &[&gone, &a.id],
         )
         .await
         .unwrap()
@@ -1012,6 +1024,6 @@ async fn hole8_finish_and_work_reports_what_it_finished() {
         "the call must report that a finished none of {gone:?}"
     );
     // And what it did finish, it reports.
-    let r = finish_and_work(&s.store, a, &held[3..5]).await.unwrap();
+    let r = finish_and_work(&s.store, &a, &held[3..5]).await.unwrap();
     assert_eq!(r.finished, held[3..5].to_vec());
 }

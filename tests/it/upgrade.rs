@@ -892,7 +892,7 @@ impl Task for MyTask {
 }
 
 impl ScanTask for MyTask {
-    const QUERIES: TaskQueries = task_queries!("public.my_task", notify = "session_lock_my_task");
+    const QUERIES: TaskQueries = task_queries!("my_task");
 
     fn scan(row: &Row) -> Result<Self, ScanError> {
         Ok(MyTask {
@@ -1303,7 +1303,7 @@ async fn a_0_1_instance_still_carrying_the_template_always_file_keeps_the_0_2_fu
         .await
         .unwrap();
     let work = store
-        .get_work::<MyTask>(GetWork::new(session))
+        .get_work::<MyTask>(GetWork::new(&session))
         .await
         .unwrap();
     let first = work.tasks[0].id;
@@ -1311,7 +1311,7 @@ async fn a_0_1_instance_still_carrying_the_template_always_file_keeps_the_0_2_fu
     // to session-lock protocol 1, ..." }): the template's finish_tasks,
     // back in place, calls 0.1's lock_session, now a refusal. A runner
     // takes that for a lost session, starts over, and runs its batch again.
-    match store.finish_tasks::<MyTask>(session, &[first]).await {
+    match store.finish_tasks::<MyTask>(&session, &[first]).await {
         Ok(done) => assert_eq!(done, vec![first]),
         Err(e) => panic!("a 0.2 session's finish was refused: {e:?}"),
     }

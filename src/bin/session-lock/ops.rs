@@ -28,7 +28,7 @@ pub(crate) struct StatusArgs {
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
     /// Show only the task table whose `*_held` function this is (e.g.
-    /// `public.example_task_held`). By default every table declared with
+    /// `session_lock.example_task_held`). By default every table declared with
     /// `session_lock.declare_task_table` (its task table declaration) is
     /// shown.
     #[arg(long)]
@@ -69,7 +69,7 @@ pub(crate) fn migrate(args: MigrateArgs) -> Result<(), String> {
 }
 
 /// Every declared task table whose table still exists, by its generated
-/// functions' schema and prefix: its name, and its open tasks per holding
+/// functions' prefix: its name, and its open tasks per holding
 /// session through `session_lock.task_overview` (a table without open tasks
 /// gives one row of NULLs). The `*_held` function's name is built and
 /// quoted here, in SQL.
@@ -79,8 +79,8 @@ SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), o.session_id, o.tasks, 
   JOIN pg_catalog.pg_class c ON c.oid = t.task_table
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN LATERAL session_lock.task_overview(
-           pg_catalog.format('%I.%I', t.fn_schema, t.fn_prefix || '_held')::regproc) o ON true
- ORDER BY t.fn_schema, t.fn_prefix, o.session_id";
+           pg_catalog.format('session_lock.%I', t.fn_prefix || '_held')::regproc) o ON true
+ ORDER BY t.fn_prefix, o.session_id";
 
 /// The same for the one table whose `*_held` function is `$1`: named by
 /// its declaration when it has one, else by the function.
@@ -91,7 +91,7 @@ SELECT coalesce(
               JOIN pg_catalog.pg_class c ON c.oid = t.task_table
               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
              WHERE pg_catalog.to_regproc(
-                       pg_catalog.format('%I.%I', t.fn_schema, t.fn_prefix || '_held')) = h.held),
+                       pg_catalog.format('session_lock.%I', t.fn_prefix || '_held')) = h.held),
            h.held::text),
        o.session_id, o.tasks, o.live
   FROM (SELECT $1::text::regproc AS held) h
