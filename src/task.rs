@@ -57,7 +57,9 @@ pub struct TaskQueries {
 }
 
 /// Whether `prefix` is a declaration's `fn_prefix` as [`task_queries!`]
-/// takes it: not empty, no schema (no `.`), no quotes.
+/// takes it: not empty, no schema (no `.`), no double quote. The macro
+/// quotes the generated names, so a prefix is matched exactly as declared
+/// (case and all), as the migration's `format('%I')` created it.
 #[doc(hidden)]
 pub const fn is_fn_prefix(prefix: &str) -> bool {
     let bytes = prefix.as_bytes();
@@ -85,7 +87,7 @@ pub const fn is_fn_prefix(prefix: &str) -> bool {
 /// const QUERIES: TaskQueries = task_queries!("example_task");
 /// assert_eq!(
 ///     QUERIES.finish,
-///     "SELECT * FROM session_lock.example_task_finish_tasks($1, $2, $3)"
+///     r#"SELECT * FROM session_lock."example_task_finish_tasks"($1, $2, $3)"#
 /// );
 /// assert_eq!(QUERIES.notify_channel, Some("session_lock_example_task"));
 /// // A table declared with notify => 'jobs_in':
@@ -110,14 +112,14 @@ macro_rules! task_queries {
         );
         $crate::TaskQueries {
             get_work: concat!(
-                "SELECT w.sl_finished, (w.sl_task).* FROM session_lock.",
+                "SELECT w.sl_finished, (w.sl_task).* FROM session_lock.\"",
                 $prefix,
-                "_get_work($1, $2, $3, $4, $5) AS w"
+                "_get_work\"($1, $2, $3, $4, $5) AS w"
             ),
             finish: concat!(
-                "SELECT * FROM session_lock.",
+                "SELECT * FROM session_lock.\"",
                 $prefix,
-                "_finish_tasks($1, $2, $3)"
+                "_finish_tasks\"($1, $2, $3)"
             ),
             notify_channel: Some($channel),
         }

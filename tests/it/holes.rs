@@ -205,7 +205,7 @@ async fn wait_for_blocked_get_work(client: &Client) -> (i32, String) {
                    LEFT JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted
                   WHERE a.datname = current_database()
                     AND a.wait_event_type = 'Lock'
-                    AND a.query LIKE '%\\_get\\_work(%'
+                    AND a.query LIKE '%\\_get\\_work%'
                   GROUP BY a.pid",
                 &[],
             )

@@ -1090,3 +1090,39 @@ async fn the_first_releases_calls_are_refused_as_another_protocol() {
         other => panic!("expected ProtocolMismatch, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_session_answers_only_to_its_token() {
+    let s = setup(6).await;
+    let a = start(&s.store, "owned").await;
+    let held = work(&s.store, &a).await;
+    assert_eq!(held.len(), 6);
+    // Someone with the same role and a's id, but not its token.
+    let forged = Session {
+        id: a.id,
+        token: SessionToken([0x5a; 16]),
+    };
+    assert_lost(s.store.bump_session(&forged, TTL).await, "a forged heartbeat");
+    assert_lost(try_work(&s.store, &forged).await, "a forged get_work");
+    assert_lost(
+        s.store.finish_tasks::<ExampleTask>(&forged, &held).await,
+        "a forged finish",
+    );
+    assert!(
+        !s.store.end_session(&forged).await.unwrap(),
+        "a forged end ends nothing"
+    );
+    // a is untouched: live, holding its tasks, nothing finished.
+    assert_eq!(work(&s.store, &a).await, held);
+    assert_eq!(holdings(&s.client).await.get(&Some(a.id)), Some(&6));
+    s.store.bump_session(&a, TTL).await.expect("a renews");
+    // Nor does an operator's end by id need the token.
+    let ended: bool = s
+        .client
+        .query_one("SELECT session_lock.end_session($1::bigint)", &[&a.id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ended, "the operator ends a by id");
+    assert_lost(try_work(&s.store, &a).await, "a after the operator ended it");
+}
