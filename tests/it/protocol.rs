@@ -58,9 +58,7 @@ async fn work(store: &PgStore, session: &Session) -> Vec<TaskId> {
 }
 
 async fn try_work(store: &PgStore, session: &Session) -> session_lock::Result<Vec<TaskId>> {
-    let w = store
-        .get_work::<ExampleTask>(GetWork::new(session))
-        .await?;
+    let w = store.get_work::<ExampleTask>(GetWork::new(session)).await?;
     assert!(
         w.unreadable.is_empty(),
         "every example row scans: {:?}",
@@ -1102,7 +1100,10 @@ async fn a_session_answers_only_to_its_token() {
         id: a.id,
         token: SessionToken([0x5a; 16]),
     };
-    assert_lost(s.store.bump_session(&forged, TTL).await, "a forged heartbeat");
+    assert_lost(
+        s.store.bump_session(&forged, TTL).await,
+        "a forged heartbeat",
+    );
     assert_lost(try_work(&s.store, &forged).await, "a forged get_work");
     assert_lost(
         s.store.finish_tasks::<ExampleTask>(&forged, &held).await,
@@ -1124,5 +1125,8 @@ async fn a_session_answers_only_to_its_token() {
         .unwrap()
         .get(0);
     assert!(ended, "the operator ends a by id");
-    assert_lost(try_work(&s.store, &a).await, "a after the operator ended it");
+    assert_lost(
+        try_work(&s.store, &a).await,
+        "a after the operator ended it",
+    );
 }
