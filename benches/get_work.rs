@@ -45,8 +45,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
-use session_lock::example::ExampleTask;
 use session_lock::{Database, GetWork, PgStore, Session, SessionStart, StoreOptions};
+use session_lock_testkit::example::ExampleTask;
 use tokio_postgres::Client;
 
 use common::{Table, median, ms, quantile, verdict};

@@ -30,14 +30,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
-use session_lock::embedded::EmbeddedPostgres;
-use session_lock::example::{ExampleTask, NoopTasker};
 use session_lock::{PgStore, Progress, Runner, RunnerConfig, RunnerHandle, TaskId, TaskerError};
+use session_lock_testkit::embedded::EmbeddedPostgres;
+use session_lock_testkit::example::{ExampleTask, NoopTasker};
 use tokio_postgres::Client;
 
 use common::{Table, median, ms, quantile, verdict};
 
-const WORKER_BIN: &str = env!("CARGO_BIN_EXE_session-lock");
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -167,8 +166,8 @@ impl Workers {
             .map(|i| {
                 let log = std::fs::File::create(log_dir.join(format!("worker-{i}.log")))
                     .expect("worker log");
-                Command::new(WORKER_BIN)
-                    .arg("worker")
+                Command::new(session_lock_testkit::session_lock_bin())
+                    .arg("run")
                     .arg("--database-url")
                     .arg(url)
                     .args(args)
@@ -181,7 +180,7 @@ impl Workers {
                     })
                     .stderr(log)
                     .spawn()
-                    .unwrap_or_else(|e| panic!("spawn {WORKER_BIN}: {e}"))
+                    .unwrap_or_else(|e| panic!("spawn session-lock run: {e}"))
             })
             .collect();
         Workers { children }
@@ -776,7 +775,7 @@ async fn pickup_once(ctx: &Ctx, listen: bool, samples: usize) -> Vec<f64> {
         .expect("config");
     let runner = Runner::new(config, store(&ctx.url).await, tasker).start();
     let mut status = runner.subscribe();
-    session_lock::status::wait_for_status(&mut status, Duration::from_secs(10), |s| s.ticks > 0)
+    session_lock_testkit::wait_for_status(&mut status, Duration::from_secs(10), |s| s.ticks > 0)
         .await
         .expect("runner ticked");
     // Random gaps, so inserts land at every phase of the tick.
@@ -1149,7 +1148,7 @@ async fn fairness_once(ctx: &Ctx, n: usize, backlog: usize, floor: usize) -> Fai
     .start();
     let t0 = Instant::now();
     let mut rx = joiner.subscribe();
-    let got = session_lock::status::wait_for_status(&mut rx, Duration::from_secs(5), |s| {
+    let got = session_lock_testkit::wait_for_status(&mut rx, Duration::from_secs(5), |s| {
         s.tasks_held >= floor && s.ticks > 0
     })
     .await;

@@ -31,8 +31,8 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use prometheus::{Encoder, Registry, TextEncoder};
-use session_lock::example::ExampleTasker;
 use session_lock::{Migrator, PgStore, Runner, RunnerConfig, RunnerHandle};
+use session_lock_testkit::example::ExampleTasker;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::prelude::*;
 

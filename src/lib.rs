@@ -5,13 +5,11 @@
 mod backoff;
 mod catch;
 pub mod config;
-#[cfg(feature = "embedded")]
-pub mod embedded;
 mod error;
-pub mod example;
 mod fetcher;
 pub mod migrate;
 mod reaper;
+mod runner;
 #[cfg(test)]
 mod runtime_tests;
 #[cfg(test)]
@@ -19,7 +17,6 @@ mod scripted;
 mod session;
 pub mod status;
 pub mod store;
-pub mod supervisor;
 mod task;
 pub mod task_table;
 pub mod tasker;
@@ -34,12 +31,12 @@ pub use error::{
     SQLSTATE_SESSION_LOST,
 };
 pub use migrate::{MigrateError, Migrator};
+pub use runner::{Runner, RunnerHandle, RunnerServer, Stop};
 pub use status::RunnerStatus;
 pub use store::{
     Database, DatabaseId, DbFinder, GetWork, Listener, PgStore, Session, SessionId, SessionStart,
     SessionToken, StoreClient, StoreOptions, Work, connect_one, connect_one_with,
 };
-pub use supervisor::{Runner, RunnerHandle, RunnerServer, Stop};
 #[doc(hidden)]
 pub use task::is_fn_prefix;
 pub use task::{ScanTask, Task, TaskId, TaskQueries, column};

@@ -13,9 +13,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::RunnerConfig;
+use crate::runner::{Runner, RunnerHandle};
 use crate::scripted::{Fault, Method, POISONED, ScriptedDb, ScriptedFinder, TestTask};
-use crate::status::{RunnerStatus, wait_for_status};
-use crate::supervisor::{Runner, RunnerHandle};
+use crate::status::RunnerStatus;
 use crate::task::TaskId;
 use crate::tasker::{Progress, TaskerError};
 
@@ -89,9 +89,10 @@ async fn until(
     pred: impl FnMut(&RunnerStatus) -> bool,
 ) -> RunnerStatus {
     let mut rx = runner.subscribe();
-    wait_for_status(&mut rx, within, pred)
-        .await
-        .unwrap_or_else(|| panic!("status never came: {:?}", runner.status()))
+    match tokio::time::timeout(within, rx.wait_for(pred)).await {
+        Ok(Ok(status)) => status.clone(),
+        _ => panic!("status never came: {:?}", runner.status()),
+    }
 }
 
 #[actix_rt::test]

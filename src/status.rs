@@ -2,7 +2,7 @@
 //! probes, status pages and tests that wait on "tick done" or "session
 //! renewed" instead of sleeping.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::watch;
 
@@ -78,16 +78,3 @@ impl RunnerStatus {
 
 /// The publishing side, shared by a runner's actors.
 pub(crate) type StatusTx = watch::Sender<RunnerStatus>;
-
-/// Waits until `pred` holds for the runner's status, or `timeout` passes;
-/// returns the status that satisfied it.
-pub async fn wait_for_status(
-    rx: &mut watch::Receiver<RunnerStatus>,
-    timeout: Duration,
-    pred: impl FnMut(&RunnerStatus) -> bool,
-) -> Option<RunnerStatus> {
-    match tokio::time::timeout(timeout, rx.wait_for(pred)).await {
-        Ok(Ok(status)) => Some(status.clone()),
-        _ => None,
-    }
-}

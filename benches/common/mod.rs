@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use session_lock::Migrator;
-use session_lock::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use session_lock_testkit::embedded::{EmbeddedOptions, EmbeddedPostgres};
 use tokio_postgres::{Client, NoTls};
 
 /// The database every benchmark uses.

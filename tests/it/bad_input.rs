@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use session_lock::embedded::{EmbeddedOptions, EmbeddedPostgres, ShutdownMode};
-use session_lock::example::{ExampleTask, NoopTasker};
-use session_lock::status::wait_for_status;
 use session_lock::{Database, Error, Migrator, PgStore, Runner, RunnerConfig, SessionStart};
+use session_lock_testkit::embedded::{EmbeddedOptions, EmbeddedPostgres, ShutdownMode};
+use session_lock_testkit::example::{ExampleTask, NoopTasker};
+use session_lock_testkit::wait_for_status;
 
-use crate::harness::{fresh_db, migrated_db};
+use session_lock_testkit::db::{fresh_db, migrated_db};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const TTL: Duration = Duration::from_secs(30);

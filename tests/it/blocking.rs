@@ -38,9 +38,9 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::harness::migrated_db;
-use crate::process::WorkerProcess;
 use crate::worker::{DEADLINE, assert_finished_and_fenced, count, poll_until, wait_all_finished};
+use session_lock_testkit::db::migrated_db;
+use session_lock_testkit::{RunnerCommand, RunnerProcess};
 
 /// What the fetcher logs when runs outlive `batch_timeout` + 2 s
 /// (src/fetcher.rs, `run_tasks`).
@@ -124,8 +124,8 @@ async fn wait_blocked(client: &Client, session: i64, tasks: &[i64]) {
 
 /// Waits until the worker's stderr has a line containing `needle`, and
 /// returns that line.
-async fn wait_log(worker: &WorkerProcess, needle: &str) -> String {
-    let label = worker.label.clone();
+async fn wait_log(worker: &RunnerProcess, needle: &str) -> String {
+    let label = worker.label().to_owned();
     poll_until(
         &format!("worker {label} logs {needle:?}"),
         DEADLINE,
@@ -196,7 +196,7 @@ struct StuckTick {
 /// such slices) is when the last of them ended, and comes before anything
 /// the fetcher does next (that log line precedes the slice's reply), unlike
 /// the session actor's own line.
-async fn stuck_ticks(client: &Client, worker: &WorkerProcess) -> Vec<StuckTick> {
+async fn stuck_ticks(client: &Client, worker: &RunnerProcess) -> Vec<StuckTick> {
     let mut ticks: Vec<StuckTick> = Vec::new();
     let mut last_slice: Option<f64> = None;
     for line in worker.log_text().lines() {
@@ -205,12 +205,12 @@ async fn stuck_ticks(client: &Client, worker: &WorkerProcess) -> Vec<StuckTick> 
             let (Some(session), Some(tasks)) =
                 (field_i64(line, "session"), field_ids(line, "tasks"))
             else {
-                panic!("worker {}: unreadable stuck report {line:?}", worker.label);
+                panic!("worker {}: unreadable stuck report {line:?}", worker.label());
             };
             assert!(
                 !open,
                 "worker {}: a stuck report before the last stuck tick returned: {line}",
-                worker.label
+                worker.label()
             );
             ticks.push(StuckTick {
                 session,
@@ -227,7 +227,7 @@ async fn stuck_ticks(client: &Client, worker: &WorkerProcess) -> Vec<StuckTick> 
                 field_i64(line, "session"),
                 Some(tick.session),
                 "worker {}: the stuck tick's runs returned for another session: {line}",
-                worker.label
+                worker.label()
             );
             let logged = log_time(client, line).await;
             tick.returned_at = Some(last_slice.take().unwrap_or(logged));
@@ -479,10 +479,9 @@ async fn blocked_past_batch_timeout_then_a_second_worker_joins() {
     let started = Instant::now();
     let db = migrated_db().await;
     let client = db.client().await;
-    let mut a = WorkerProcess::spawn(
-        "blocked",
-        &db.url,
-        args(&[
+    let mut a = RunnerCommand::new(db.url.as_str())
+        .label("blocked")
+        .args(args(&[
             ("batch-timeout-ms", 500),
             ("ttl-ms", 3000),
             ("heartbeat-ms", 500),
@@ -490,9 +489,10 @@ async fn blocked_past_batch_timeout_then_a_second_worker_joins() {
             ("max-tasks", 4),
             ("workers", 4),
             ("work-ms", 200),
-        ]),
-        false,
-    );
+        ]))
+        .keep_log(false)
+        .spawn()
+        .expect("spawn a runner process");
     let a_session = a.next_session(DEADLINE).await;
     // Alone, A's share is its capacity: the first four, in id order.
     let ids = seed(
@@ -513,7 +513,12 @@ async fn blocked_past_batch_timeout_then_a_second_worker_joins() {
     wait_blocked(&client, a_session, blocked).await;
     let blocked_at = started.elapsed();
 
-    let mut b = WorkerProcess::spawn("joining", &db.url, second_worker_args(), false);
+    let mut b = RunnerCommand::new(db.url.as_str())
+        .label("joining")
+        .args(second_worker_args())
+        .keep_log(false)
+        .spawn()
+        .expect("spawn a runner process");
     let b_session = b.next_session(DEADLINE).await;
 
     // A reports its runs stuck and stops renewing, then they return.
@@ -540,8 +545,8 @@ async fn blocked_past_batch_timeout_then_a_second_worker_joins() {
 
     wait_all_finished(&client, DEADLINE).await;
     let all_finished = started.elapsed();
-    assert!(a.exit_status().is_none(), "A exited");
-    assert!(b.exit_status().is_none(), "B exited");
+    assert!(a.try_exit().is_none(), "A exited");
+    assert!(b.try_exit().is_none(), "B exited");
     assert_finished_and_fenced(&client).await;
 
     // The blocks ended well before A's lease could run out: A kept its
@@ -588,7 +593,7 @@ async fn blocked_past_batch_timeout_then_a_second_worker_joins() {
     );
 
     // Now nothing runs on A: a SIGTERM ends its session.
-    a.signal(libc::SIGTERM);
+    a.signal(libc::SIGTERM).expect("signal the runner process");
     let status = a.wait_exit(Duration::from_secs(30)).await;
     assert!(
         status.success(),
@@ -637,10 +642,9 @@ async fn sigterm_while_blocked_leaves_the_session_to_expire() {
     let started = Instant::now();
     let db = migrated_db().await;
     let client = db.client().await;
-    let mut a = WorkerProcess::spawn(
-        "terminated",
-        &db.url,
-        args(&[
+    let mut a = RunnerCommand::new(db.url.as_str())
+        .label("terminated")
+        .args(args(&[
             ("drain-timeout-ms", 300),
             ("ttl-ms", 3000),
             ("heartbeat-ms", 500),
@@ -648,9 +652,10 @@ async fn sigterm_while_blocked_leaves_the_session_to_expire() {
             ("max-tasks", 4),
             ("workers", 2),
             ("work-ms", 200),
-        ]),
-        false,
-    );
+        ]))
+        .keep_log(false)
+        .spawn()
+        .expect("spawn a runner process");
     let a_session = a.next_session(DEADLINE).await;
     // Alone, A takes the first four: slices are dealt round-robin in id
     // order, so each worker gets a block and a normal task behind it.
@@ -670,10 +675,15 @@ async fn sigterm_while_blocked_leaves_the_session_to_expire() {
     .await;
     let blocked = &ids[..2];
     wait_blocked(&client, a_session, blocked).await;
-    a.signal(libc::SIGTERM);
+    a.signal(libc::SIGTERM).expect("signal the runner process");
     let term = Instant::now();
     let term_db = db_now(&client).await;
-    let mut b = WorkerProcess::spawn("joining", &db.url, second_worker_args(), false);
+    let mut b = RunnerCommand::new(db.url.as_str())
+        .label("joining")
+        .args(second_worker_args())
+        .keep_log(false)
+        .spawn()
+        .expect("spawn a runner process");
     let b_session = b.next_session(DEADLINE).await;
 
     let status = a.wait_exit(Duration::from_secs(30)).await;
@@ -728,7 +738,7 @@ async fn sigterm_while_blocked_leaves_the_session_to_expire() {
 
     wait_all_finished(&client, DEADLINE).await;
     let all_finished = started.elapsed();
-    assert!(b.exit_status().is_none(), "B exited");
+    assert!(b.try_exit().is_none(), "B exited");
     assert_finished_and_fenced(&client).await;
 
     let ends = Ends {
@@ -807,19 +817,19 @@ async fn sigterm_while_blocked_leaves_the_session_to_expire() {
 async fn a_run_stuck_past_its_lease_moves_on_only_after_the_lease_ran_out() {
     let db = migrated_db().await;
     let client = db.client().await;
-    let mut a = WorkerProcess::spawn(
-        "blocked-long",
-        &db.url,
-        args(&[
+    let mut a = RunnerCommand::new(db.url.as_str())
+        .label("blocked-long")
+        .args(args(&[
             ("batch-timeout-ms", 500),
             ("ttl-ms", 3000),
             ("heartbeat-ms", 500),
             ("tick-ms", 100),
             ("max-tasks", 4),
             ("workers", 4),
-        ]),
-        false,
-    );
+        ]))
+        .keep_log(false)
+        .spawn()
+        .expect("spawn a runner process");
     let a_session = a.next_session(DEADLINE).await;
     let ids = seed(
         &client,
@@ -828,7 +838,12 @@ async fn a_run_stuck_past_its_lease_moves_on_only_after_the_lease_ran_out() {
     .await;
     let blocked = ids[..2].to_vec();
     wait_blocked(&client, a_session, &blocked).await;
-    let _b = WorkerProcess::spawn("joining", &db.url, second_worker_args(), false);
+    let _b = RunnerCommand::new(db.url.as_str())
+        .label("joining")
+        .args(second_worker_args())
+        .keep_log(false)
+        .spawn()
+        .expect("spawn a runner process");
     wait_all_finished(&client, DEADLINE).await;
     wait_log(&a, RETURNED_LINE).await;
     assert_finished_and_fenced(&client).await;

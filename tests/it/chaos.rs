@@ -54,7 +54,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use session_lock::embedded::{EmbeddedOptions, EmbeddedPostgres, ShutdownMode};
+use session_lock_testkit::embedded::{EmbeddedOptions, EmbeddedPostgres, ShutdownMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -63,7 +63,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, NoTls, Row};
 
-use crate::process::WorkerProcess;
+use session_lock_testkit::{RunnerCommand, RunnerProcess};
 
 /// The test's own connections: excluded from `pg_terminate_backend`.
 const APP: &str = "session-lock-chaos";
@@ -316,8 +316,8 @@ async fn pump(
 // Worker processes.
 // ---------------------------------------------------------------------------
 
-/// A running `session-lock worker` (see [`WorkerProcess`]).
-type Proc = WorkerProcess;
+/// A running `session-lock worker` (see [`RunnerProcess`]).
+type Proc = RunnerProcess;
 
 /// Starts a chaos worker: the run's TTL, heartbeat, tick and share, tasks
 /// taking `work_ms`.
@@ -333,7 +333,12 @@ fn spawn_proc(label: String, url: &str, work_ms: u64) -> Proc {
     ]
     .into_iter()
     .flat_map(|(k, v)| [k.to_string(), v]);
-    WorkerProcess::spawn(label, url, args, keep_logs())
+    RunnerCommand::new(url)
+        .label(label)
+        .args(args)
+        .keep_log(keep_logs())
+        .spawn()
+        .expect("spawn a runner process")
 }
 
 /// `SESSION_LOCK_CHAOS_KEEP_LOGS=1`: keep every worker's stderr file.
@@ -527,10 +532,10 @@ impl Chaos {
         let start = Instant::now();
         for i in 0..self.slots.len() {
             loop {
-                if let Some(status) = self.slots[i].proc.exit_status() {
+                if let Some(status) = self.slots[i].proc.try_exit() {
                     panic!(
                         "worker {} exited by itself ({status}); stderr:\n{}",
-                        self.slots[i].proc.label,
+                        self.slots[i].proc.label(),
                         self.slots[i].proc.log_tail(40)
                     );
                 }
@@ -542,7 +547,7 @@ impl Chaos {
                 assert!(
                     start.elapsed() < GUARD,
                     "worker {} holds no live session after {GUARD:?}; stderr:\n{}",
-                    self.slots[i].proc.label,
+                    self.slots[i].proc.label(),
                     self.slots[i].proc.log_tail(40)
                 );
                 tokio::time::sleep(POLL).await;
@@ -587,7 +592,7 @@ impl Chaos {
                 let start = epoch_now();
                 let mut probes = Vec::new();
                 for (&v, &s) in victims.iter().zip(&sessions) {
-                    self.slots[v].proc.signal(libc::SIGKILL);
+                    self.slots[v].proc.signal(libc::SIGKILL).expect("signal the runner process");
                     let what = format!("kill -9 w{v}");
                     probes.push(spawn_probe(self.db_url.clone(), what, s, Vec::new(), at));
                 }
@@ -643,7 +648,7 @@ impl Chaos {
                 let hold = self.ms(TTL, 1000..2000);
                 let at = Instant::now();
                 let start = epoch_now();
-                self.slots[v].proc.signal(libc::SIGKILL);
+                self.slots[v].proc.signal(libc::SIGKILL).expect("signal the runner process");
                 self.clock.log(format_args!(
                     "FAULT kill -9 w{v} (session {session}) while a foreign transaction locks its tasks {locked:?} for {hold:?}"
                 ));
@@ -680,7 +685,7 @@ impl Chaos {
                 let hold = self.ms(TTL, 1000..2000);
                 let at = Instant::now();
                 let start = epoch_now();
-                self.slots[v].proc.signal(libc::SIGSTOP);
+                self.slots[v].proc.signal(libc::SIGSTOP).expect("signal the runner process");
                 self.clock.log(format_args!(
                     "FAULT SIGSTOP w{v} (pid {}, session {session}) for {hold:?}",
                     self.slots[v].proc.pid()
@@ -693,7 +698,7 @@ impl Chaos {
                     at,
                 );
                 tokio::time::sleep_until((at + hold).into()).await;
-                self.slots[v].proc.signal(libc::SIGCONT);
+                self.slots[v].proc.signal(libc::SIGCONT).expect("signal the runner process");
                 self.clock.log(format_args!("  SIGCONT w{v}"));
                 self.record(format!("SIGSTOP w{v}"), start, epoch_now());
                 self.await_probes(vec![probe]).await;
@@ -1097,21 +1102,21 @@ async fn run(plan: Plan) {
 
     // Stop every worker the graceful way; they end their sessions.
     for slot in &mut chaos.slots {
-        if let Some(status) = slot.proc.exit_status() {
+        if let Some(status) = slot.proc.try_exit() {
             panic!(
                 "worker {} exited by itself ({status}); stderr:\n{}",
-                slot.proc.label,
+                slot.proc.label(),
                 slot.proc.log_tail(40)
             );
         }
-        slot.proc.signal(libc::SIGTERM);
+        slot.proc.signal(libc::SIGTERM).expect("signal the runner process");
     }
     for slot in &mut chaos.slots {
         let status = slot.proc.wait_exit(Duration::from_secs(40)).await;
         assert!(
             status.success(),
             "worker {} exited {status} after SIGTERM; stderr:\n{}",
-            slot.proc.label,
+            slot.proc.label(),
             slot.proc.log_tail(40)
         );
     }

@@ -4,13 +4,13 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use session_lock::example::ExampleTask;
 use session_lock::{Database, GetWork, PgStore, SessionStart};
+use session_lock_testkit::example::ExampleTask;
 
-use crate::harness::fresh_db;
+use session_lock_testkit::db::fresh_db;
 
 fn session_lock(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_session-lock"))
+    Command::new(session_lock_testkit::session_lock_bin())
         .args(args)
         .env_remove("DATABASE_URL")
         .env("RUST_BACKTRACE", "1")

@@ -5,7 +5,7 @@
 
 use std::process::{Command, Stdio};
 
-use crate::harness::fresh_db;
+use session_lock_testkit::db::fresh_db;
 
 const TASKS: u64 = 300;
 const MAX_TASKS: u64 = 10;
@@ -17,7 +17,7 @@ async fn demo_kills_a_worker_and_loses_no_task() {
     let db = fresh_db().await;
     let url = db.url.clone();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_session-lock"))
+        Command::new(session_lock_testkit::session_lock_bin())
             .args(["demo", "--json", "--runners", "2", "--timeout-s", "90"])
             .args(["--tasks", &TASKS.to_string()])
             .args(["--max-tasks", &MAX_TASKS.to_string()])

@@ -18,14 +18,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use session_lock::example::ExampleTask;
 use session_lock::{
     Database, GetWork, Migrator, PgStore, Session, SessionId, SessionStart, TaskId,
 };
+use session_lock_testkit::example::ExampleTask;
 use tokio::time::timeout;
 use tokio_postgres::{Client, NoTls};
 
-use crate::harness::{TestDb, migrated_db};
+use session_lock_testkit::db::{TestDb, migrated_db};
 
 // ---------------------------------------------------------------------------
 // The adapter. Nothing below it calls the store's protocol methods or the

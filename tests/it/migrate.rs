@@ -9,7 +9,7 @@ use session_lock::TaskTable;
 use session_lock::migrate::{MigrateError, MigrationKind, Migrator};
 use tokio_postgres::Client;
 
-use crate::harness::fresh_db;
+use session_lock_testkit::db::fresh_db;
 
 /// A scratch migrations directory, removed on drop.
 struct TempDir(PathBuf);

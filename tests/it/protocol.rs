@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use session_lock::example::ExampleTask;
 use session_lock::{
     Database, Error, GetWork, PgStore, Session, SessionId, SessionStart, SessionToken, TaskId,
 };
+use session_lock_testkit::example::ExampleTask;
 
-use crate::harness::{TestDb, fresh_db, migrated_db};
+use session_lock_testkit::db::{TestDb, fresh_db, migrated_db};
 
 const TTL: Duration = Duration::from_secs(60);
 

@@ -10,17 +10,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use session_lock::config::ConfigError;
-use session_lock::example::ExampleTask;
-use session_lock::status::wait_for_status;
 use session_lock::{
     DbFinder, Error, PgStore, Progress, Runner, RunnerConfig, RunnerHandle, RunnerServer,
     RunnerStatus, SessionId, Stop, Task, TaskId, TaskerError,
 };
+use session_lock_testkit::example::ExampleTask;
+use session_lock_testkit::wait_for_status;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
-use crate::harness::migrated_db;
+use session_lock_testkit::db::migrated_db;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// A tick interval no test lives to see: only the first tick, a drain-mode

@@ -5,15 +5,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use session_lock::embedded::{EmbeddedOptions, EmbeddedPostgres};
-use session_lock::example::ExampleTask;
-use session_lock::status::wait_for_status;
 use session_lock::{
     Database, Migrator, PgStore, Progress, Runner, RunnerConfig, SessionStart, StoreOptions, Task,
     TaskerError, TlsMode,
 };
+use session_lock_testkit::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use session_lock_testkit::example::ExampleTask;
+use session_lock_testkit::wait_for_status;
 
-use crate::harness::migrated_db;
+use session_lock_testkit::db::migrated_db;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 

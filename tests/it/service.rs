@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::migrated_db;
+use session_lock_testkit::db::migrated_db;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -15,10 +15,12 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// such as `cargo test --test it` does not, and would find a stale one (or
 /// none): build it (a no-op when it is fresh).
 fn service_binary() -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_session-lock"));
-    let path = bin
+    // This test binary is target/<profile>/deps/it-<hash>.
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let path = exe
         .parent()
-        .expect("target dir")
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>")
         .join("examples")
         .join("actix_web_service");
     let status = Command::new(env!("CARGO"))

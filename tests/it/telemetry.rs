@@ -15,16 +15,16 @@ use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use session_lock::example::ExampleTask;
-use session_lock::status::wait_for_status;
 use session_lock::telemetry::{
     SCOPE, SPAN_FINISH, SPAN_GET_WORK, SPAN_RUN_TASKS, SPAN_SESSION_END, SPAN_SESSION_START,
     SPAN_TICK,
 };
 use session_lock::{PgStore, Progress, Runner, RunnerConfig, Task, TaskId, TaskerError};
+use session_lock_testkit::example::ExampleTask;
+use session_lock_testkit::wait_for_status;
 use tracing_subscriber::layer::SubscriberExt as _;
 
-use crate::harness::migrated_db;
+use session_lock_testkit::db::migrated_db;
 
 const RUNNER: &str = "session_lock.runner";
 

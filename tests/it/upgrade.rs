@@ -22,18 +22,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use session_lock::example::ExampleTask;
 use session_lock::migrate::{MigrateError, Migration, MigrationKind, Migrator, Report};
-use session_lock::status::wait_for_status;
 use session_lock::{
     Database, GetWork, PgStore, Progress, Runner, RunnerConfig, RunnerHandle, ScanError, ScanTask,
     SessionId, SessionStart, Task, TaskId, TaskQueries, TaskTable, TaskerError, column,
     task_queries,
 };
+use session_lock_testkit::example::ExampleTask;
+use session_lock_testkit::wait_for_status;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
-use crate::harness::{TestDb, fresh_db};
+use session_lock_testkit::db::{TestDb, fresh_db};
 
 /// Guards every wait against a hang; nothing here should take long.
 const DEADLINE: Duration = Duration::from_secs(60);

@@ -13,11 +13,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use session_lock::embedded::{EmbeddedOptions, EmbeddedPostgres, ShutdownMode};
+use session_lock_testkit::embedded::{EmbeddedOptions, EmbeddedPostgres, ShutdownMode};
 use tokio_postgres::{Client, NoTls};
 
-use crate::harness::migrated_db;
-use crate::process::WorkerProcess;
+use session_lock_testkit::db::migrated_db;
+use session_lock_testkit::{RunnerCommand, RunnerProcess};
 
 /// Guards every wait: far longer than any condition should take.
 pub(crate) const DEADLINE: Duration = Duration::from_secs(60);
@@ -62,12 +62,17 @@ impl Opts {
     }
 }
 
-/// A running `session-lock worker` (see [`WorkerProcess`]).
-type Worker = WorkerProcess;
+/// A running `session-lock worker` (see [`RunnerProcess`]).
+type Worker = RunnerProcess;
 
 /// Starts a worker with `opts`.
 fn spawn(label: &str, url: &str, opts: Opts) -> Worker {
-    WorkerProcess::spawn(label, url, opts.args(), false)
+    RunnerCommand::new(url)
+        .label(label)
+        .args(opts.args())
+        .keep_log(false)
+        .spawn()
+        .expect("spawn a runner process")
 }
 
 /// Polls `check` every [`POLL`] until it returns `Some`, failing after `within`.
@@ -317,11 +322,11 @@ async fn three_workers_share_slow_tasks_fairly() {
     // Nobody lost a session on the way: the holders were checked against
     // the first sessions, and no worker announced another one.
     for w in &mut workers {
-        assert!(w.exit_status().is_none(), "worker {} exited", w.label);
+        assert!(w.try_exit().is_none(), "worker {} exited", w.label());
         assert!(
             !w.announced_another(),
             "worker {} replaced its session",
-            w.label
+            w.label()
         );
     }
     assert_finished_and_fenced(&client).await;
@@ -368,7 +373,7 @@ async fn kill_9_moves_the_tasks_to_the_survivors_within_the_bound() {
 
     // The victim holds tasks and has started running them.
     wait_running(&client, victim_session, "the victim runs tasks").await;
-    victim.signal(libc::SIGKILL);
+    victim.signal(libc::SIGKILL).expect("signal the runner process");
     let killed = Instant::now();
     let killed_db: String = client
         .query_one("SELECT clock_timestamp()::text", &[])
@@ -409,7 +414,7 @@ async fn kill_9_moves_the_tasks_to_the_survivors_within_the_bound() {
 
     wait_all_finished(&client, DEADLINE).await;
     for w in &mut survivors {
-        assert!(w.exit_status().is_none(), "survivor {} exited", w.label);
+        assert!(w.try_exit().is_none(), "survivor {} exited", w.label());
     }
     assert_finished_and_fenced(&client).await;
     let finishers: BTreeSet<i64> = client
@@ -469,7 +474,7 @@ async fn a_frozen_worker_is_fenced_and_its_finishes_rejected() {
     seed(&client, 40).await;
 
     wait_running(&client, frozen_session, "the frozen worker runs tasks").await;
-    frozen.signal(libc::SIGSTOP);
+    frozen.signal(libc::SIGSTOP).expect("signal the runner process");
     let stopped = Instant::now();
     // Its first batch is in flight: none of it is finished.
     let in_flight: BTreeSet<i64> = client
@@ -515,15 +520,15 @@ async fn a_frozen_worker_is_fenced_and_its_finishes_rejected() {
     })
     .await;
     let frozen_for = stopped.elapsed();
-    frozen.signal(libc::SIGCONT);
+    frozen.signal(libc::SIGCONT).expect("signal the runner process");
 
     // It notices, and starts over with a new session.
     let new_session = frozen.next_session(DEADLINE).await;
     assert_ne!(new_session, frozen_session);
     let resumed_to_new_session = stopped.elapsed() - frozen_for;
     wait_all_finished(&client, DEADLINE).await;
-    assert!(frozen.exit_status().is_none(), "the frozen worker exited");
-    assert!(survivor.exit_status().is_none(), "the survivor exited");
+    assert!(frozen.try_exit().is_none(), "the frozen worker exited");
+    assert!(survivor.try_exit().is_none(), "the survivor exited");
 
     assert_finished_and_fenced(&client).await;
     let by_frozen = count(
@@ -629,15 +634,15 @@ async fn postgres_restarted_mid_run_runners_recover() {
     wait_all_finished(&client, Duration::from_secs(90)).await;
     let recovered = restart.elapsed();
     for w in &mut workers {
-        let status = w.exit_status();
+        let status = w.try_exit();
         assert!(
             status.is_none(),
             "worker {} exited after the restart: {status:?}",
-            w.label
+            w.label()
         );
     }
     // Both hold a live session again, renewed since the restart.
-    let pids: Vec<i32> = workers.iter().map(Worker::pid).collect();
+    let pids: Vec<i32> = workers.iter().map(|w| w.pid() as i32).collect();
     poll_until("both workers hold live sessions", DEADLINE, || async {
         let live: BTreeSet<i32> = client
             .query(
@@ -716,7 +721,7 @@ async fn sigterm_drains_and_ends_the_session() {
     let first_session = first.next_session(DEADLINE).await;
     seed(&client, 25).await;
     wait_running(&client, first_session, "the worker runs tasks").await;
-    first.signal(libc::SIGTERM);
+    first.signal(libc::SIGTERM).expect("signal the runner process");
     let term = Instant::now();
     let status = first.wait_exit(Duration::from_secs(30)).await;
     let drain = term.elapsed();

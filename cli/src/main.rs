@@ -1,8 +1,9 @@
-//! `session-lock`: the example worker, the demo and the operator commands.
+//! `session-lock`: a runner over the worked example, the demo and the
+//! operator commands.
 
 mod demo;
 mod ops;
-mod worker;
+mod run;
 
 use std::process::ExitCode;
 
@@ -19,8 +20,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run one runner over the worked example's table (public.example_task).
-    Worker(worker::WorkerArgs),
-    /// Watch tasks spread over worker processes, one killed, nothing lost
+    #[command(alias = "worker")]
+    Run(run::RunArgs),
+    /// Watch tasks spread over runner processes, one killed, nothing lost
     /// (starts a throwaway PostgreSQL unless DATABASE_URL is set).
     Demo(demo::DemoArgs),
     /// Apply the session-lock migrations, and a directory of your own.
@@ -37,7 +39,7 @@ fn main() -> ExitCode {
         _ => "info",
     });
     let result = match cli.command {
-        Command::Worker(args) => worker::run(args),
+        Command::Run(args) => run::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Migrate(args) => ops::migrate(args),
         Command::Status(args) => ops::status(args),

@@ -9,10 +9,10 @@ use std::time::{Duration, SystemTime};
 use futures_util::future::join_all;
 use tokio_postgres::Row;
 
-use crate::error::ScanError;
-use crate::store::PgStore;
-use crate::task::{ScanTask, Task, TaskId, TaskQueries, column};
-use crate::tasker::{Progress, Tasker, TaskerError};
+use session_lock::{
+    PgStore, Progress, ScanError, ScanTask, Task, TaskId, TaskQueries, Tasker, TaskerError, column,
+    task_queries,
+};
 
 /// The channel `public.example_task` notifies on when tasks are inserted.
 pub const EXAMPLE_NOTIFY_CHANNEL: &str = "session_lock_example_task";
@@ -37,7 +37,7 @@ impl Task for ExampleTask {
 }
 
 impl ScanTask for ExampleTask {
-    const QUERIES: TaskQueries = crate::task_queries!("example_task");
+    const QUERIES: TaskQueries = task_queries!("example_task");
 
     fn scan(row: &Row) -> Result<Self, ScanError> {
         let id = column(row, None, "id")?;

@@ -1,4 +1,4 @@
-//! `session-lock worker`: one runner over the worked example's table.
+//! `session-lock run`: one runner over the worked example's table.
 //!
 //! Its tasker writes an `example_task_run` row per execution (started_at
 //! when it starts, finished_at when its work is done), sleeps `--work-ms`,
@@ -15,16 +15,16 @@
 use std::time::Duration;
 
 use clap::Args;
-use session_lock::example::{ExampleTask, ExampleTasker, NoopTasker};
 use session_lock::{Migrator, PgStore, Runner, RunnerConfig};
+use session_lock_testkit::example::{ExampleTask, ExampleTasker, NoopTasker};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Args)]
-pub(crate) struct WorkerArgs {
+pub(crate) struct RunArgs {
     /// The database, as a URL or key=value string.
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
-    /// The runner name; workers of one name share the tasks.
+    /// The runner name; runners of one name share the tasks.
     #[arg(long, default_value = "example")]
     name: String,
     /// Tick interval in milliseconds.
@@ -41,7 +41,7 @@ pub(crate) struct WorkerArgs {
     /// Session TTL in milliseconds.
     #[arg(long)]
     ttl_ms: Option<u64>,
-    /// Most tasks this worker's session holds: its capacity, and its
+    /// Most tasks this runner's session holds: its capacity, and its
     /// weight in the fair shares of its name.
     #[arg(long)]
     max_tasks: Option<u32>,
@@ -68,7 +68,7 @@ pub(crate) struct WorkerArgs {
     noop: bool,
 }
 
-pub(crate) fn run(args: WorkerArgs) -> Result<(), String> {
+pub(crate) fn run(args: RunArgs) -> Result<(), String> {
     let config = config(&args)?;
     actix_rt::System::new().block_on(async move {
         migrate(&args.database_url).await?;
@@ -123,7 +123,7 @@ pub(crate) fn run(args: WorkerArgs) -> Result<(), String> {
     })
 }
 
-fn config(args: &WorkerArgs) -> Result<RunnerConfig, String> {
+fn config(args: &RunArgs) -> Result<RunnerConfig, String> {
     let ms = Duration::from_millis;
     let mut b = RunnerConfig::builder(args.name.clone());
     if let Some(v) = args.ttl_ms {

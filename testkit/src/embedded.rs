@@ -7,9 +7,9 @@
 //! `DATABASE_URL` is given.
 //!
 //! ```no_run
-//! use session_lock::embedded::{EmbeddedPostgres, ShutdownMode};
+//! use session_lock_testkit::embedded::{EmbeddedPostgres, ShutdownMode};
 //!
-//! # fn main() -> Result<(), session_lock::embedded::EmbeddedError> {
+//! # fn main() -> Result<(), session_lock_testkit::embedded::EmbeddedError> {
 //! let pg = EmbeddedPostgres::start()?;
 //! let url = pg.url("postgres"); // postgres://postgres@127.0.0.1:PORT/postgres
 //! # let _ = url;

@@ -191,7 +191,7 @@ struct Running<T: ScanTask, K: Tasker<T>, F: DbFinder> {
 }
 
 /// The actor that owns one runner's actors.
-pub struct RunnerSupervisor<T: ScanTask, K: Tasker<T>, F: DbFinder> {
+pub(crate) struct RunnerSupervisor<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     config: Arc<RunnerConfig>,
     finder: Arc<F>,
     tasker: Arc<K>,

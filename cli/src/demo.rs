@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use session_lock::embedded::EmbeddedPostgres;
 use session_lock::{Migrator, RunnerConfig};
+use session_lock_testkit::embedded::EmbeddedPostgres;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
@@ -1342,7 +1342,7 @@ impl Fleet {
         let exe = std::env::current_exe()
             .map_err(|e| format!("cannot find the session-lock executable: {e}"))?;
         let worker_args = vec![
-            "worker".to_string(),
+            "run".to_string(),
             "--name".into(),
             RUNNER_NAME.into(),
             "--ttl-ms".into(),

@@ -1,5 +1,4 @@
-//! The shared test harness: one PostgreSQL server per test run, one database
-//! per test.
+//! One PostgreSQL server per test run, one database per test.
 //!
 //! With `DATABASE_URL` set (a superuser connection), every database is created
 //! on that server; otherwise an [`EmbeddedPostgres`] is started on first use and
@@ -8,15 +7,11 @@
 //! Each `#[tokio::test]` has its own runtime, and a client dies with the runtime
 //! that spawned its connection, so nothing here caches clients across tests.
 
-// Shared API: not every test module uses every item.
-#![allow(dead_code)]
-
-use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use session_lock::embedded::{EmbeddedPostgres, ShutdownMode};
+use crate::embedded::EmbeddedPostgres;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
 
@@ -30,8 +25,9 @@ static NEXT_DB: AtomicU64 = AtomicU64::new(0);
 /// The application name test connections use.
 const APPLICATION_NAME: &str = "session-lock-tests";
 
-/// `DATABASE_URL`, if set and not empty.
-fn external_url() -> Option<String> {
+/// `DATABASE_URL`, if set and not empty: the server the databases are
+/// created on instead of an embedded one.
+pub fn external_url() -> Option<String> {
     std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty())
 }
 
@@ -327,82 +323,4 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panicked".into())
-}
-
-#[tokio::test]
-async fn harness_gives_each_test_its_own_database() {
-    let a = fresh_db().await;
-    let b = fresh_db().await;
-    assert_ne!(a.name, b.name);
-    let ca = a.client().await;
-    let cb = b.client().await;
-
-    let current: String = ca
-        .query_one("SELECT current_database()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(current, a.name);
-
-    ca.batch_execute("CREATE TABLE only_in_a (id int)")
-        .await
-        .unwrap();
-    let count = "SELECT count(*) FROM pg_class WHERE relname = 'only_in_a'";
-    let in_a: i64 = ca.query_one(count, &[]).await.unwrap().get(0);
-    let in_b: i64 = cb.query_one(count, &[]).await.unwrap().get(0);
-    assert_eq!((in_a, in_b), (1, 0));
-
-    let new_enough: bool = ca
-        .query_one(
-            "SELECT current_setting('server_version_num')::int >= 150000",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(new_enough, "the tests need PostgreSQL 15 or later");
-}
-
-#[tokio::test]
-async fn embedded_server_restarts() {
-    if external_url().is_some() {
-        eprintln!("skipping embedded_server_restarts: DATABASE_URL is set");
-        return;
-    }
-    // A second server: the shared one serves tests running in parallel.
-    let pg = Arc::new(
-        blocking(EmbeddedPostgres::start)
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
-    let config = admin_config(&pg.url("postgres"));
-    let old = connect(&config, "the second server").await;
-    old.batch_execute("SELECT 1").await.unwrap();
-    let pid_before = pg.pid().expect("running");
-
-    let pg2 = pg.clone();
-    blocking(move || pg2.restart(ShutdownMode::Immediate))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-
-    let pid_after = pg.pid().expect("running again");
-    assert_ne!(pid_before, pid_after);
-    assert!(
-        old.batch_execute("SELECT 1").await.is_err(),
-        "a connection from before the restart still works"
-    );
-    let new = connect(&config, "the restarted server").await;
-    let one: i32 = new.query_one("SELECT 1", &[]).await.unwrap().get(0);
-    assert_eq!(one, 1);
-    drop((old, new));
-
-    let data_dir = pg.data_dir().to_path_buf();
-    assert!(data_dir.exists());
-    let pg = Arc::into_inner(pg).expect("no other owner");
-    blocking(move || drop(pg)).await;
-    assert!(!data_dir.exists(), "{} was not removed", data_dir.display());
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid_after}")).exists(),
-        "the postmaster is still running"
-    );
 }
