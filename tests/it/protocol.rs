@@ -58,9 +58,7 @@ async fn work(store: &PgStore, session: &Session) -> Vec<TaskId> {
 }
 
 async fn try_work(store: &PgStore, session: &Session) -> session_lock::Result<Vec<TaskId>> {
-    let w = store
-        .get_work::<ExampleTask>(GetWork::new(session))
-        .await?;
+    let w = store.get_work::<ExampleTask>(GetWork::new(session)).await?;
     assert!(
         w.unreadable.is_empty(),
         "every example row scans: {:?}",
