@@ -7,6 +7,7 @@ mod cli;
 mod demo;
 mod harness;
 mod holes;
+mod interleavings;
 mod migrate;
 mod process;
 mod protocol;
