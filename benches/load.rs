@@ -37,7 +37,6 @@ use tokio_postgres::Client;
 
 use common::{Table, median, ms, quantile, verdict};
 
-
 #[derive(Debug, Clone)]
 struct Opts {
     full: bool,

@@ -205,7 +205,10 @@ async fn stuck_ticks(client: &Client, worker: &RunnerProcess) -> Vec<StuckTick> 
             let (Some(session), Some(tasks)) =
                 (field_i64(line, "session"), field_ids(line, "tasks"))
             else {
-                panic!("worker {}: unreadable stuck report {line:?}", worker.label());
+                panic!(
+                    "worker {}: unreadable stuck report {line:?}",
+                    worker.label()
+                );
             };
             assert!(
                 !open,

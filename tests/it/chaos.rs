@@ -592,7 +592,10 @@ impl Chaos {
                 let start = epoch_now();
                 let mut probes = Vec::new();
                 for (&v, &s) in victims.iter().zip(&sessions) {
-                    self.slots[v].proc.signal(libc::SIGKILL).expect("signal the runner process");
+                    self.slots[v]
+                        .proc
+                        .signal(libc::SIGKILL)
+                        .expect("signal the runner process");
                     let what = format!("kill -9 w{v}");
                     probes.push(spawn_probe(self.db_url.clone(), what, s, Vec::new(), at));
                 }
@@ -648,7 +651,10 @@ impl Chaos {
                 let hold = self.ms(TTL, 1000..2000);
                 let at = Instant::now();
                 let start = epoch_now();
-                self.slots[v].proc.signal(libc::SIGKILL).expect("signal the runner process");
+                self.slots[v]
+                    .proc
+                    .signal(libc::SIGKILL)
+                    .expect("signal the runner process");
                 self.clock.log(format_args!(
                     "FAULT kill -9 w{v} (session {session}) while a foreign transaction locks its tasks {locked:?} for {hold:?}"
                 ));
@@ -685,7 +691,10 @@ impl Chaos {
                 let hold = self.ms(TTL, 1000..2000);
                 let at = Instant::now();
                 let start = epoch_now();
-                self.slots[v].proc.signal(libc::SIGSTOP).expect("signal the runner process");
+                self.slots[v]
+                    .proc
+                    .signal(libc::SIGSTOP)
+                    .expect("signal the runner process");
                 self.clock.log(format_args!(
                     "FAULT SIGSTOP w{v} (pid {}, session {session}) for {hold:?}",
                     self.slots[v].proc.pid()
@@ -698,7 +707,10 @@ impl Chaos {
                     at,
                 );
                 tokio::time::sleep_until((at + hold).into()).await;
-                self.slots[v].proc.signal(libc::SIGCONT).expect("signal the runner process");
+                self.slots[v]
+                    .proc
+                    .signal(libc::SIGCONT)
+                    .expect("signal the runner process");
                 self.clock.log(format_args!("  SIGCONT w{v}"));
                 self.record(format!("SIGSTOP w{v}"), start, epoch_now());
                 self.await_probes(vec![probe]).await;
@@ -1109,7 +1121,9 @@ async fn run(plan: Plan) {
                 slot.proc.log_tail(40)
             );
         }
-        slot.proc.signal(libc::SIGTERM).expect("signal the runner process");
+        slot.proc
+            .signal(libc::SIGTERM)
+            .expect("signal the runner process");
     }
     for slot in &mut chaos.slots {
         let status = slot.proc.wait_exit(Duration::from_secs(40)).await;

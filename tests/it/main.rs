@@ -6,6 +6,7 @@ mod chaos;
 mod cli;
 mod demo;
 mod holes;
+mod interleavings;
 mod migrate;
 mod protocol;
 mod runner;

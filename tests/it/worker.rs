@@ -373,7 +373,9 @@ async fn kill_9_moves_the_tasks_to_the_survivors_within_the_bound() {
 
     // The victim holds tasks and has started running them.
     wait_running(&client, victim_session, "the victim runs tasks").await;
-    victim.signal(libc::SIGKILL).expect("signal the runner process");
+    victim
+        .signal(libc::SIGKILL)
+        .expect("signal the runner process");
     let killed = Instant::now();
     let killed_db: String = client
         .query_one("SELECT clock_timestamp()::text", &[])
@@ -474,7 +476,9 @@ async fn a_frozen_worker_is_fenced_and_its_finishes_rejected() {
     seed(&client, 40).await;
 
     wait_running(&client, frozen_session, "the frozen worker runs tasks").await;
-    frozen.signal(libc::SIGSTOP).expect("signal the runner process");
+    frozen
+        .signal(libc::SIGSTOP)
+        .expect("signal the runner process");
     let stopped = Instant::now();
     // Its first batch is in flight: none of it is finished.
     let in_flight: BTreeSet<i64> = client
@@ -520,7 +524,9 @@ async fn a_frozen_worker_is_fenced_and_its_finishes_rejected() {
     })
     .await;
     let frozen_for = stopped.elapsed();
-    frozen.signal(libc::SIGCONT).expect("signal the runner process");
+    frozen
+        .signal(libc::SIGCONT)
+        .expect("signal the runner process");
 
     // It notices, and starts over with a new session.
     let new_session = frozen.next_session(DEADLINE).await;
@@ -721,7 +727,9 @@ async fn sigterm_drains_and_ends_the_session() {
     let first_session = first.next_session(DEADLINE).await;
     seed(&client, 25).await;
     wait_running(&client, first_session, "the worker runs tasks").await;
-    first.signal(libc::SIGTERM).expect("signal the runner process");
+    first
+        .signal(libc::SIGTERM)
+        .expect("signal the runner process");
     let term = Instant::now();
     let status = first.wait_exit(Duration::from_secs(30)).await;
     let drain = term.elapsed();
