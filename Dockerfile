@@ -4,6 +4,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
+COPY cli cli
+COPY testkit testkit
 COPY migrations migrations
 COPY examples examples
 COPY tests tests

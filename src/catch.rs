@@ -6,25 +6,14 @@ use std::panic::AssertUnwindSafe;
 
 use futures_util::FutureExt;
 
-use crate::error::Error;
+use crate::error::{Error, Panic};
 
 /// Runs `fut`, turning a panic (in user code such as a DbFinder) into an
 /// error instead of killing the actor silently.
 pub(crate) async fn caught<T>(fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
     match AssertUnwindSafe(fut).catch_unwind().await {
         Ok(res) => res,
-        Err(panic) => Err(Error::Panicked(panic_message(&panic))),
-    }
-}
-
-/// The message of a caught panic.
-pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_owned()
+        Err(panic) => Err(Error::Panicked(Panic::from_payload(&*panic))),
     }
 }
 

@@ -435,6 +435,7 @@ impl RunnerConfigBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
 
     #[test]
     fn defaults_are_the_seeds_and_valid() {
@@ -486,5 +487,210 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(c.safety_margin(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn every_invalid_configuration_gives_its_error() {
+        let s = Duration::from_secs;
+        let base = || RunnerConfig::builder("valid");
+        type Case = (&'static str, RunnerConfigBuilder, ConfigError, &'static str);
+        let cases: Vec<Case> = vec![
+            (
+                "empty name",
+                RunnerConfig::builder(""),
+                ConfigError::Name(String::new()),
+                "runner name",
+            ),
+            (
+                "201-char name",
+                RunnerConfig::builder("n".repeat(201)),
+                ConfigError::Name("n".repeat(201)),
+                "runner name",
+            ),
+            (
+                "zero ttl",
+                base().ttl(Duration::ZERO),
+                ConfigError::Zero("ttl"),
+                "ttl",
+            ),
+            (
+                "zero heartbeat",
+                base().heartbeat(Duration::ZERO),
+                ConfigError::Zero("heartbeat"),
+                "heartbeat",
+            ),
+            (
+                "heartbeat above ttl/3",
+                base().ttl(s(30)).heartbeat(Duration::from_millis(10_001)),
+                ConfigError::HeartbeatTooSlow {
+                    heartbeat: Duration::from_millis(10_001),
+                    ttl: s(30),
+                },
+                "heartbeat",
+            ),
+            (
+                "heartbeat that would overflow",
+                base().heartbeat(Duration::MAX),
+                ConfigError::TooLarge {
+                    what: "heartbeat",
+                    value: format!("{:?}", Duration::MAX),
+                    limit: format!("{:?}", s(365 * 24 * 3600)),
+                },
+                "heartbeat",
+            ),
+            (
+                "batch_timeout above a year",
+                base().batch_timeout(Duration::MAX),
+                ConfigError::TooLarge {
+                    what: "batch_timeout",
+                    value: format!("{:?}", Duration::MAX),
+                    limit: format!("{:?}", s(365 * 24 * 3600)),
+                },
+                "batch_timeout",
+            ),
+            (
+                "zero tick",
+                base().tick(Duration::ZERO),
+                ConfigError::Zero("tick"),
+                "tick",
+            ),
+            (
+                "zero max_tasks",
+                base().max_tasks(0),
+                ConfigError::Zero("max_tasks"),
+                "max_tasks",
+            ),
+            (
+                "max_tasks 100000",
+                base().max_tasks(100_000),
+                ConfigError::TooLarge {
+                    what: "max_tasks",
+                    value: "100000".into(),
+                    limit: "10000".into(),
+                },
+                "max_tasks",
+            ),
+            (
+                "zero workers",
+                base().workers(0),
+                ConfigError::Zero("workers"),
+                "workers",
+            ),
+            (
+                "5000 workers",
+                base().workers(5000),
+                ConfigError::TooLarge {
+                    what: "workers",
+                    value: "5000".into(),
+                    limit: "1024".into(),
+                },
+                "workers",
+            ),
+            (
+                "ttl of 2 days",
+                base().ttl(s(2 * 24 * 3600)),
+                ConfigError::TooLarge {
+                    what: "ttl",
+                    value: format!("{:?}", s(2 * 24 * 3600)),
+                    limit: format!("{:?}", s(24 * 3600)),
+                },
+                "ttl",
+            ),
+            (
+                "zero batch_timeout",
+                base().batch_timeout(Duration::ZERO),
+                ConfigError::Zero("batch_timeout"),
+                "batch_timeout",
+            ),
+            (
+                "zero drain_timeout",
+                base().drain_timeout(Duration::ZERO),
+                ConfigError::Zero("drain_timeout"),
+                "drain_timeout",
+            ),
+            (
+                "zero reap_interval",
+                base().reap_interval(Duration::ZERO),
+                ConfigError::Zero("reap_interval"),
+                "reap_interval",
+            ),
+            (
+                "zero retry_max",
+                base().retry_max(Duration::ZERO),
+                ConfigError::Zero("retry_max"),
+                "retry_max",
+            ),
+            (
+                "safety margin equal to ttl - heartbeat",
+                base().ttl(s(10)).heartbeat(s(3)).safety_margin(s(7)),
+                ConfigError::MarginTooLarge {
+                    margin: s(7),
+                    ttl: s(10),
+                    heartbeat: s(3),
+                },
+                "safety margin",
+            ),
+            (
+                "zero heartbeat_timeout",
+                base().heartbeat_timeout(Duration::ZERO),
+                ConfigError::Zero("heartbeat_timeout"),
+                "heartbeat_timeout",
+            ),
+            (
+                "a heartbeat that could land after the fence",
+                base().ttl(s(10)).heartbeat(s(3)).heartbeat_timeout(s(6)),
+                ConfigError::HeartbeatTimeoutTooLong {
+                    timeout: s(6),
+                    heartbeat: s(3),
+                    ttl: s(10),
+                    fence: s(8),
+                },
+                "heartbeat_timeout 6s is too long for ttl 10s",
+            ),
+            (
+                "safety margin above the ttl",
+                base().ttl(s(10)).heartbeat(s(3)).safety_margin(s(60)),
+                ConfigError::MarginTooLarge {
+                    margin: s(60),
+                    ttl: s(10),
+                    heartbeat: s(3),
+                },
+                "safety margin",
+            ),
+        ];
+        let mut failures = Vec::new();
+        for (case, builder, expected, named) in cases {
+            let got = std::panic::catch_unwind(|| builder.build());
+            match got {
+                Ok(Err(e)) if e == expected => {
+                    let shown = e.to_string();
+                    if !shown.contains(named) {
+                        failures.push(format!("{case}: {shown:?} does not name {named:?}"));
+                    }
+                    let wrapped = Error::from(e).to_string();
+                    if !wrapped.contains(&shown) {
+                        failures.push(format!("{case}: Error shows {wrapped:?}"));
+                    }
+                }
+                Ok(Err(e)) => failures.push(format!("{case}: expected {expected:?}, got {e:?}")),
+                Ok(Ok(c)) => failures.push(format!("{case}: accepted {c:?}")),
+                Err(_) => failures.push(format!("{case}: build() panicked")),
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+        // The boundaries themselves are valid.
+        let edge = base()
+            .ttl(s(9))
+            .heartbeat(s(3))
+            .safety_margin(Duration::from_millis(5999))
+            .heartbeat_timeout(Duration::from_millis(1))
+            .max_tasks(10_000)
+            .workers(1024)
+            .build()
+            .expect("heartbeat = ttl/3, margin just under ttl - heartbeat, a heartbeat timeout that just fits, max limits");
+        assert_eq!(edge.safety_margin(), Duration::from_millis(5999));
+        assert!(RunnerConfig::builder("n".repeat(200)).build().is_ok());
+        assert!(base().ttl(s(24 * 3600)).build().is_ok());
     }
 }

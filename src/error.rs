@@ -1,6 +1,10 @@
-//! The crate's error type.
+//! The crate's error type, and [`ErrorChain`], which prints any error with
+//! its causes (and a PostgreSQL error with the server's message).
 
 use std::fmt;
+use std::sync::Arc;
+
+use crate::store::ConnectError;
 
 /// A `Result` whose error defaults to the crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -51,9 +55,29 @@ pub enum Error {
         /// The server's message, naming the table and the problem.
         detail: String,
     },
-    /// An argument was rejected by the SQL functions (SQLSTATE `SL003`) or by the store.
+    /// An argument was rejected by the SQL functions (SQLSTATE `SL003`), or
+    /// by the store before it was sent (a capacity or pool size out of
+    /// range).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A database URL that cannot be parsed, or names a setting this crate
+    /// cannot honour.
+    #[error("bad database URL: {0}")]
+    BadUrl(String),
+    /// TLS cannot be set up: the root certificate file cannot be read or
+    /// holds no certificate, or the TLS library refused the configuration.
+    #[error("TLS setup: {what}: {source}")]
+    Tls {
+        /// What was being set up.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A session-lock SQL function answered in a shape this release does
+    /// not expect (no row where one is always returned).
+    #[error("unexpected reply: {0}")]
+    UnexpectedReply(String),
     /// A row returned by the task table could not be turned into a task.
     #[error(transparent)]
     Scan(#[from] ScanError),
@@ -65,13 +89,14 @@ pub enum Error {
     #[error("no answer from the database within {0:?}")]
     Timeout(std::time::Duration),
     /// Opening a connection failed: unreachable, refused, wrong password,
-    /// TLS refused. Retried on the next call.
+    /// TLS refused, or no answer within the connect timeout. Retried on the
+    /// next call.
     #[error("cannot connect to the database: {0}")]
-    Connect(String),
+    Connect(#[source] Arc<ConnectError>),
     /// User code (a Tasker, DbFinder or ScanTask) panicked; the panic was
     /// caught and the actor running it restarted.
     #[error("user code panicked: {0}")]
-    Panicked(String),
+    Panicked(#[source] Panic),
     /// A runner configuration value cannot work.
     #[error("invalid runner configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
@@ -138,30 +163,108 @@ impl Error {
         }
     }
 
-    /// Classifies a database error raised while working with `session`.
+    /// Classifies a database error raised while working with `session` (a
+    /// lost session is reported as such only when there is one).
     pub(crate) fn from_db(e: tokio_postgres::Error, session: Option<i64>) -> Self {
         let Some(db) = e.as_db_error() else {
             return Error::Db(e);
         };
-        match db.code().code() {
-            SQLSTATE_SESSION_LOST => Error::SessionLost {
-                session: session.unwrap_or(-1),
-            },
-            SQLSTATE_PROTOCOL_MISMATCH => Error::ProtocolMismatch {
+        match (db.code().code(), session) {
+            (SQLSTATE_SESSION_LOST, Some(session)) => Error::SessionLost { session },
+            (SQLSTATE_PROTOCOL_MISMATCH, _) => Error::ProtocolMismatch {
                 detail: with_hint(db),
             },
-            SQLSTATE_BAD_DECLARATION => Error::Declaration {
+            (SQLSTATE_BAD_DECLARATION, _) => Error::Declaration {
                 detail: with_hint(db),
             },
-            SQLSTATE_INVALID_ARGUMENT => Error::InvalidArgument(db.message().to_owned()),
+            (SQLSTATE_INVALID_ARGUMENT, _) => Error::InvalidArgument(db.message().to_owned()),
             // undefined_function, invalid_schema_name, undefined_table
-            "42883" | "3F000" | "42P01" if mentions_session_lock(db.message()) => {
+            ("42883" | "3F000" | "42P01", _) if mentions_session_lock(db.message()) => {
                 Error::NotMigrated {
                     detail: db.message().to_owned(),
                 }
             }
             _ => Error::Db(e),
         }
+    }
+
+    /// A pool checkout that failed.
+    pub(crate) fn from_pool(e: bb8::RunError<ConnectError>) -> Self {
+        match e {
+            bb8::RunError::User(ConnectError::Db(e)) => Error::from_db(e, None),
+            bb8::RunError::User(e) => Error::Connect(Arc::new(e)),
+            bb8::RunError::TimedOut => Error::PoolTimedOut,
+        }
+    }
+}
+
+/// A panic caught in user code: its message, as an error.
+#[derive(Debug, Clone)]
+pub struct Panic {
+    message: String,
+}
+
+impl Panic {
+    /// The panic of `payload`, as `std::panic::catch_unwind` returns it.
+    pub(crate) fn from_payload(payload: &(dyn std::any::Any + Send)) -> Self {
+        let message = if let Some(s) = payload.downcast_ref::<&str>() {
+            (*s).to_owned()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "panic with a non-string payload".to_owned()
+        };
+        Panic { message }
+    }
+
+    /// What the panic said.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Panic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Panic {}
+
+/// Prints an error with every cause in its chain (`a: b: c`), skipping a
+/// cause whose text the message already holds, and a PostgreSQL error with
+/// the server's message, SQLSTATE, detail and hint, which tokio-postgres'
+/// own `Display` leaves out. The one formatter the CLI and the tests use.
+///
+/// ```
+/// use session_lock::ErrorChain;
+/// let e = std::io::Error::other("connection refused");
+/// assert_eq!(ErrorChain(&e).to_string(), "connection refused");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut text = one(self.0);
+        let mut cause = self.0.source();
+        while let Some(inner) = cause {
+            let inner_text = one(inner);
+            if !text.contains(&inner_text) {
+                text.push_str(": ");
+                text.push_str(&inner_text);
+            }
+            cause = inner.source();
+        }
+        f.write_str(&text)
+    }
+}
+
+/// One error's own text; a PostgreSQL server error's in full.
+fn one(e: &(dyn std::error::Error + 'static)) -> String {
+    match e.downcast_ref::<tokio_postgres::Error>() {
+        Some(pg) if pg.as_db_error().is_some() => describe_db(pg),
+        _ => e.to_string(),
     }
 }
 
@@ -204,16 +307,6 @@ pub(crate) fn describe_db(e: &tokio_postgres::Error) -> String {
                 src = inner.source();
             }
             s
-        }
-    }
-}
-
-impl From<bb8::RunError<crate::store::ConnectError>> for Error {
-    fn from(e: bb8::RunError<crate::store::ConnectError>) -> Self {
-        match e {
-            bb8::RunError::User(crate::store::ConnectError::Db(e)) => Error::from_db(e, None),
-            bb8::RunError::User(e) => Error::Connect(e.to_string()),
-            bb8::RunError::TimedOut => Error::PoolTimedOut,
         }
     }
 }

@@ -39,9 +39,9 @@ use tokio::sync::oneshot;
 use tracing::{Instrument, Span, field};
 
 use crate::backoff::{Backoff, process_seed};
-use crate::catch::{bounded, caught, panic_message};
+use crate::catch::{bounded, caught};
 use crate::config::RunnerConfig;
-use crate::error::Error;
+use crate::error::{Error, Panic};
 use crate::session::{Lease, LeaseChanged, Lost, Moved, SessionActor, Stuck};
 use crate::status::StatusTx;
 use crate::store::{Database, DbFinder, GetWork};
@@ -325,7 +325,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         let report = res.unwrap_or_else(|panic| {
             panicked = true;
             TickReport {
-                error: Some(Error::Panicked(panic_message(&panic))),
+                error: Some(Error::Panicked(Panic::from_payload(&*panic))),
                 ..TickReport::default()
             }
         });
@@ -714,7 +714,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 }
                 Err(panic) => {
                     report.failed += 1;
-                    let e = format!("Task::id panicked: {}", panic_message(&panic));
+                    let e = format!("Task::id panicked: {}", Panic::from_payload(&*panic));
                     tracing::error!(runner = %self.config.name, error = %e, "a task's id cannot be read; it stays assigned");
                     report.task_error.get_or_insert(e);
                 }

@@ -25,7 +25,7 @@ pub mod tls;
 mod workers;
 
 pub use config::{ConfigError, RunnerConfig, RunnerConfigBuilder};
-pub use error::{Error, Result, ScanError};
+pub use error::{Error, ErrorChain, Panic, Result, ScanError};
 pub use error::{
     SQLSTATE_BAD_DECLARATION, SQLSTATE_INVALID_ARGUMENT, SQLSTATE_PROTOCOL_MISMATCH,
     SQLSTATE_SESSION_LOST,

@@ -58,7 +58,7 @@ pub enum TlsMode {
 /// and its TLS mode. Unlike tokio-postgres alone, it understands
 /// `sslmode=verify-ca`, `sslmode=verify-full` and `sslrootcert=PATH`.
 pub fn parse_url(url: &str) -> Result<(tokio_postgres::Config, TlsMode)> {
-    let bad = |why: String| Error::InvalidArgument(format!("bad database URL: {why}"));
+    let bad = Error::BadUrl;
     let mut sslmode = None;
     let mut rootcert = None;
     let mut take = |key: &str, value: &str| match key {
@@ -137,7 +137,10 @@ pub fn connector(mode: &TlsMode) -> Result<Tls> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::InvalidArgument(format!("TLS setup: {e}")))?;
+        .map_err(|e| Error::Tls {
+            what: "the protocol versions".into(),
+            source: e.into(),
+        })?;
     let verifier: Arc<dyn ServerCertVerifier> = match mode {
         TlsMode::Disable | TlsMode::Prefer | TlsMode::Require => Arc::new(EncryptOnly { provider }),
         TlsMode::VerifyCa { root_cert } => Arc::new(ChainOnly(webpki(root_cert, provider)?)),
@@ -151,23 +154,21 @@ pub fn connector(mode: &TlsMode) -> Result<Tls> {
 }
 
 fn webpki(root_cert: &PathBuf, provider: Arc<CryptoProvider>) -> Result<Arc<WebPkiServerVerifier>> {
-    let unreadable = |e: String| {
-        Error::InvalidArgument(format!(
-            "cannot read sslrootcert {}: {e}",
-            root_cert.display()
-        ))
+    let unreadable = |e: Box<dyn std::error::Error + Send + Sync>| Error::Tls {
+        what: format!("reading sslrootcert {}", root_cert.display()),
+        source: e,
     };
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(root_cert).map_err(|e| unreadable(e.to_string()))? {
-        let cert = cert.map_err(|e| unreadable(e.to_string()))?;
-        roots.add(cert).map_err(|e| unreadable(e.to_string()))?;
+    for cert in CertificateDer::pem_file_iter(root_cert).map_err(|e| unreadable(e.into()))? {
+        let cert = cert.map_err(|e| unreadable(e.into()))?;
+        roots.add(cert).map_err(|e| unreadable(e.into()))?;
     }
     if roots.is_empty() {
         return Err(unreadable("no certificate in the file".into()));
     }
     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
-        .map_err(|e| unreadable(e.to_string()))
+        .map_err(|e| unreadable(e.into()))
 }
 
 /// `prefer` and `require`: accept any certificate, but still check that the

@@ -20,7 +20,7 @@ use actix::prelude::*;
 use futures_util::FutureExt;
 use futures_util::future::{AbortRegistration, Abortable};
 
-use crate::catch::panic_message;
+use crate::error::Panic;
 use crate::status::StatusTx;
 use crate::task::{Task, TaskId};
 use crate::tasker::{Progress, Tasker};
@@ -118,7 +118,7 @@ impl<T: Task, K: Tasker<T>> Handler<RunSlice<T>> for Worker<T, K> {
             let ending = match run.await {
                 Err(_aborted) => Ending::Aborted,
                 Ok(Err(_elapsed)) => Ending::TimedOut(timeout),
-                Ok(Ok(Err(panic))) => Ending::Panicked(panic_message(&panic)),
+                Ok(Ok(Err(panic))) => Ending::Panicked(Panic::from_payload(&*panic).to_string()),
                 Ok(Ok(Ok(Err(e)))) => Ending::Failed(e.to_string()),
                 Ok(Ok(Ok(Ok(ids)))) => Ending::Returned(ids),
             };

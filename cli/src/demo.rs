@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use session_lock::{Migrator, RunnerConfig};
+use session_lock::{ErrorChain, Migrator, RunnerConfig};
 use session_lock_testkit::embedded::EmbeddedPostgres;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
@@ -646,10 +646,10 @@ async fn connect(url: &str) -> Result<Client, String> {
     let client = session_lock::connect_one_with(url, options)
         .await
         .map_err(|e| match e {
-            session_lock::Error::InvalidArgument(msg) => {
+            session_lock::Error::BadUrl(msg) => {
                 format!("DATABASE_URL is not a valid PostgreSQL URL or key=value string: {msg}")
             }
-            other => format!("cannot connect to the database: {other}"),
+            other => ErrorChain(&other).to_string(),
         })?;
     client
         .batch_execute("SET application_name = 'session-lock-demo'")
@@ -1643,16 +1643,7 @@ impl Signals {
 /// A database error with the server's message, if it came from the server,
 /// or with its causes ("error connecting to server: Connection refused").
 fn db_error(what: &str, e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        return format!("{what}: {} (SQLSTATE {})", db.message(), db.code().code());
-    }
-    let mut msg = format!("{what}: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        let _ = write!(msg, ": {cause}");
-        source = cause.source();
-    }
-    msg
+    format!("{what}: {}", ErrorChain(e))
 }
 
 /// `1.23 s`.

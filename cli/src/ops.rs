@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use session_lock::Migrator;
+use session_lock::{ErrorChain, Migrator};
 
 #[derive(Debug, Args)]
 pub(crate) struct MigrateArgs {
@@ -243,10 +243,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 /// One connection with the library's timeouts and the URL's sslmode, so an
 /// unreachable database fails in seconds.
 async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
-    session_lock::connect_one(url).await.map_err(|e| match e {
-        session_lock::Error::InvalidArgument(msg) => msg,
-        other => format!("cannot connect to the database: {other}"),
-    })
+    session_lock::connect_one(url)
+        .await
+        .map_err(|e| ErrorChain(&e).to_string())
 }
 
 fn query_error(e: &tokio_postgres::Error, held: Option<&str>) -> String {
@@ -276,23 +275,8 @@ fn query_error(e: &tokio_postgres::Error, held: Option<&str>) -> String {
             db.message(),
             db.code().code()
         ),
-        (None, _) => format!("query failed: {}", chain(e)),
+        (None, _) => format!("query failed: {}", ErrorChain(e)),
     }
-}
-
-/// An error with its sources: "error connecting to server: Connection refused".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = inner.source();
-    }
-    s
 }
 
 fn human(seconds: f64) -> String {

@@ -196,8 +196,8 @@ pub(crate) struct ConnectErrors(Arc<ConnectErrorsInner>);
 
 #[derive(Debug, Default)]
 struct ConnectErrorsInner {
-    /// Sequence number and description of the latest failure.
-    latest: Mutex<(u64, String)>,
+    /// Sequence number of the latest failure, and the failure.
+    latest: Mutex<(u64, Option<Arc<ConnectError>>)>,
     notify: tokio::sync::Notify,
 }
 
@@ -210,14 +210,14 @@ impl ConnectErrors {
             .0
     }
 
-    /// Waits for a failure after `seq` and returns its description.
-    pub(crate) async fn after(&self, seq: u64) -> String {
+    /// Waits for a failure after `seq` and returns it.
+    pub(crate) async fn after(&self, seq: u64) -> Arc<ConnectError> {
         loop {
             let notified = self.0.notify.notified();
             {
                 let latest = self.0.latest.lock().unwrap_or_else(PoisonError::into_inner);
-                if latest.0 > seq {
-                    return latest.1.clone();
+                if let (true, Some(error)) = (latest.0 > seq, &latest.1) {
+                    return error.clone();
                 }
             }
             notified.await;
@@ -227,12 +227,11 @@ impl ConnectErrors {
 
 impl bb8::ErrorSink<ConnectError> for ConnectErrors {
     fn sink(&self, error: ConnectError) {
-        let text = error.to_string();
-        tracing::debug!(error = %text, "cannot open a database connection");
+        tracing::debug!(%error, "cannot open a database connection");
         {
             let mut latest = self.0.latest.lock().unwrap_or_else(PoisonError::into_inner);
             latest.0 += 1;
-            latest.1 = text;
+            latest.1 = Some(Arc::new(error));
         }
         self.0.notify.notify_waiters();
     }
@@ -261,7 +260,7 @@ pub(crate) async fn bounded_connect<T>(
     connect: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
 ) -> Result<T> {
     connect_within(limit, connect).await.map_err(|e| match e {
-        ConnectError::TimedOut(limit) => Error::Connect(format!("no answer within {limit:?}")),
+        ConnectError::TimedOut(limit) => Error::Connect(Arc::new(ConnectError::TimedOut(limit))),
         ConnectError::Db(e) => Error::from_db(e, None),
     })
 }

@@ -278,7 +278,7 @@ impl PgStore {
     async fn checkout<'a>(&self, pool: &'a Pool<Manager>) -> Result<PooledConnection<'a, Manager>> {
         let seq = self.inner.connect_errors.seq();
         tokio::select! {
-            conn = pool.get() => Ok(conn?),
+            conn = pool.get() => conn.map_err(Error::from_pool),
             cause = self.inner.connect_errors.after(seq) => Err(Error::Connect(cause)),
         }
     }
@@ -317,7 +317,7 @@ impl Database for PgStore {
             )
             .await?;
         let row = rows.first().ok_or_else(|| {
-            Error::InvalidArgument("session_lock.start_session returned no row".into())
+            Error::UnexpectedReply("session_lock.start_session returned no row".into())
         })?;
         Ok(Session {
             id: row.try_get(0).map_err(|e| Error::from_db(e, None))?,
@@ -522,7 +522,7 @@ fn first<'a, T: tokio_postgres::types::FromSql<'a>>(
 ) -> Result<T> {
     let row = rows
         .first()
-        .ok_or_else(|| Error::InvalidArgument("a session-lock function returned no row".into()))?;
+        .ok_or_else(|| Error::UnexpectedReply("a session-lock function returned no row".into()))?;
     row.try_get(0).map_err(|e| Error::from_db(e, session))
 }
 

@@ -299,15 +299,7 @@ fn with_dbname(url: &str, dbname: &str) -> String {
 
 /// An error with the server's message and SQLSTATE, if it came from the server.
 fn pg_error(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!(
-            "{}: {} (SQLSTATE {})",
-            db.severity(),
-            db.message(),
-            db.code().code()
-        ),
-        None => e.to_string(),
-    }
+    session_lock::ErrorChain(e).to_string()
 }
 
 /// Runs `f` on the runtime's blocking pool, passing its panics on.

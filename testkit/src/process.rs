@@ -344,14 +344,10 @@ impl RunnerProcess {
     /// The next session it announces, in order.
     pub async fn next_session(&mut self, within: Duration) -> i64 {
         let deadline = tokio::time::Instant::now() + within;
-        loop {
-            match self.event_until(deadline).await {
-                Some(RunnerEvent::Session(id)) => return id,
-                Some(RunnerEvent::Closed) => {
-                    self.no_session("closed its stdout without a new session")
-                }
-                None => self.no_session(&format!("announced no new session within {within:?}")),
-            }
+        match self.event_until(deadline).await {
+            Some(RunnerEvent::Session(id)) => id,
+            Some(RunnerEvent::Closed) => self.no_session("closed its stdout without a new session"),
+            None => self.no_session(&format!("announced no new session within {within:?}")),
         }
     }
 

@@ -38,7 +38,9 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::worker::{DEADLINE, assert_finished_and_fenced, count, poll_until, wait_all_finished};
+use crate::processes::{
+    DEADLINE, assert_finished_and_fenced, count, poll_until, wait_all_finished,
+};
 use session_lock_testkit::db::migrated_db;
 use session_lock_testkit::{RunnerCommand, RunnerProcess};
 
