@@ -174,9 +174,7 @@ fn describe_failure(
     };
     let _ = write!(s, ": {} (SQLSTATE {})", db.message(), db.code().code());
     if let Some(stmt) = statement {
-        let (shown, truncated) = one_line(stmt, STATEMENT_DISPLAY_CHARS);
-        let ellipsis = if truncated { "…" } else { "" };
-        let _ = write!(s, "\n  statement: {shown}{ellipsis}");
+        let _ = write!(s, "\n  statement: {}", one_line(stmt));
     }
     if let Some(d) = db.detail() {
         let _ = write!(s, "\n  detail: {d}");
@@ -185,11 +183,10 @@ fn describe_failure(
         let _ = write!(s, "\n  hint: {h}");
     }
     if let Some(ErrorPosition::Internal { position, query }) = db.position() {
-        let (shown, truncated) = one_line(query, STATEMENT_DISPLAY_CHARS);
-        let ellipsis = if truncated { "…" } else { "" };
         let _ = write!(
             s,
-            "\n  internal query: {shown}{ellipsis} (at character {position})"
+            "\n  internal query: {} (at character {position})",
+            one_line(query)
         );
     }
     if let Some(w) = db.where_() {
@@ -198,12 +195,26 @@ fn describe_failure(
     s
 }
 
-/// Collapses whitespace runs to single spaces and keeps at most `max` chars;
-/// also says whether it cut anything.
-fn one_line(text: &str, max: usize) -> (String, bool) {
+/// Collapses whitespace runs to single spaces and keeps at most
+/// [`STATEMENT_DISPLAY_CHARS`] characters, ending in `…` where it cut.
+fn one_line(text: &str) -> String {
     let collapsed = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    match collapsed.char_indices().nth(max) {
-        Some((cut, _)) => (collapsed[..cut].to_owned(), true),
-        None => (collapsed, false),
+    match collapsed.char_indices().nth(STATEMENT_DISPLAY_CHARS) {
+        Some((cut, _)) => format!("{}…", &collapsed[..cut]),
+        None => collapsed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shows_statements_on_one_line_cut_with_an_ellipsis() {
+        assert_eq!(one_line("SELECT\n   1,\t2"), "SELECT 1, 2");
+        let exact = "x".repeat(STATEMENT_DISPLAY_CHARS);
+        assert_eq!(one_line(&exact), exact);
+        let longer = "x".repeat(STATEMENT_DISPLAY_CHARS + 1);
+        assert_eq!(one_line(&longer), format!("{exact}…"));
     }
 }
