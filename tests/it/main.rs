@@ -4,6 +4,7 @@ mod bad_input;
 mod blocking;
 mod chaos;
 mod cli;
+mod clock;
 mod demo;
 mod holes;
 mod interleavings;

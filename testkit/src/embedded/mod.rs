@@ -95,6 +95,9 @@ pub struct EmbeddedOptions {
     /// More `postgresql.conf` settings, passed as `-c name=value`; they override
     /// the ones above.
     pub extra_settings: Vec<(String, String)>,
+    /// More environment for the server (not for `initdb`): e.g. an
+    /// `LD_PRELOAD` of libfaketime, to give the server a clock of its own.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for EmbeddedOptions {
@@ -104,6 +107,7 @@ impl Default for EmbeddedOptions {
             max_connections: 300,
             port: None,
             extra_settings: Vec::new(),
+            env: Vec::new(),
         }
     }
 }

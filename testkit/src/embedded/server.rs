@@ -96,6 +96,7 @@ impl EmbeddedPostgres {
             cmd.arg("-c").arg(setting);
         }
         self.prepare(&mut cmd);
+        cmd.envs(self.opts.env.iter().map(|(k, v)| (k, v)));
         let log2 = log
             .try_clone()
             .map_err(io_err(format!("opening {}", self.log_path.display())))?;
