@@ -30,19 +30,17 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, IsTerminal, Write};
-use std::os::unix::process::CommandExt;
+use std::fs;
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use session_lock::{ErrorChain, Migrator, RunnerConfig};
 use session_lock_testkit::embedded::EmbeddedPostgres;
+use session_lock_testkit::{Fleet, RunnerCommand, RunnerEvent, RunnerProcess};
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
 /// The runner name of the demo's workers.
@@ -65,6 +63,8 @@ const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
 const WORKER_DRAIN_MS: u64 = 10_000;
 /// How long the workers may take to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a worker whose stdout closed may take to exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long past `--timeout-s` the demo is cut short if a step hangs.
 const BACKSTOP: Duration = Duration::from_secs(60);
 /// Width of the progress bars.
@@ -269,23 +269,24 @@ async fn demo(
 
     // The workers.
     let log_dir = LogDir::create()?;
-    let mut fleet = Fleet::new(&url, args, log_dir.path())?;
+    let command = runner_command(&url, args)?;
+    let mut fleet = Fleet::new();
     let started = Instant::now();
     for _ in 0..args.runners {
-        fleet.spawn(false)?;
+        spawn_runner(&mut fleet, &command, log_dir.path())?;
     }
     let start_by = deadline.min(Instant::now() + WORKER_START_TIMEOUT);
-    while fleet.workers.iter().any(|w| w.sessions.is_empty()) {
-        let event = tokio::time::timeout_at(start_by.into(), fleet.events.recv())
+    while fleet.processes().iter().any(|p| p.sessions().is_empty()) {
+        let event = tokio::time::timeout_at(start_by.into(), fleet.next_event())
             .await
             .map_err(|_| {
                 format!(
                     "the workers did not all start a session within {}s{}",
                     WORKER_START_TIMEOUT.as_secs(),
-                    fleet.log_hint()
+                    log_hint(&fleet)
                 )
             })?;
-        fleet.handle(event, board)?;
+        on_event(&mut fleet, event, None, board).await?;
     }
     out.say(&format!(
         "{} workers up in {}, each holding a session: a lease kept by heartbeats",
@@ -311,6 +312,8 @@ async fn demo(
         client: &client,
         range,
         fleet,
+        command,
+        log_dir: log_dir.path(),
         board,
         seeded,
         deadline,
@@ -328,22 +331,34 @@ async fn demo(
         ..
     } = run;
     let mut error = error;
+    let mut stage = Stage::Killed;
     if error.is_none() {
         out.say("stopping the workers with SIGTERM: they drain and end their sessions");
+        stage = Stage::Terminated;
         let stopping = Instant::now();
-        match fleet.stop().await {
+        match fleet.terminate_all(STOP_TIMEOUT).await {
             Ok(()) => out.say(&format!("workers exited in {}", secs(stopping.elapsed()))),
             Err(e) => error = Some(e),
         }
     }
     fleet.kill_all();
     let duration = finished_at.unwrap_or_else(Instant::now) - seeded;
+    let fresh_pid = fresh.as_ref().map(|f| f.pid);
     let rebalance = fresh.and_then(|f| f.first_share);
-    let summary = summarize(&client, range, &fleet, kill.as_ref(), duration, args).await;
+    let summary = summarize(
+        &client,
+        range,
+        &fleet,
+        kill.as_ref(),
+        fresh_pid,
+        duration,
+        args,
+    )
+    .await;
     let summary = summary.map(|s| Summary { rebalance, ..s });
     let snapshot = Snapshot::read(&client, range).await;
     if let Ok(snapshot) = &snapshot {
-        board.update(snapshot, &fleet, kill.as_ref(), true);
+        board.update(snapshot, &fleet, kill.as_ref(), fresh_pid, stage);
     }
     board.finish();
     drop(fleet);
@@ -380,6 +395,9 @@ struct Run<'a> {
     client: &'a Client,
     range: (i64, i64),
     fleet: Fleet,
+    /// Starts one more worker (with `spawn_runner`).
+    command: RunnerCommand,
+    log_dir: &'a Path,
     board: &'a mut Board,
     seeded: Instant,
     deadline: Instant,
@@ -402,8 +420,9 @@ impl Run<'_> {
             let failover_pending = self.kill.as_ref().is_some_and(|k| k.failover.is_none());
             let kill_pending = self.kill.is_none() && self.kill_wanted.is_some();
             tokio::select! {
-                event = self.fleet.events.recv() => {
-                    self.fleet.handle(event, self.board)?;
+                event = self.fleet.next_event() => {
+                    let fresh = self.fresh.as_ref().map(|f| f.pid);
+                    on_event(&mut self.fleet, event, fresh, self.board).await?;
                     self.note_fresh_session();
                 }
                 _ = poll.tick(), if failover_pending || kill_pending => match self.kill_wanted {
@@ -412,7 +431,8 @@ impl Run<'_> {
                 },
                 _ = refresh.tick() => {
                     let snap = Snapshot::read(self.client, self.range).await?;
-                    self.board.update(&snap, &self.fleet, self.kill.as_ref(), false);
+                    let fresh = self.fresh.as_ref().map(|f| f.pid);
+                    self.board.update(&snap, &self.fleet, self.kill.as_ref(), fresh, Stage::Running);
                     self.note_fresh_share(&snap);
                     let done = snap.finished as f64 / total as f64;
                     if !self.args.no_kill && self.kill_wanted.is_none() && done >= KILL_AT {
@@ -454,10 +474,10 @@ impl Run<'_> {
     async fn try_kill(&mut self, wanted: Instant) -> Result<(), String> {
         let live: Vec<(u32, i64)> = self
             .fleet
-            .workers
+            .processes()
             .iter()
-            .filter(|w| w.alive())
-            .filter_map(|w| Some((w.pid, w.session()?)))
+            .filter(|p| p.is_alive())
+            .filter_map(|p| Some((p.pid(), *p.sessions().last()?)))
             .collect();
         let sessions: Vec<i64> = live.iter().map(|&(_, s)| s).collect();
         let rows = self
@@ -496,7 +516,10 @@ impl Run<'_> {
         {
             return Ok(());
         }
-        self.fleet.kill(pid)?;
+        if let Some(p) = self.fleet.get_mut(pid) {
+            p.kill()
+                .map_err(|e| format!("killing worker pid {pid}: {e}"))?;
+        }
         let at = Instant::now();
         // What it held when it died (a finish it sent just before may still
         // have committed): the tasks that must move.
@@ -551,7 +574,7 @@ impl Run<'_> {
     }
 
     fn start_fresh(&mut self) -> Result<(), String> {
-        let pid = self.fleet.spawn(true)?;
+        let pid = spawn_runner(&mut self.fleet, &self.command, self.log_dir)?;
         self.board.out.say(&format!(
             "started a fresh worker, pid {pid}: it joins with a new session"
         ));
@@ -571,7 +594,7 @@ impl Run<'_> {
         if fresh.session.is_some() {
             return;
         }
-        let Some(session) = self.fleet.worker(fresh.pid).and_then(Worker::session) else {
+        let Some(&session) = self.fleet.get(fresh.pid).and_then(|p| p.sessions().last()) else {
             return;
         };
         fresh.session = Some((session, Instant::now()));
@@ -595,7 +618,12 @@ impl Run<'_> {
             let open = snap.open;
             // The killed session counts as live until its lease runs out.
             let expiring = self.kill.as_ref().is_some_and(|k| k.failover.is_none());
-            let live = self.fleet.workers.iter().filter(|w| w.alive()).count() as u64
+            let live = self
+                .fleet
+                .processes()
+                .iter()
+                .filter(|p| p.is_alive())
+                .count() as u64
                 + u64::from(expiring);
             // Shares are weighted by capacity, and every demo worker has the
             // same: the newest session comes last (before = W - C), so its
@@ -812,6 +840,7 @@ async fn summarize(
     range: (i64, i64),
     fleet: &Fleet,
     kill: Option<&Kill>,
+    fresh: Option<u32>,
     duration: Duration,
     args: &DemoArgs,
 ) -> Result<Summary, String> {
@@ -866,9 +895,9 @@ async fn summarize(
     };
 
     let mut sessions: BTreeSet<i64> = fleet
-        .workers
+        .processes()
         .iter()
-        .flat_map(|w| w.sessions.iter().copied())
+        .flat_map(|p| p.sessions().iter().copied())
         .collect();
     sessions.extend(snap.done_by.keys());
     sessions.extend(runs.keys());
@@ -897,17 +926,17 @@ async fn summarize(
     let per_session = sessions
         .iter()
         .map(|&s| {
-            let worker = fleet.workers.iter().find(|w| w.sessions.contains(&s));
+            let runner = fleet.processes().iter().find(|p| p.sessions().contains(&s));
             let (db_pid, end) = info.get(&s).copied().unwrap_or((0, "unknown"));
             SessionRow {
                 session: s,
-                pid: worker
-                    .map(|w| w.pid)
+                pid: runner
+                    .map(RunnerProcess::pid)
                     .or_else(|| u32::try_from(db_pid).ok().filter(|&p| p > 0)),
                 finished: snap.done_by(s),
                 executions: runs.get(&s).copied().unwrap_or(0),
                 killed: kill.is_some_and(|k| k.session == s),
-                fresh: worker.is_some_and(|w| w.fresh),
+                fresh: runner.is_some_and(|p| Some(p.pid()) == fresh),
                 end,
             }
         })
@@ -1212,26 +1241,41 @@ impl Board {
         self.bars.insert(session, bar);
     }
 
-    fn update(&mut self, snap: &Snapshot, fleet: &Fleet, kill: Option<&Kill>, last: bool) {
+    fn update(
+        &mut self,
+        snap: &Snapshot,
+        fleet: &Fleet,
+        kill: Option<&Kill>,
+        fresh: Option<u32>,
+        stage: Stage,
+    ) {
         let Some(seeded) = self.seeded else {
             return;
         };
+        let last = stage != Stage::Running;
         let elapsed = seeded.elapsed();
         let rate = snap.finished as f64 / elapsed.as_secs_f64().max(0.001);
         let status = |session: i64| -> String {
-            let worker = fleet.workers.iter().find(|w| w.sessions.contains(&session));
-            let pid = worker.map_or("pid ?".into(), |w| format!("pid {}", w.pid));
+            let runner = fleet
+                .processes()
+                .iter()
+                .find(|p| p.sessions().contains(&session));
+            let pid = runner.map_or("pid ?".into(), |p| format!("pid {}", p.pid()));
             if let Some(k) = kill.filter(|k| k.session == session) {
                 return match k.failover {
                     None => format!("KILLED {pid}, holds {}", snap.held(session)),
                     Some(f) => format!("KILLED; failover {}", secs(f)),
                 };
             }
-            match worker {
-                Some(w) if w.session() != Some(session) => format!("{pid} lost this session"),
-                Some(_) if fleet.stopping => format!("{pid} ended (SIGTERM)"),
-                Some(w) if last || w.exit.is_some() => format!("{pid} stopped"),
-                Some(w) if w.fresh => format!("{pid} holds {:>2} (fresh)", snap.held(session)),
+            match runner {
+                Some(p) if p.sessions().last() != Some(&session) => {
+                    format!("{pid} lost this session")
+                }
+                Some(_) if stage == Stage::Terminated => format!("{pid} ended (SIGTERM)"),
+                Some(p) if last || !p.is_alive() => format!("{pid} stopped"),
+                Some(p) if Some(p.pid()) == fresh => {
+                    format!("{pid} holds {:>2} (fresh)", snap.held(session))
+                }
                 _ => format!("{pid} holds {:>2}", snap.held(session)),
             }
         };
@@ -1261,9 +1305,9 @@ impl Board {
             100.0 * snap.finished as f64 / self.total.max(1) as f64,
         );
         let mut sessions: BTreeSet<i64> = fleet
-            .workers
+            .processes()
             .iter()
-            .flat_map(|w| w.sessions.iter().copied())
+            .flat_map(|p| p.sessions().iter().copied())
             .collect();
         sessions.extend(snap.held.keys());
         for s in sessions {
@@ -1295,55 +1339,32 @@ impl Board {
     }
 }
 
-/// A worker process.
-struct Worker {
-    child: Child,
-    pid: u32,
-    /// The sessions it reported, in order; the last is the current one.
-    sessions: Vec<i64>,
-    fresh: bool,
-    killed: bool,
-    /// Its stdout closed (it exited, or is about to).
-    closed: bool,
-    exit: Option<ExitStatus>,
-    log: PathBuf,
+/// Where the demo is, for what the board says of a runner no longer
+/// running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// The workers run: a live update.
+    Running,
+    /// The last update, the workers killed (the demo failed before it could
+    /// stop them).
+    Killed,
+    /// The last update, the workers stopped with SIGTERM.
+    Terminated,
 }
 
-impl Worker {
-    fn session(&self) -> Option<i64> {
-        self.sessions.last().copied()
-    }
-
-    fn alive(&self) -> bool {
-        !self.killed && !self.closed && self.exit.is_none()
-    }
-}
-
-/// What a worker's stdout says.
-enum Event {
-    Session { pid: u32, session: i64 },
-    Closed { pid: u32 },
-}
-
-/// The worker processes. Dropping it kills those still running.
-struct Fleet {
-    exe: PathBuf,
-    url: String,
-    worker_args: Vec<String>,
-    log_dir: PathBuf,
-    workers: Vec<Worker>,
-    tx: mpsc::UnboundedSender<Event>,
-    events: mpsc::UnboundedReceiver<Event>,
-    stopping: bool,
-}
-
-impl Fleet {
-    fn new(url: &str, args: &DemoArgs, log_dir: &Path) -> Result<Fleet, String> {
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("cannot find the session-lock executable: {e}"))?;
-        let worker_args = vec![
-            "run".to_string(),
-            "--name".into(),
+/// `session-lock run` as the demo's workers run it: one runner name, the
+/// demo's settings, the URL in the environment, logs at `warn`, and a
+/// process group of their own, so that Ctrl-C reaches the demo only and it
+/// decides how the workers end.
+fn runner_command(url: &str, args: &DemoArgs) -> Result<RunnerCommand, String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the session-lock executable: {e}"))?;
+    Ok(RunnerCommand::new(url)
+        .exe(exe)
+        .own_process_group(true)
+        .log_level("warn")
+        .args([
+            "--name".to_string(),
             RUNNER_NAME.into(),
             "--ttl-ms".into(),
             args.ttl_ms.to_string(),
@@ -1357,226 +1378,70 @@ impl Fleet {
             args.work_ms.to_string(),
             "--drain-timeout-ms".into(),
             WORKER_DRAIN_MS.to_string(),
-        ];
-        let (tx, events) = mpsc::unbounded_channel();
-        Ok(Fleet {
-            exe,
-            url: url.to_string(),
-            worker_args,
-            log_dir: log_dir.to_path_buf(),
-            workers: Vec::new(),
-            tx,
-            events,
-            stopping: false,
-        })
-    }
-
-    /// Starts a worker; its stdout is read on a thread of its own.
-    fn spawn(&mut self, fresh: bool) -> Result<u32, String> {
-        let log = self
-            .log_dir
-            .join(format!("worker-{}.log", self.workers.len() + 1));
-        let stderr = File::create(&log)
-            .map_err(|e| format!("creating the worker log {}: {e}", log.display()))?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.args(&self.worker_args)
-            // In the environment, not on the command line, where `ps` would
-            // show a password.
-            .env("DATABASE_URL", &self.url)
-            .env("SESSION_LOCK_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            // Ctrl-C reaches the demo only; it decides how the workers end.
-            .process_group(0);
-        let parent = std::process::id();
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                // The workers die with the demo, even if it is killed.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::getppid() as u32 != parent {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("starting a worker ({}): {e}", self.exe.display()))?;
-        let pid = child.id();
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let tx = self.tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(session) = line
-                    .trim()
-                    .strip_prefix("session_id=")
-                    .and_then(|s| s.parse().ok())
-                {
-                    let _ = tx.send(Event::Session { pid, session });
-                }
-            }
-            let _ = tx.send(Event::Closed { pid });
-        });
-        self.workers.push(Worker {
-            child,
-            pid,
-            sessions: Vec::new(),
-            fresh,
-            killed: false,
-            closed: false,
-            exit: None,
-            log,
-        });
-        Ok(pid)
-    }
-
-    fn worker(&self, pid: u32) -> Option<&Worker> {
-        self.workers.iter().find(|w| w.pid == pid)
-    }
-
-    /// Records what a worker said; a worker that exits unasked is an error.
-    fn handle(&mut self, event: Option<Event>, board: &mut Board) -> Result<(), String> {
-        let Some(event) = event else {
-            return Ok(()); // unreachable: the fleet holds a sender
-        };
-        match event {
-            Event::Session { pid, session } => {
-                let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
-                    return Ok(());
-                };
-                if !w.sessions.contains(&session) {
-                    if let Some(old) = w.session() {
-                        board.out.say(&format!(
-                            "worker pid {pid} lost session {old} and started session {session}"
-                        ));
-                    }
-                    w.sessions.push(session);
-                    let fresh = w.fresh;
-                    board.add_session(session, pid, fresh);
-                }
-            }
-            Event::Closed { pid } => {
-                let stopping = self.stopping;
-                let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
-                    return Ok(());
-                };
-                w.closed = true;
-                if !w.killed && !stopping {
-                    let status = w.child.wait().ok();
-                    w.exit = status;
-                    return Err(format!(
-                        "worker pid {pid} exited unexpectedly ({}){}",
-                        status.map_or("unknown status".into(), |s| s.to_string()),
-                        log_tail(&w.log)
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// SIGKILL, and reap it.
-    fn kill(&mut self, pid: u32) -> Result<(), String> {
-        let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
-            return Ok(());
-        };
-        w.killed = true;
-        w.child
-            .kill()
-            .map_err(|e| format!("killing worker pid {pid}: {e}"))?;
-        w.exit = w.child.wait().ok();
-        Ok(())
-    }
-
-    /// SIGTERM to every running worker, then waits for them to exit.
-    async fn stop(&mut self) -> Result<(), String> {
-        self.stopping = true;
-        for w in self.workers.iter().filter(|w| w.exit.is_none()) {
-            // SAFETY: a plain kill(2) of our own child, not yet reaped.
-            unsafe {
-                libc::kill(w.pid as libc::pid_t, libc::SIGTERM);
-            }
-        }
-        let until = Instant::now() + STOP_TIMEOUT;
-        loop {
-            for w in self.workers.iter_mut().filter(|w| w.exit.is_none()) {
-                if let Ok(Some(status)) = w.child.try_wait() {
-                    w.exit = Some(status);
-                }
-            }
-            // Drain the events so that the readers never block.
-            while self.events.try_recv().is_ok() {}
-            let running: Vec<u32> = self
-                .workers
-                .iter()
-                .filter(|w| w.exit.is_none())
-                .map(|w| w.pid)
-                .collect();
-            if running.is_empty() {
-                break;
-            }
-            if Instant::now() >= until {
-                return Err(format!(
-                    "workers {running:?} did not exit within {} s of SIGTERM; they were killed",
-                    STOP_TIMEOUT.as_secs()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let failed: Vec<String> = self
-            .workers
-            .iter()
-            .filter(|w| !w.killed)
-            .filter_map(|w| {
-                let status = w.exit?;
-                (!status.success()).then(|| format!("pid {} ({status}){}", w.pid, log_tail(&w.log)))
-            })
-            .collect();
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("workers failed on stop: {}", failed.join("; ")))
-        }
-    }
-
-    /// Kills and reaps whatever still runs.
-    fn kill_all(&mut self) {
-        for w in self.workers.iter_mut().filter(|w| w.exit.is_none()) {
-            let _ = w.child.kill();
-            w.exit = w.child.wait().ok();
-        }
-    }
-
-    /// Where to look when workers misbehave.
-    fn log_hint(&self) -> String {
-        self.workers
-            .iter()
-            .map(|w| log_tail(&w.log))
-            .find(|t| !t.is_empty())
-            .unwrap_or_default()
-    }
+        ]))
 }
 
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        self.kill_all();
+/// Starts one more worker, numbered in the order started, logging to a file
+/// of its own in `log_dir`; returns its pid.
+fn spawn_runner(fleet: &mut Fleet, command: &RunnerCommand, log_dir: &Path) -> Result<u32, String> {
+    let label = format!("worker-{}", fleet.processes().len() + 1);
+    let command = command
+        .clone()
+        .log_file(log_dir.join(format!("{label}.log")))
+        .label(label);
+    fleet.spawn(command).map_err(|e| e.to_string())
+}
+
+/// What a worker said, recorded by the fleet already: a new session gets a
+/// bar; a worker that exits unasked is an error.
+async fn on_event(
+    fleet: &mut Fleet,
+    (pid, event): (u32, RunnerEvent),
+    fresh: Option<u32>,
+    board: &mut Board,
+) -> Result<(), String> {
+    let Some(p) = fleet.get_mut(pid) else {
+        return Ok(());
+    };
+    match event {
+        RunnerEvent::Session(session) => {
+            if let [.., old, _] = p.sessions() {
+                board.out.say(&format!(
+                    "worker pid {pid} lost session {old} and started session {session}"
+                ));
+            }
+            board.add_session(session, pid, fresh == Some(pid));
+        }
+        RunnerEvent::Closed if !p.was_killed() => {
+            let status = p.exit_within(EXIT_TIMEOUT).await;
+            return Err(format!(
+                "worker pid {pid} exited unexpectedly ({}){}",
+                status.map_or("unknown status".into(), |s| s.to_string()),
+                log_ends(p)
+            ));
+        }
+        RunnerEvent::Closed => {}
     }
+    Ok(())
+}
+
+/// Where to look when workers misbehave.
+fn log_hint(fleet: &Fleet) -> String {
+    fleet
+        .processes()
+        .iter()
+        .map(log_ends)
+        .find(|t| !t.is_empty())
+        .unwrap_or_default()
 }
 
 /// The end of a worker's log, as a suffix for an error message.
-fn log_tail(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let last: Vec<&str> = text.lines().rev().take(3).collect();
-    if last.is_empty() {
+fn log_ends(p: &RunnerProcess) -> String {
+    let tail = p.log_tail_line(3);
+    if tail.is_empty() {
         return String::new();
     }
-    let last: Vec<&str> = last.into_iter().rev().collect();
-    format!("; its log ends: {}", last.join(" | "))
+    format!("; its log ends: {tail}")
 }
 
 /// The workers' log files, in a temporary directory removed on drop.
