@@ -1,32 +1,32 @@
 //! `session-lock demo`: the whole idea, live, in well under a minute.
 //!
 //! It starts a throwaway PostgreSQL (or uses `DATABASE_URL`), applies the
-//! migrations, starts `--runners` `session-lock worker` processes of one
+//! migrations, starts `--runners` `session-lock run` processes of one
 //! runner name, and seeds `--tasks` rows into `public.example_task`. Then it
 //! shows, from the database a few times a second, how many tasks each
-//! session holds and has finished: the tasks spread fairly over the workers.
+//! session holds and has finished: the tasks spread fairly over the runners.
 //!
-//! At 30 % it kills the worker holding the most tasks with `SIGKILL` and
+//! At 30 % it kills the runner holding the most tasks with `SIGKILL` and
 //! measures the failover: the time until none of the open tasks names the
 //! dead session any more (its lease runs out after the TTL, then the next
-//! tick of a survivor reclaims its tasks). At 60 % it starts a fresh worker,
+//! tick of a survivor reclaims its tasks). At 60 % it starts a fresh runner,
 //! which takes its share from its first tick. When every task is finished it
-//! stops the workers with `SIGTERM` (they drain and end their sessions) and
+//! stops the runners with `SIGTERM` (they drain and end their sessions) and
 //! prints a summary: per session the tasks finished and executions, the
-//! duplicate executions (tasks the killed worker had started: the library
+//! duplicate executions (tasks the killed runner had started: the library
 //! is at-least-once), lost tasks (must be 0), failover time and throughput.
 //! `--json` prints that summary as one JSON object on stdout instead, and
 //! sends everything else to stderr.
 //!
 //! With `DATABASE_URL` the demo uses that database: it applies the
 //! migrations there, refuses to run if `example_task` already has open tasks
-//! (its workers would run them) or if workers of the runner names `demo` or
+//! (its runners would run them) or if runners of the names `demo` or
 //! `example` are alive, counts only the tasks it inserted (their id range),
 //! and leaves its finished rows in `example_task` and `example_task_run`.
 //!
 //! Exit status 1, with a one-line error on stderr, if a task was lost or
 //! anything failed, including the `--timeout-s` deadline (default 5 min).
-//! On every way out the workers are killed and the throwaway server removed.
+//! On every way out the runners are killed and the throwaway server removed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -43,13 +43,13 @@ use session_lock_testkit::{Fleet, RunnerCommand, RunnerEvent, RunnerProcess};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_postgres::Client;
 
-/// The runner name of the demo's workers.
+/// The runner name of the demo's runner processes.
 const RUNNER_NAME: &str = "demo";
 /// Runner names whose live sessions would take the demo's tasks.
 const RIVAL_NAMES: &[&str] = &[RUNNER_NAME, "example"];
-/// The fraction of tasks finished at which one worker is killed.
+/// The fraction of tasks finished at which one runner is killed.
 const KILL_AT: f64 = 0.30;
-/// The fraction of tasks finished at which a fresh worker is started.
+/// The fraction of tasks finished at which a fresh runner is started.
 const JOIN_AT: f64 = 0.60;
 /// How often the progress is read from the database.
 const REFRESH: Duration = Duration::from_millis(200);
@@ -57,13 +57,13 @@ const REFRESH: Duration = Duration::from_millis(200);
 const PLAIN_EVERY: Duration = Duration::from_secs(1);
 /// How often the killed session's open tasks are counted.
 const FAILOVER_POLL: Duration = Duration::from_millis(20);
-/// How long a worker may take to print its first session id.
-const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
-/// The workers' drain timeout on SIGTERM.
-const WORKER_DRAIN_MS: u64 = 10_000;
-/// How long the workers may take to exit after SIGTERM.
+/// How long a runner may take to print its first session id.
+const RUNNER_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The runners' drain timeout on SIGTERM.
+const RUNNER_DRAIN_MS: u64 = 10_000;
+/// How long the runners may take to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a worker whose stdout closed may take to exit.
+/// How long a runner whose stdout closed may take to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long past `--timeout-s` the demo is cut short if a step hangs.
 const BACKSTOP: Duration = Duration::from_secs(60);
@@ -75,10 +75,10 @@ pub(crate) struct DemoArgs {
     /// Tasks to seed.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     tasks: u32,
-    /// Worker processes to start (one more joins later, unless --no-kill).
+    /// Runner processes to start (one more joins later, unless --no-kill).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     runners: u32,
-    /// Do not kill a worker part-way (and start no fresh one).
+    /// Do not kill a runner part-way (and start no fresh one).
     #[arg(long)]
     no_kill: bool,
     /// Print the summary as one JSON object on stdout; everything else goes to stderr.
@@ -87,7 +87,7 @@ pub(crate) struct DemoArgs {
     /// Simulated work per task, in milliseconds.
     #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     work_ms: u64,
-    /// Session TTL in milliseconds: a killed worker's tasks move after about this long.
+    /// Session TTL in milliseconds: a killed runner's tasks move after about this long.
     #[arg(long, default_value_t = 3000)]
     ttl_ms: u64,
     /// Heartbeat interval in milliseconds (at most ttl / 3).
@@ -96,10 +96,10 @@ pub(crate) struct DemoArgs {
     /// Tick interval in milliseconds.
     #[arg(long, default_value_t = 200)]
     tick_ms: u64,
-    /// Most tasks a session holds at once: every worker's capacity.
+    /// Most tasks a session holds at once: every runner's capacity.
     #[arg(long, default_value_t = 10)]
     max_tasks: u32,
-    /// Give up (kill the workers, report what is left, exit 1) after this many seconds.
+    /// Give up (kill the runners, report what is left, exit 1) after this many seconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     timeout_s: u64,
     /// Use this database instead of a throwaway PostgreSQL.
@@ -117,7 +117,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<(), String> {
     let mut server: Option<EmbeddedPostgres> = None;
     // Outlives the demo: dropping bars can erase them from the screen.
     let mut board = Board::new(&out, args.tasks);
-    // The workers live in `demo`'s future: it kills them whenever it ends or
+    // The runners live in `demo`'s future: it kills them whenever it ends or
     // is dropped (on a signal), before the server goes below.
     let mut interrupted = false;
     let outcome = rt.block_on(async {
@@ -126,11 +126,11 @@ pub(crate) fn run(args: DemoArgs) -> Result<(), String> {
             outcome = demo(&args, &out, &mut server, &mut board) => outcome,
             name = signals.recv() => {
                 interrupted = true;
-                Err(format!("interrupted by {name}: the workers were killed"))
+                Err(format!("interrupted by {name}: the runners were killed"))
             }
             // A backstop: every step has its own timeout within the deadline.
             _ = tokio::time::sleep(Duration::from_secs(args.timeout_s) + BACKSTOP) => Err(format!(
-                "the demo did not end within {} s (--timeout-s) plus {} s: the workers were killed",
+                "the demo did not end within {} s (--timeout-s) plus {} s: the runners were killed",
                 args.timeout_s,
                 BACKSTOP.as_secs()
             )),
@@ -183,7 +183,7 @@ fn check_args(args: &DemoArgs) -> Result<(), String> {
         .tick(ms(args.tick_ms))
         .jitter(ms(args.tick_ms))
         .max_tasks(args.max_tasks)
-        .drain_timeout(ms(WORKER_DRAIN_MS))
+        .drain_timeout(ms(RUNNER_DRAIN_MS))
         .build()
         .map_err(|e| format!("invalid setting: {e}"))?;
     if let Some(url) = args
@@ -197,7 +197,7 @@ fn check_args(args: &DemoArgs) -> Result<(), String> {
     }
     if !args.no_kill && args.runners < 2 {
         return Err(
-            "--runners must be at least 2 so that survivors can take over the killed worker's tasks (or pass --no-kill)"
+            "--runners must be at least 2 so that survivors can take over the killed runner's tasks (or pass --no-kill)"
                 .into(),
         );
     }
@@ -218,7 +218,7 @@ async fn demo(
 ) -> Result<Outcome, String> {
     let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
     out.say(&format!(
-        "session-lock demo: {} tasks shared by {} worker processes\n  \
+        "session-lock demo: {} tasks shared by {} runner processes\n  \
          a task takes {} ms of work; a session holds at most {} tasks\n  \
          session lease (ttl) {} ms, heartbeat {} ms, tick {} ms{}",
         args.tasks,
@@ -231,7 +231,7 @@ async fn demo(
         if args.no_kill {
             ""
         } else {
-            "\n  at 30 % one worker is killed, at 60 % a fresh one joins"
+            "\n  at 30 % one runner is killed, at 60 % a fresh one joins"
         }
     ));
 
@@ -267,7 +267,7 @@ async fn demo(
         check_database_is_free(&client).await?;
     }
 
-    // The workers.
+    // The runners.
     let log_dir = LogDir::create()?;
     let command = runner_command(&url, args)?;
     let mut fleet = Fleet::new();
@@ -275,21 +275,21 @@ async fn demo(
     for _ in 0..args.runners {
         spawn_runner(&mut fleet, &command, log_dir.path())?;
     }
-    let start_by = deadline.min(Instant::now() + WORKER_START_TIMEOUT);
+    let start_by = deadline.min(Instant::now() + RUNNER_START_TIMEOUT);
     while fleet.processes().iter().any(|p| p.sessions().is_empty()) {
         let event = tokio::time::timeout_at(start_by.into(), fleet.next_event())
             .await
             .map_err(|_| {
                 format!(
-                    "the workers did not all start a session within {}s{}",
-                    WORKER_START_TIMEOUT.as_secs(),
+                    "the runners did not all start a session within {}s{}",
+                    RUNNER_START_TIMEOUT.as_secs(),
                     log_hint(&fleet)
                 )
             })?;
         on_event(&mut fleet, event, None, board).await?;
     }
     out.say(&format!(
-        "{} workers up in {}, each holding a session: a lease kept by heartbeats",
+        "{} runners up in {}, each holding a session: a lease kept by heartbeats",
         args.runners,
         secs(started.elapsed())
     ));
@@ -303,7 +303,7 @@ async fn demo(
          every tick a session takes its share, weighted by capacity (its max_tasks):\n  \
          floor(open * (before + C) / W) - floor(open * before / W), at most C, where C is\n  \
          its capacity, W the live sessions' total and before that of the older ones;\n  \
-         every demo worker has capacity {}: shares within one task of open / live sessions",
+         every demo runner has capacity {}: shares within one task of open / live sessions",
         args.tasks, range.0, range.1, args.max_tasks
     ));
 
@@ -333,11 +333,11 @@ async fn demo(
     let mut error = error;
     let mut stage = Stage::Killed;
     if error.is_none() {
-        out.say("stopping the workers with SIGTERM: they drain and end their sessions");
+        out.say("stopping the runners with SIGTERM: they drain and end their sessions");
         stage = Stage::Terminated;
         let stopping = Instant::now();
         match fleet.terminate_all(STOP_TIMEOUT).await {
-            Ok(()) => out.say(&format!("workers exited in {}", secs(stopping.elapsed()))),
+            Ok(()) => out.say(&format!("runners exited in {}", secs(stopping.elapsed()))),
             Err(e) => error = Some(e),
         }
     }
@@ -381,7 +381,7 @@ struct Kill {
     failover: Option<Duration>,
 }
 
-/// The fresh worker started part-way.
+/// The fresh runner started part-way.
 struct Fresh {
     pid: u32,
     started: Instant,
@@ -395,14 +395,14 @@ struct Run<'a> {
     client: &'a Client,
     range: (i64, i64),
     fleet: Fleet,
-    /// Starts one more worker (with `spawn_runner`).
+    /// Starts one more runner (with `spawn_runner`).
     command: RunnerCommand,
     log_dir: &'a Path,
     board: &'a mut Board,
     seeded: Instant,
     deadline: Instant,
     /// When the kill was due; it happens at the next poll that finds a
-    /// worker in the middle of its tasks.
+    /// runner in the middle of its tasks.
     kill_wanted: Option<Instant>,
     kill: Option<Kill>,
     fresh: Option<Fresh>,
@@ -467,10 +467,10 @@ impl Run<'_> {
         }
     }
 
-    /// Kills the live worker that is running the most tasks right now (read
+    /// Kills the live runner that is running the most tasks right now (read
     /// just before the kill, so that it dies in the middle of its work and
     /// its tasks really have to move). Waits for the next poll while no
-    /// worker runs any, for at most a second or two.
+    /// runner runs any, for at most a second or two.
     async fn try_kill(&mut self, wanted: Instant) -> Result<(), String> {
         let live: Vec<(u32, i64)> = self
             .fleet
@@ -493,7 +493,7 @@ impl Run<'_> {
                 &[&sessions],
             )
             .await
-            .map_err(|e| db_error("choosing the worker to kill", &e))?;
+            .map_err(|e| db_error("choosing the runner to kill", &e))?;
         let counts: HashMap<i64, (i64, i64)> = rows
             .iter()
             .map(|r| (r.get(0), (r.get(2), r.get(1))))
@@ -518,7 +518,7 @@ impl Run<'_> {
         }
         if let Some(p) = self.fleet.get_mut(pid) {
             p.kill()
-                .map_err(|e| format!("killing worker pid {pid}: {e}"))?;
+                .map_err(|e| format!("killing runner pid {pid}: {e}"))?;
         }
         let at = Instant::now();
         // What it held when it died (a finish it sent just before may still
@@ -534,7 +534,7 @@ impl Run<'_> {
             .get(0);
         let held = u64::try_from(held).unwrap_or(0);
         self.board.out.say(&format!(
-            "killed worker pid {pid} (session {session}) holding {held} tasks, with SIGKILL\n  \
+            "killed runner pid {pid} (session {session}) holding {held} tasks, with SIGKILL\n  \
              its lease runs out after the ttl ({} ms); then a survivor frees its tasks",
             self.args.ttl_ms
         ));
@@ -576,7 +576,7 @@ impl Run<'_> {
     fn start_fresh(&mut self) -> Result<(), String> {
         let pid = spawn_runner(&mut self.fleet, &self.command, self.log_dir)?;
         self.board.out.say(&format!(
-            "started a fresh worker, pid {pid}: it joins with a new session"
+            "started a fresh runner, pid {pid}: it joins with a new session"
         ));
         self.fresh = Some(Fresh {
             pid,
@@ -599,7 +599,7 @@ impl Run<'_> {
         };
         fresh.session = Some((session, Instant::now()));
         self.board.out.say(&format!(
-            "worker pid {} holds session {session}, {} after it was started",
+            "runner pid {} holds session {session}, {} after it was started",
             fresh.pid,
             secs(fresh.started.elapsed())
         ));
@@ -625,7 +625,7 @@ impl Run<'_> {
                 .filter(|p| p.is_alive())
                 .count() as u64
                 + u64::from(expiring);
-            // Shares are weighted by capacity, and every demo worker has the
+            // Shares are weighted by capacity, and every demo runner has the
             // same: the newest session comes last (before = W - C), so its
             // share is open - floor(open * (live - 1) / live), the ceiling
             // of open / live, at most its capacity. (open is counted only
@@ -686,7 +686,7 @@ async fn connect(url: &str) -> Result<Client, String> {
     Ok(client)
 }
 
-/// On a user's database: refuses when others' open tasks or live workers
+/// On a user's database: refuses when others' open tasks or live runners
 /// would mix with the demo's.
 async fn check_database_is_free(client: &Client) -> Result<(), String> {
     let open: i64 = client
@@ -699,7 +699,7 @@ async fn check_database_is_free(client: &Client) -> Result<(), String> {
         .get(0);
     if open > 0 {
         return Err(format!(
-            "example_task in the DATABASE_URL database already has {open} open tasks, which the demo's workers would run: \
+            "example_task in the DATABASE_URL database already has {open} open tasks, which the demo's runners would run: \
              finish or delete them first, or unset DATABASE_URL to let the demo start a throwaway PostgreSQL"
         ));
     }
@@ -716,7 +716,7 @@ async fn check_database_is_free(client: &Client) -> Result<(), String> {
     if live > 0 {
         return Err(format!(
             "{live} live session(s) named {} in the DATABASE_URL database would take the demo's tasks: \
-             stop those workers (or another demo) first, or unset DATABASE_URL",
+             stop those runners (or another demo) first, or unset DATABASE_URL",
             RIVAL_NAMES.join(" or ")
         ));
     }
@@ -1070,13 +1070,13 @@ impl Summary {
             if self.killed_reruns == self.duplicates {
                 let _ = write!(
                     t,
-                    ":\n  all of them tasks the killed worker had started but not finished,\n  \
+                    ":\n  all of them tasks the killed runner had started but not finished,\n  \
                      run again by a survivor (delivery is at-least-once)"
                 );
             } else {
                 let _ = write!(
                     t,
-                    ",\n  {} of them tasks the killed worker had started, run again by a survivor",
+                    ",\n  {} of them tasks the killed runner had started, run again by a survivor",
                     self.killed_reruns
                 );
             }
@@ -1099,13 +1099,13 @@ impl Summary {
                 );
             }
             _ => {
-                let _ = writeln!(t, "failover: none, no worker was killed");
+                let _ = writeln!(t, "failover: none, no runner was killed");
             }
         }
         if let Some(r) = self.rebalance {
             let _ = writeln!(
                 t,
-                "rebalance: the fresh worker took its first share within {} ms of joining",
+                "rebalance: the fresh runner took its first share within {} ms of joining",
                 r.as_millis()
             );
         }
@@ -1343,19 +1343,19 @@ impl Board {
 /// running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
-    /// The workers run: a live update.
+    /// The runners run: a live update.
     Running,
-    /// The last update, the workers killed (the demo failed before it could
+    /// The last update, the runners killed (the demo failed before it could
     /// stop them).
     Killed,
-    /// The last update, the workers stopped with SIGTERM.
+    /// The last update, the runners stopped with SIGTERM.
     Terminated,
 }
 
-/// `session-lock run` as the demo's workers run it: one runner name, the
+/// `session-lock run` as the demo's runners run it: one runner name, the
 /// demo's settings, the URL in the environment, logs at `warn`, and a
 /// process group of their own, so that Ctrl-C reaches the demo only and it
-/// decides how the workers end.
+/// decides how the runners end.
 fn runner_command(url: &str, args: &DemoArgs) -> Result<RunnerCommand, String> {
     let exe = std::env::current_exe()
         .map_err(|e| format!("cannot find the session-lock executable: {e}"))?;
@@ -1377,14 +1377,14 @@ fn runner_command(url: &str, args: &DemoArgs) -> Result<RunnerCommand, String> {
             "--work-ms".into(),
             args.work_ms.to_string(),
             "--drain-timeout-ms".into(),
-            WORKER_DRAIN_MS.to_string(),
+            RUNNER_DRAIN_MS.to_string(),
         ]))
 }
 
-/// Starts one more worker, numbered in the order started, logging to a file
+/// Starts one more runner, numbered in the order started, logging to a file
 /// of its own in `log_dir`; returns its pid.
 fn spawn_runner(fleet: &mut Fleet, command: &RunnerCommand, log_dir: &Path) -> Result<u32, String> {
-    let label = format!("worker-{}", fleet.processes().len() + 1);
+    let label = format!("runner-{}", fleet.processes().len() + 1);
     let command = command
         .clone()
         .log_file(log_dir.join(format!("{label}.log")))
@@ -1392,8 +1392,8 @@ fn spawn_runner(fleet: &mut Fleet, command: &RunnerCommand, log_dir: &Path) -> R
     fleet.spawn(command).map_err(|e| e.to_string())
 }
 
-/// What a worker said, recorded by the fleet already: a new session gets a
-/// bar; a worker that exits unasked is an error.
+/// What a runner said, recorded by the fleet already: a new session gets a
+/// bar; a runner that exits unasked is an error.
 async fn on_event(
     fleet: &mut Fleet,
     (pid, event): (u32, RunnerEvent),
@@ -1407,7 +1407,7 @@ async fn on_event(
         RunnerEvent::Session(session) => {
             if let [.., old, _] = p.sessions() {
                 board.out.say(&format!(
-                    "worker pid {pid} lost session {old} and started session {session}"
+                    "runner pid {pid} lost session {old} and started session {session}"
                 ));
             }
             board.add_session(session, pid, fresh == Some(pid));
@@ -1415,7 +1415,7 @@ async fn on_event(
         RunnerEvent::Closed if !p.was_killed() => {
             let status = p.exit_within(EXIT_TIMEOUT).await;
             return Err(format!(
-                "worker pid {pid} exited unexpectedly ({}){}",
+                "runner pid {pid} exited unexpectedly ({}){}",
                 status.map_or("unknown status".into(), |s| s.to_string()),
                 log_ends(p)
             ));
@@ -1425,7 +1425,7 @@ async fn on_event(
     Ok(())
 }
 
-/// Where to look when workers misbehave.
+/// Where to look when runners misbehave.
 fn log_hint(fleet: &Fleet) -> String {
     fleet
         .processes()
@@ -1435,7 +1435,7 @@ fn log_hint(fleet: &Fleet) -> String {
         .unwrap_or_default()
 }
 
-/// The end of a worker's log, as a suffix for an error message.
+/// The end of a runner's log, as a suffix for an error message.
 fn log_ends(p: &RunnerProcess) -> String {
     let tail = p.log_tail_line(3);
     if tail.is_empty() {
@@ -1444,7 +1444,7 @@ fn log_ends(p: &RunnerProcess) -> String {
     format!("; its log ends: {tail}")
 }
 
-/// The workers' log files, in a temporary directory removed on drop.
+/// The runners' log files, in a temporary directory removed on drop.
 struct LogDir(PathBuf);
 
 impl LogDir {
