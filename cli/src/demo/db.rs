@@ -174,8 +174,149 @@ impl Snapshot {
     }
 }
 
+/// Of `sessions`, each one's open tasks with an execution still running,
+/// and all its open tasks: `(running, held)`.
+pub(super) async fn running_and_held(
+    client: &Client,
+    sessions: &[i64],
+) -> Result<HashMap<i64, (i64, i64)>, String> {
+    let rows = client
+        .query(
+            "SELECT t.session_id, count(*), count(*) FILTER (WHERE EXISTS ( \
+                    SELECT 1 FROM example_task_run r \
+                     WHERE r.task_id = t.id AND r.session_id = t.session_id \
+                       AND r.finished_at IS NULL)) \
+               FROM example_task t \
+              WHERE t.session_id = ANY($1) AND t.finished_at IS NULL \
+              GROUP BY 1",
+            &[&sessions],
+        )
+        .await
+        .map_err(|e| db_error("choosing the runner to kill", &e))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(2), r.get(1))))
+        .collect())
+}
+
+/// The open tasks `session` holds: those of a killed session, which must
+/// move.
+pub(super) async fn held_by(client: &Client, session: i64) -> Result<u64, String> {
+    let held: i64 = client
+        .query_one(
+            "SELECT count(*) FROM example_task WHERE session_id = $1 AND finished_at IS NULL",
+            &[&session],
+        )
+        .await
+        .map_err(|e| db_error("counting the killed session's tasks", &e))?
+        .get(0);
+    Ok(u64::try_from(held).unwrap_or(0))
+}
+
+/// Executions of the demo's tasks, per executing session.
+pub(super) async fn executions_by_session(
+    client: &Client,
+    (lo, hi): (i64, i64),
+) -> Result<HashMap<i64, u64>, String> {
+    let rows = client
+        .query(
+            "SELECT session_id, count(*) FROM example_task_run WHERE task_id BETWEEN $1 AND $2 GROUP BY 1",
+            &[&lo, &hi],
+        )
+        .await
+        .map_err(|e| db_error("counting executions", &e))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), u64::try_from(r.get::<_, i64>(1)).unwrap_or(0)))
+        .collect())
+}
+
+/// Executions of the demo's tasks beyond one per task.
+pub(super) async fn duplicate_executions(
+    client: &Client,
+    (lo, hi): (i64, i64),
+) -> Result<u64, String> {
+    let duplicates: i64 = client
+        .query_one(
+            "SELECT count(*) - count(DISTINCT task_id) FROM example_task_run WHERE task_id BETWEEN $1 AND $2",
+            &[&lo, &hi],
+        )
+        .await
+        .map_err(|e| db_error("counting duplicate executions", &e))?
+        .get(0);
+    Ok(u64::try_from(duplicates).unwrap_or(0))
+}
+
+/// By the database's clock, from the seed's commit to the last finish;
+/// `None` until a task is finished after a measurable time.
+pub(super) async fn run_duration(
+    client: &Client,
+    (lo, hi): (i64, i64),
+) -> Result<Option<Duration>, String> {
+    let seconds: Option<f64> = client
+        .query_one(
+            "SELECT EXTRACT(EPOCH FROM max(finished_at) - min(created_at))::float8 \
+               FROM example_task WHERE id BETWEEN $1 AND $2",
+            &[&lo, &hi],
+        )
+        .await
+        .map_err(|e| db_error("reading the run's duration", &e))?
+        .get(0);
+    Ok(seconds.filter(|&s| s > 0.0).map(Duration::from_secs_f64))
+}
+
+/// Executions by `session` of the demo's tasks that another session
+/// finished: the killed session's tasks run again by a survivor.
+pub(super) async fn reruns_of(
+    client: &Client,
+    (lo, hi): (i64, i64),
+    session: i64,
+) -> Result<u64, String> {
+    let reruns: i64 = client
+        .query_one(
+            "SELECT count(*) FROM example_task_run r JOIN example_task t ON t.id = r.task_id \
+              WHERE r.task_id BETWEEN $1 AND $2 AND r.session_id = $3 \
+                AND t.finished_by IS DISTINCT FROM $3",
+            &[&lo, &hi, &session],
+        )
+        .await
+        .map_err(|e| db_error("counting the killed session's executions", &e))?
+        .get(0);
+    Ok(u64::try_from(reruns).unwrap_or(0))
+}
+
+/// Of `sessions`, each one's pid (as the session recorded it) and how it
+/// ended: `ended`, `expired, reclaimed`, `expired` or `live`.
+pub(super) async fn session_ends(
+    client: &Client,
+    sessions: &[i64],
+) -> Result<HashMap<i64, (i32, &'static str)>, String> {
+    let rows = client
+        .query(
+            "SELECT id, pid, ended_at IS NOT NULL, reclaimed_at IS NOT NULL, expires_at <= now() \
+               FROM session_lock.session WHERE id = ANY($1)",
+            &[&sessions],
+        )
+        .await
+        .map_err(|e| db_error("reading the sessions", &e))?;
+    let mut ends = HashMap::new();
+    for r in rows {
+        let end = if r.get::<_, bool>(2) {
+            "ended"
+        } else if r.get::<_, bool>(3) {
+            "expired, reclaimed"
+        } else if r.get::<_, bool>(4) {
+            "expired"
+        } else {
+            "live"
+        };
+        ends.insert(r.get(0), (r.get(1), end));
+    }
+    Ok(ends)
+}
+
 /// A database error with the server's message, if it came from the server,
 /// or with its causes ("error connecting to server: Connection refused").
-pub(super) fn db_error(what: &str, e: &tokio_postgres::Error) -> String {
+fn db_error(what: &str, e: &tokio_postgres::Error) -> String {
     format!("{what}: {}", ErrorChain(e))
 }

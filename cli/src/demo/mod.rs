@@ -38,7 +38,6 @@ mod report;
 mod runners;
 mod signals;
 
-use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -50,7 +49,7 @@ use session_lock_testkit::{Fleet, RunnerCommand};
 use tokio_postgres::Client;
 
 use board::{Board, Out, Stage};
-use db::{Snapshot, check_database_is_free, connect, db_error, migrate, seed};
+use db::{Snapshot, check_database_is_free, connect, migrate, seed};
 use report::{Summary, summarize};
 use runners::{LogDir, log_hint, on_event, runner_command, spawn_runner};
 use signals::Signals;
@@ -486,24 +485,7 @@ impl Run<'_> {
             .filter_map(|p| Some((p.pid(), *p.sessions().last()?)))
             .collect();
         let sessions: Vec<i64> = live.iter().map(|&(_, s)| s).collect();
-        let rows = self
-            .client
-            .query(
-                "SELECT t.session_id, count(*), count(*) FILTER (WHERE EXISTS ( \
-                        SELECT 1 FROM example_task_run r \
-                         WHERE r.task_id = t.id AND r.session_id = t.session_id \
-                           AND r.finished_at IS NULL)) \
-                   FROM example_task t \
-                  WHERE t.session_id = ANY($1) AND t.finished_at IS NULL \
-                  GROUP BY 1",
-                &[&sessions],
-            )
-            .await
-            .map_err(|e| db_error("choosing the runner to kill", &e))?;
-        let counts: HashMap<i64, (i64, i64)> = rows
-            .iter()
-            .map(|r| (r.get(0), (r.get(2), r.get(1))))
-            .collect();
+        let counts = db::running_and_held(self.client, &sessions).await?;
         let best = live
             .iter()
             .map(|&(pid, s)| (pid, s, counts.get(&s).copied().unwrap_or((0, 0))))
@@ -529,16 +511,7 @@ impl Run<'_> {
         let at = Instant::now();
         // What it held when it died (a finish it sent just before may still
         // have committed): the tasks that must move.
-        let held: i64 = self
-            .client
-            .query_one(
-                "SELECT count(*) FROM example_task WHERE session_id = $1 AND finished_at IS NULL",
-                &[&session],
-            )
-            .await
-            .map_err(|e| db_error("counting the killed session's tasks", &e))?
-            .get(0);
-        let held = u64::try_from(held).unwrap_or(0);
+        let held = db::held_by(self.client, session).await?;
         self.board.out.say(&format!(
             "killed runner pid {pid} (session {session}) holding {held} tasks, with SIGKILL\n  \
              its lease runs out after the ttl ({} ms); then a survivor frees its tasks",
@@ -558,16 +531,7 @@ impl Run<'_> {
         let Some(kill) = self.kill.as_mut() else {
             return Ok(());
         };
-        let row = self
-            .client
-            .query_one(
-                "SELECT count(*) FROM example_task WHERE session_id = $1 AND finished_at IS NULL",
-                &[&kill.session],
-            )
-            .await
-            .map_err(|e| db_error("counting the killed session's tasks", &e))?;
-        let left: i64 = row.get(0);
-        if left == 0 {
+        if db::held_by(self.client, kill.session).await? == 0 {
             let took = kill.at.elapsed();
             kill.failover = Some(took);
             self.board.out.say(&format!(

@@ -3,14 +3,14 @@
 //! duplicate executions, failover, rebalance and throughput. A text table,
 //! or with `--json` one JSON object whose field names the README documents.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use session_lock_testkit::{Fleet, RunnerProcess};
 use tokio_postgres::Client;
 
-use super::db::{Snapshot, db_error};
+use super::db::{self, Snapshot};
 use super::{DemoArgs, Fresh, Kill, secs};
 
 /// One session's line in the summary.
@@ -53,53 +53,16 @@ pub(super) async fn summarize(
     duration: Duration,
     args: &DemoArgs,
 ) -> Result<Summary, String> {
-    let q = |what: &'static str| move |e: tokio_postgres::Error| db_error(what, &e);
-    let (lo, hi) = range;
     let snap = Snapshot::read(client, range).await?;
-    let runs = client
-        .query(
-            "SELECT session_id, count(*) FROM example_task_run WHERE task_id BETWEEN $1 AND $2 GROUP BY 1",
-            &[&lo, &hi],
-        )
-        .await
-        .map_err(q("counting executions"))?;
-    let runs: HashMap<i64, u64> = runs
-        .iter()
-        .map(|r| (r.get(0), u64::try_from(r.get::<_, i64>(1)).unwrap_or(0)))
-        .collect();
-    let duplicates: i64 = client
-        .query_one(
-            "SELECT count(*) - count(DISTINCT task_id) FROM example_task_run WHERE task_id BETWEEN $1 AND $2",
-            &[&lo, &hi],
-        )
-        .await
-        .map_err(q("counting duplicate executions"))?
-        .get(0);
-    // The database's clock: from the seed's commit to the last finish.
-    let db_duration: Option<f64> = client
-        .query_one(
-            "SELECT EXTRACT(EPOCH FROM max(finished_at) - min(created_at))::float8 \
-               FROM example_task WHERE id BETWEEN $1 AND $2",
-            &[&lo, &hi],
-        )
-        .await
-        .map_err(q("reading the run's duration"))?
-        .get(0);
-    let duration = match db_duration {
-        Some(d) if snap.finished == u64::from(args.tasks) && d > 0.0 => Duration::from_secs_f64(d),
+    let runs = db::executions_by_session(client, range).await?;
+    let duplicates = db::duplicate_executions(client, range).await?;
+    // The database's clock, once every task is finished.
+    let duration = match db::run_duration(client, range).await? {
+        Some(d) if snap.finished == u64::from(args.tasks) => d,
         _ => duration,
     };
-    let killed_reruns: i64 = match kill {
-        Some(k) => client
-            .query_one(
-                "SELECT count(*) FROM example_task_run r JOIN example_task t ON t.id = r.task_id \
-                  WHERE r.task_id BETWEEN $1 AND $2 AND r.session_id = $3 \
-                    AND t.finished_by IS DISTINCT FROM $3",
-                &[&lo, &hi, &k.session],
-            )
-            .await
-            .map_err(q("counting the killed session's executions"))?
-            .get(0),
+    let killed_reruns = match kill {
+        Some(k) => db::reruns_of(client, range, k.session).await?,
         None => 0,
     };
 
@@ -111,27 +74,7 @@ pub(super) async fn summarize(
     sessions.extend(snap.done_by.keys());
     sessions.extend(runs.keys());
     let ids: Vec<i64> = sessions.iter().copied().collect();
-    let rows = client
-        .query(
-            "SELECT id, pid, ended_at IS NOT NULL, reclaimed_at IS NOT NULL, expires_at <= now() \
-               FROM session_lock.session WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await
-        .map_err(q("reading the sessions"))?;
-    let mut info: HashMap<i64, (i32, &'static str)> = HashMap::new();
-    for r in rows {
-        let end = if r.get::<_, bool>(2) {
-            "ended"
-        } else if r.get::<_, bool>(3) {
-            "expired, reclaimed"
-        } else if r.get::<_, bool>(4) {
-            "expired"
-        } else {
-            "live"
-        };
-        info.insert(r.get(0), (r.get(1), end));
-    }
+    let info = db::session_ends(client, &ids).await?;
     let per_session = sessions
         .iter()
         .map(|&s| {
@@ -155,8 +98,8 @@ pub(super) async fn summarize(
         finished: snap.finished,
         lost: u64::from(args.tasks).saturating_sub(snap.finished),
         executions: runs.values().sum(),
-        duplicates: u64::try_from(duplicates).unwrap_or(0),
-        killed_reruns: u64::try_from(killed_reruns).unwrap_or(0),
+        duplicates,
+        killed_reruns,
         failover: kill.and_then(|k| k.failover),
         killed: kill.map(|k| (k.pid, k.session, k.held)),
         rebalance: fresh.and_then(|f| f.first_share),
