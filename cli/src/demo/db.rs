@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use session_lock::{ErrorChain, Migrator};
 use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
 
 use super::RUNNER_NAME;
 
@@ -59,14 +60,13 @@ pub(super) async fn connect(url: &str) -> Result<Client, String> {
 /// On a user's database: refuses when others' open tasks or live runners
 /// would mix with the demo's.
 pub(super) async fn check_database_is_free(client: &Client) -> Result<(), String> {
-    let open: i64 = client
-        .query_one(
-            "SELECT count(*) FROM example_task WHERE finished_at IS NULL",
-            &[],
-        )
-        .await
-        .map_err(|e| db_error("counting open example tasks", &e))?
-        .get(0);
+    let open = count(
+        client,
+        "counting open example tasks",
+        "SELECT count(*) FROM example_task WHERE finished_at IS NULL",
+        &[],
+    )
+    .await?;
     if open > 0 {
         return Err(format!(
             "example_task in the DATABASE_URL database already has {open} open tasks, which the demo's runners would run: \
@@ -74,15 +74,14 @@ pub(super) async fn check_database_is_free(client: &Client) -> Result<(), String
         ));
     }
     let names: Vec<String> = RIVAL_NAMES.iter().map(|s| s.to_string()).collect();
-    let live: i64 = client
-        .query_one(
-            "SELECT count(*) FROM session_lock.session \
-              WHERE name = ANY($1) AND reclaimed_at IS NULL AND ended_at IS NULL AND expires_at > now()",
-            &[&names],
-        )
-        .await
-        .map_err(|e| db_error("counting live sessions", &e))?
-        .get(0);
+    let live = count(
+        client,
+        "counting live sessions",
+        "SELECT count(*) FROM session_lock.session \
+          WHERE name = ANY($1) AND reclaimed_at IS NULL AND ended_at IS NULL AND expires_at > now()",
+        &[&names],
+    )
+    .await?;
     if live > 0 {
         return Err(format!(
             "{live} live session(s) named {} in the DATABASE_URL database would take the demo's tasks: \
@@ -107,15 +106,14 @@ pub(super) async fn seed(client: &Client, tasks: u32) -> Result<(i64, i64), Stri
         .await
         .map_err(|e| db_error("seeding the tasks", &e))?;
     let (first, last): (i64, i64) = (row.get(0), row.get(1));
-    let in_range: i64 = client
-        .query_one(
-            "SELECT count(*) FROM example_task WHERE id BETWEEN $1 AND $2",
-            &[&first, &last],
-        )
-        .await
-        .map_err(|e| db_error("checking the seeded tasks", &e))?
-        .get(0);
-    if in_range != n {
+    let in_range = count(
+        client,
+        "checking the seeded tasks",
+        "SELECT count(*) FROM example_task WHERE id BETWEEN $1 AND $2",
+        &[&first, &last],
+    )
+    .await?;
+    if in_range != u64::from(tasks) {
         return Err(format!(
             "another process inserted into example_task while the demo seeded it (ids {first}..={last} hold {in_range} rows, not {n}): run the demo again"
         ));
@@ -202,15 +200,13 @@ pub(super) async fn running_and_held(
 /// The open tasks `session` holds: those of a killed session, which must
 /// move.
 pub(super) async fn held_by(client: &Client, session: i64) -> Result<u64, String> {
-    let held: i64 = client
-        .query_one(
-            "SELECT count(*) FROM example_task WHERE session_id = $1 AND finished_at IS NULL",
-            &[&session],
-        )
-        .await
-        .map_err(|e| db_error("counting the killed session's tasks", &e))?
-        .get(0);
-    Ok(u64::try_from(held).unwrap_or(0))
+    count(
+        client,
+        "counting the killed session's tasks",
+        "SELECT count(*) FROM example_task WHERE session_id = $1 AND finished_at IS NULL",
+        &[&session],
+    )
+    .await
 }
 
 /// Executions of the demo's tasks, per executing session.
@@ -236,15 +232,13 @@ pub(super) async fn duplicate_executions(
     client: &Client,
     (lo, hi): (i64, i64),
 ) -> Result<u64, String> {
-    let duplicates: i64 = client
-        .query_one(
-            "SELECT count(*) - count(DISTINCT task_id) FROM example_task_run WHERE task_id BETWEEN $1 AND $2",
-            &[&lo, &hi],
-        )
-        .await
-        .map_err(|e| db_error("counting duplicate executions", &e))?
-        .get(0);
-    Ok(u64::try_from(duplicates).unwrap_or(0))
+    count(
+        client,
+        "counting duplicate executions",
+        "SELECT count(*) - count(DISTINCT task_id) FROM example_task_run WHERE task_id BETWEEN $1 AND $2",
+        &[&lo, &hi],
+    )
+    .await
 }
 
 /// By the database's clock, from the seed's commit to the last finish;
@@ -272,17 +266,15 @@ pub(super) async fn reruns_of(
     (lo, hi): (i64, i64),
     session: i64,
 ) -> Result<u64, String> {
-    let reruns: i64 = client
-        .query_one(
-            "SELECT count(*) FROM example_task_run r JOIN example_task t ON t.id = r.task_id \
-              WHERE r.task_id BETWEEN $1 AND $2 AND r.session_id = $3 \
-                AND t.finished_by IS DISTINCT FROM $3",
-            &[&lo, &hi, &session],
-        )
-        .await
-        .map_err(|e| db_error("counting the killed session's executions", &e))?
-        .get(0);
-    Ok(u64::try_from(reruns).unwrap_or(0))
+    count(
+        client,
+        "counting the killed session's executions",
+        "SELECT count(*) FROM example_task_run r JOIN example_task t ON t.id = r.task_id \
+          WHERE r.task_id BETWEEN $1 AND $2 AND r.session_id = $3 \
+            AND t.finished_by IS DISTINCT FROM $3",
+        &[&lo, &hi, &session],
+    )
+    .await
 }
 
 /// Of `sessions`, each one's pid (as the session recorded it) and how it
@@ -313,6 +305,22 @@ pub(super) async fn session_ends(
         ends.insert(r.get(0), (r.get(1), end));
     }
     Ok(ends)
+}
+
+/// The one number `sql` selects, a count (never negative); `what` names
+/// the query in its error.
+async fn count(
+    client: &Client,
+    what: &str,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, String> {
+    let n: i64 = client
+        .query_one(sql, params)
+        .await
+        .map_err(|e| db_error(what, &e))?
+        .get(0);
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// A database error with the server's message, if it came from the server,
