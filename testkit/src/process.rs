@@ -547,6 +547,22 @@ impl Fleet {
         self.processes.iter_mut().find(|p| p.pid == pid)
     }
 
+    /// Every session its processes announced and were received so far:
+    /// process by process, in the order they were started.
+    pub fn sessions(&self) -> impl Iterator<Item = i64> + '_ {
+        self.processes
+            .iter()
+            .flat_map(|p| p.sessions.iter().copied())
+    }
+
+    /// The process that announced `session`, whether it still holds it or
+    /// not.
+    pub fn announced_by(&self, session: i64) -> Option<&RunnerProcess> {
+        self.processes
+            .iter()
+            .find(|p| p.sessions.contains(&session))
+    }
+
     /// The next event of any process, recorded in that process first.
     pub async fn next_event(&mut self) -> (u32, RunnerEvent) {
         // The fleet holds a sender, so the channel never closes.
