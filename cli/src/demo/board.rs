@@ -150,10 +150,7 @@ impl Board {
         let elapsed = seeded.elapsed();
         let rate = snap.finished as f64 / elapsed.as_secs_f64().max(0.001);
         let status = |session: i64| -> String {
-            let runner = fleet
-                .processes()
-                .iter()
-                .find(|p| p.sessions().contains(&session));
+            let runner = fleet.announced_by(session);
             let pid = runner.map_or("pid ?".into(), |p| format!("pid {}", p.pid()));
             if let Some(k) = kill.filter(|k| k.session == session) {
                 return match k.failover {
@@ -198,11 +195,7 @@ impl Board {
             self.total,
             100.0 * snap.finished as f64 / self.total.max(1) as f64,
         );
-        let mut sessions: BTreeSet<i64> = fleet
-            .processes()
-            .iter()
-            .flat_map(|p| p.sessions().iter().copied())
-            .collect();
+        let mut sessions: BTreeSet<i64> = fleet.sessions().collect();
         sessions.extend(snap.held.keys());
         for s in sessions {
             let mark = if kill.is_some_and(|k| k.session == s) {

@@ -66,11 +66,7 @@ pub(super) async fn summarize(
         None => 0,
     };
 
-    let mut sessions: BTreeSet<i64> = fleet
-        .processes()
-        .iter()
-        .flat_map(|p| p.sessions().iter().copied())
-        .collect();
+    let mut sessions: BTreeSet<i64> = fleet.sessions().collect();
     sessions.extend(snap.done_by.keys());
     sessions.extend(runs.keys());
     let ids: Vec<i64> = sessions.iter().copied().collect();
@@ -78,7 +74,7 @@ pub(super) async fn summarize(
     let per_session = sessions
         .iter()
         .map(|&s| {
-            let runner = fleet.processes().iter().find(|p| p.sessions().contains(&s));
+            let runner = fleet.announced_by(s);
             let (db_pid, end) = info.get(&s).copied().unwrap_or((0, "unknown"));
             SessionRow {
                 session: s,
