@@ -3,14 +3,15 @@
 //!
 //! A runner process prints `session_id=N` on stdout whenever it starts a
 //! session. A reader thread per process turns those lines into
-//! [`RunnerEvent`]s: into the process's own channel, so a test can wait for
-//! a session instead of sleeping, or into a [`Fleet`]'s shared one, so a
-//! driver of many processes waits on all of them at once. stderr goes to a
-//! log file, whose tail is printed when the test fails. The database URL is
-//! passed in the environment (`DATABASE_URL`), where `ps` does not show a
-//! password. Dropping a [`RunnerProcess`] SIGKILLs and reaps it, and
-//! `PR_SET_PDEATHSIG` kills it should the parent die first: nothing
-//! outlives the process that started it.
+//! [`RunnerEvent`]s, one per session however often it is printed: into the
+//! process's own channel, so a test can wait for a session instead of
+//! sleeping, or into a [`Fleet`]'s shared one, so a driver of many
+//! processes waits on all of them at once. stderr goes to a log file, whose
+//! tail is printed when the test fails and ends the errors a fleet reports.
+//! The database URL is passed in the environment (`DATABASE_URL`), where
+//! `ps` does not show a password. Dropping a [`RunnerProcess`] SIGKILLs and
+//! reaps it, and `PR_SET_PDEATHSIG` kills it should the parent die first:
+//! nothing outlives the process that started it.
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader};
@@ -63,7 +64,7 @@ pub fn session_lock_bin() -> &'static Path {
 /// What a runner process's stdout says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunnerEvent {
-    /// It holds a new session.
+    /// It holds a session it did not announce before.
     Session(i64),
     /// Its stdout closed: it exited, or is about to.
     Closed,
@@ -220,13 +221,16 @@ impl RunnerCommand {
         let pid = child.id();
         let stdout = child.stdout.take().expect("stdout is piped");
         std::thread::spawn(move || {
+            let mut announced = Vec::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(session) = line
                     .trim()
                     .strip_prefix("session_id=")
                     .and_then(|s| s.parse().ok())
+                    .filter(|s| !announced.contains(s))
                 {
+                    announced.push(session);
                     if !send(pid, RunnerEvent::Session(session)) {
                         return;
                     }
@@ -372,11 +376,7 @@ impl RunnerProcess {
     /// Records an event, from its own channel or its fleet's.
     fn record(&mut self, event: RunnerEvent) {
         match event {
-            RunnerEvent::Session(id) => {
-                if !self.sessions.contains(&id) {
-                    self.sessions.push(id);
-                }
-            }
+            RunnerEvent::Session(id) => self.sessions.push(id),
             RunnerEvent::Closed => self.closed = true,
         }
     }
@@ -417,24 +417,33 @@ impl RunnerProcess {
         self.exit
     }
 
+    /// Waits up to `within` for it to exit; `None` if it still runs then.
+    pub async fn exit_within(&mut self, within: Duration) -> Option<ExitStatus> {
+        let until = Instant::now() + within;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Some(status);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits for it to exit.
     ///
     /// # Panics
     ///
     /// When it still runs after `within`.
     pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.try_exit() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < within,
+        match self.exit_within(within).await {
+            Some(status) => status,
+            None => panic!(
                 "runner {} did not exit within {within:?}; stderr:\n{}",
                 self.label,
                 self.log_tail(40)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            ),
         }
     }
 
@@ -450,9 +459,19 @@ impl RunnerProcess {
 
     /// The last `n` lines of its log.
     pub fn log_tail(&self, n: usize) -> String {
+        self.last_log_lines(n, "\n")
+    }
+
+    /// The last `n` lines of its log on one line, `a | b | c`: for an
+    /// error message of one line.
+    pub fn log_tail_line(&self, n: usize) -> String {
+        self.last_log_lines(n, " | ")
+    }
+
+    fn last_log_lines(&self, n: usize, separator: &str) -> String {
         let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        lines[lines.len().saturating_sub(n)..].join(separator)
     }
 }
 
@@ -528,6 +547,22 @@ impl Fleet {
         self.processes.iter_mut().find(|p| p.pid == pid)
     }
 
+    /// Every session its processes announced and were received so far:
+    /// process by process, in the order they were started.
+    pub fn sessions(&self) -> impl Iterator<Item = i64> + '_ {
+        self.processes
+            .iter()
+            .flat_map(|p| p.sessions.iter().copied())
+    }
+
+    /// The process that announced `session`, whether it still holds it or
+    /// not.
+    pub fn announced_by(&self, session: i64) -> Option<&RunnerProcess> {
+        self.processes
+            .iter()
+            .find(|p| p.sessions.contains(&session))
+    }
+
     /// The next event of any process, recorded in that process first.
     pub async fn next_event(&mut self) -> (u32, RunnerEvent) {
         // The fleet holds a sender, so the channel never closes.
@@ -552,7 +587,7 @@ impl Fleet {
     /// SIGTERM to every process still running, then waits up to `within`
     /// for them to exit. Those still running then are killed, and named in
     /// the error; so are those (not killed before) that exited with a
-    /// failure, with the end of their logs.
+    /// failure, with the end of their logs. The error is one line.
     pub async fn terminate_all(&mut self, within: Duration) -> Result<(), String> {
         for p in &mut self.processes {
             if p.try_exit().is_none() {
@@ -585,8 +620,13 @@ impl Fleet {
             .filter(|p| !p.killed)
             .filter_map(|p| {
                 let status = p.exit?;
-                (!status.success())
-                    .then(|| format!("pid {} ({status}); its log ends: {}", p.pid, p.log_tail(3)))
+                (!status.success()).then(|| {
+                    format!(
+                        "pid {} ({status}); its log ends: {}",
+                        p.pid,
+                        p.log_tail_line(3)
+                    )
+                })
             })
             .collect();
         if failed.is_empty() {
