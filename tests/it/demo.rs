@@ -1,4 +1,4 @@
-//! `session-lock demo` end to end, as the README's first command: worker
+//! `session-lock demo` end to end, as the README's first command: runner
 //! processes share the tasks, one is killed, its tasks move, a fresh one
 //! joins, and nothing is lost. Runs against a fresh database of the test
 //! server through `DATABASE_URL`, so the demo starts no server of its own.
@@ -13,7 +13,7 @@ const TTL_MS: u64 = 2000;
 const TICK_MS: u64 = 100;
 
 #[tokio::test]
-async fn demo_kills_a_worker_and_loses_no_task() {
+async fn demo_kills_a_runner_and_loses_no_task() {
     let db = fresh_db().await;
     let url = db.url.clone();
     let out = tokio::task::spawn_blocking(move || {
@@ -51,7 +51,7 @@ async fn demo_kills_a_worker_and_loses_no_task() {
     assert_eq!(n("tasks"), TASKS, "{summary}");
     assert_eq!(n("finished"), TASKS, "{summary}");
     assert_eq!(n("lost"), 0, "{summary}");
-    // Only the killed worker's tasks in flight may run twice.
+    // Only the killed runner's tasks in flight may run twice.
     assert!(n("duplicates") <= MAX_TASKS, "{summary}");
     assert!(
         summary["tasks_per_s"].as_f64().is_some_and(|r| r > 0.0),
@@ -67,7 +67,7 @@ async fn demo_kills_a_worker_and_loses_no_task() {
     );
 
     let sessions = summary["per_session"].as_array().expect("per_session");
-    assert_eq!(sessions.len(), 3, "2 workers + the fresh one: {summary}");
+    assert_eq!(sessions.len(), 3, "2 runners + the fresh one: {summary}");
     let killed: Vec<_> = sessions.iter().filter(|s| s["killed"] == true).collect();
     assert_eq!(killed.len(), 1, "{summary}");
     let finished: u64 = sessions
