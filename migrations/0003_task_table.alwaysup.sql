@@ -56,13 +56,20 @@
 --      others' held counters, S's neighbour;
 --   5. once per tick (p_sweep), sweep S's stretch of session ids for
 --      orphans: open tasks whose session_id names no live session of T;
---   6. move S to its share of the open tasks: a weighted fair share,
+--   6. move S to its share of the open tasks it may pick up (not
+--      quarantined, not waiting out a retry backoff): a weighted fair share,
 --      floor(open * (before + C) / W) - floor(open * before / W), at most
 --      C; open is counted only as far as W (past it every session is at
 --      its capacity), and not at all when a pickup of all S still lacks
 --      can stand in for the count;
 --   7. check S's lease again (a call that outlived it commits nothing),
 --      record S's held counter, and return the finished ids and S's tasks.
+-- Every pickup counts an attempt (sl_attempts) and draws a fencing token
+-- (sl_fence, from session_lock.fence: it grows with every change of
+-- holder); a task picked up max_attempts times without being finished is
+-- quarantined: no longer picked up until an operator retries it. A task
+-- its runner failed is given back (fail_tasks) with a backoff before it
+-- can be picked up again (sl_retry_at).
 -- Every statement on task rows locks them FOR NO KEY UPDATE SKIP LOCKED
 -- (the lock an UPDATE that keeps the key takes: a foreign-key child's
 -- FOR KEY SHARE does not conflict with it), so a row someone else has
@@ -117,7 +124,7 @@ BEGIN
                  'sl_others', 'sl_next', 'sl_lowest', 'sl_held', 'sl_want', 'sl_got',
                  'sl_open', 'sl_share', 'sl_fast', 'sl_pick', 'sl_left_open', 'sl_reopened',
                  'sl_from', 'sl_to', 'sl_i', 'sl_at', 'sl_orphan', 'sl_live', 'sl_freed',
-                 'sl_n', 'sl_steps'];
+                 'sl_n', 'sl_steps', 'sl_picked'];
 END;
 $$;
 
@@ -386,7 +393,7 @@ END;
 $sl_fn$;
 $tmpl$,
 -- The open tasks of p_name's runners of this table, counted no further
--- than p_bound: p_held (the caller's own), the other live sessions' held
+-- than p_bound (free ones only if they can be picked up): p_held (the caller's own), the other live sessions' held
 -- counters, and the free tasks, in one statement and so one snapshot (a
 -- session moving tasks between free and held commits both at once: the sum
 -- never counts a task twice or misses one).
@@ -416,6 +423,9 @@ BEGIN
                            AND (
 {{open}}
                                )
+                           AND c.sl_attempts < {{max_attempts}}
+                           AND (c.sl_retry_at IS NULL
+                                OR c.sl_retry_at <= pg_catalog.clock_timestamp())
                          ORDER BY c.session_id,
 {{order}}
                          LIMIT greatest(p_bound - p_held - o.held, 0)) f
@@ -545,6 +555,7 @@ DECLARE
     sl_fast     boolean;
     sl_pick     integer := 0;
     sl_got      integer := 0;
+    sl_picked   bigint[] := '{}';
     sl_share    bigint;
     sl_n        integer;
 BEGIN
@@ -654,21 +665,32 @@ BEGIN
         sl_pick := greatest(sl_share - sl_held, 0);
     END IF;
     IF sl_pick > 0 THEN
-        UPDATE {{table}} t
-           SET session_id = p_session
-         WHERE t.{{id}} = ANY (ARRAY(
-                   SELECT f.{{id}}
-                     FROM {{table}} f
-                    WHERE f.session_id IS NULL
-                      AND (
+        -- Each pickup is an attempt, and gets a new fencing token.
+        WITH picked AS (
+            UPDATE {{table}} t
+               SET session_id = p_session,
+                   sl_attempts = t.sl_attempts + 1,
+                   sl_fence = pg_catalog.nextval('session_lock.fence'::pg_catalog.regclass),
+                   sl_last_session = p_session
+             WHERE t.{{id}} = ANY (ARRAY(
+                       SELECT f.{{id}}
+                         FROM {{table}} f
+                        WHERE f.session_id IS NULL
+                          AND (
 {{open}}
-                          )
-                    ORDER BY f.session_id,
+                              )
+                          AND f.sl_attempts < {{max_attempts}}
+                          AND (f.sl_retry_at IS NULL
+                               OR f.sl_retry_at <= pg_catalog.clock_timestamp())
+                        ORDER BY f.session_id,
 {{order}}
-                    LIMIT sl_pick
-                      FOR NO KEY UPDATE SKIP LOCKED))
-           AND t.session_id IS NULL;
-        GET DIAGNOSTICS sl_got = ROW_COUNT;
+                        LIMIT sl_pick
+                          FOR NO KEY UPDATE SKIP LOCKED))
+               AND t.session_id IS NULL
+            RETURNING t.{{id}} AS id
+        )
+        SELECT coalesce(pg_catalog.array_agg(picked.id), '{}') INTO sl_picked FROM picked;
+        sl_got := pg_catalog.cardinality(sl_picked);
         sl_held := sl_held + sl_got;
     END IF;
     IF sl_fast AND sl_got < sl_want THEN
@@ -680,9 +702,11 @@ BEGIN
     END IF;
     IF sl_held > sl_share THEN
         -- The surplus goes back newest first, never a task still running
-        -- in the caller's process.
+        -- in the caller's process; one picked up by this very call goes
+        -- back without counting the attempt.
         UPDATE {{table}} t
-           SET session_id = NULL
+           SET session_id = NULL,
+               sl_attempts = t.sl_attempts - (t.{{id}} = ANY (sl_picked))::integer
          WHERE t.{{id}} = ANY (ARRAY(
                    SELECT r.{{id}}
                      FROM {{table}} r
@@ -787,6 +811,133 @@ BEGIN
 END;
 $sl_fn$;
 $tmpl$,
+-- The runner's failures: gives back those of p_ids the session holds
+-- (and still open), each to wait out its backoff before it can be picked
+-- up again: retry_backoff, doubled per attempt so far, at most
+-- retry_backoff_max. Raises SL001 like finish_tasks; returns the ids given
+-- back.
+$tmpl$
+CREATE OR REPLACE FUNCTION {{fn:fail_tasks}}(p_session bigint, p_token uuid, p_ids bigint[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+{{settings}}
+AS $sl_fn$
+-- Generated by session-lock (protocol 2) for {{table}}: do not edit.
+DECLARE
+    sl_done  bigint[];
+    sl_bound regclass;
+BEGIN
+    IF p_ids IS NULL THEN
+        RAISE EXCEPTION 'fail_tasks of %: ids must not be NULL', {{name}}
+            USING ERRCODE = 'SL003';
+    END IF;
+    SET CONSTRAINTS ALL IMMEDIATE;
+    SELECT s.task_table INTO sl_bound
+      FROM session_lock.session s
+     WHERE s.id = p_session
+       AND s.token = p_token
+       AND s.protocol = 2
+       AND s.ended_at IS NULL
+       AND s.reclaimed_at IS NULL
+       AND s.expires_at > pg_catalog.clock_timestamp()
+       FOR KEY SHARE;
+    IF NOT FOUND THEN
+        PERFORM session_lock.raise_not_live(p_session);
+    END IF;
+    IF sl_bound IS DISTINCT FROM {{regclass}} AND sl_bound IS NOT NULL THEN
+        RAISE EXCEPTION 'session % works task table %, not %: a session works one task table', p_session, sl_bound, {{name}}
+            USING ERRCODE = 'SL003';
+    END IF;
+    WITH failed AS (
+        UPDATE {{table}} t
+           SET session_id = NULL,
+               sl_retry_at = pg_catalog.clock_timestamp() + least(
+                   {{backoff}} * pg_catalog.power(2::double precision,
+                       least(greatest(t.sl_attempts - 1, 0), 40)::double precision),
+                   {{backoff_max}})
+         WHERE t.{{id}} = ANY (ARRAY(
+                   SELECT f.{{id}}
+                     FROM {{table}} f
+                    WHERE f.{{id}} = ANY (pg_catalog.array_remove(p_ids, NULL))
+                      AND f.session_id = p_session
+                      AND (
+{{open}}
+                          )
+                      FOR NO KEY UPDATE SKIP LOCKED))
+        RETURNING t.{{id}} AS id
+    )
+    SELECT coalesce(pg_catalog.array_agg(failed.id), '{}') INTO sl_done FROM failed;
+    -- A call that outlived the lease commits nothing.
+    PERFORM 1
+       FROM session_lock.session s
+      WHERE s.id = p_session
+        AND s.expires_at > pg_catalog.clock_timestamp()
+        AND s.ended_at IS NULL
+        AND s.reclaimed_at IS NULL;
+    IF NOT FOUND THEN
+        PERFORM session_lock.raise_not_live(p_session);
+    END IF;
+    IF pg_catalog.cardinality(sl_done) > 0 THEN
+        UPDATE session_lock.session s
+           SET held = greatest(s.held - pg_catalog.cardinality(sl_done), 0)
+         WHERE s.id = p_session;
+    END IF;
+    RETURN QUERY SELECT d.id FROM pg_catalog.unnest(sl_done) AS d(id);
+END;
+$sl_fn$;
+$tmpl$,
+-- The quarantined tasks (open, free, picked up max_attempts times), for
+-- operators: `session-lock status` shows them.
+$tmpl$
+CREATE OR REPLACE FUNCTION {{fn:quarantined}}(p_limit integer)
+RETURNS TABLE (task_id bigint, attempts integer, last_session bigint)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+{{settings}}
+AS $sl_fn$
+#variable_conflict use_column
+-- Generated by session-lock (protocol 2) for {{table}}: do not edit.
+BEGIN
+    RETURN QUERY
+        SELECT t.{{id}}, t.sl_attempts, t.sl_last_session
+          FROM {{table}} t
+         WHERE t.session_id IS NULL
+           AND (
+{{open}}
+               )
+           AND t.sl_attempts >= {{max_attempts}}
+         ORDER BY t.{{id}}
+         LIMIT p_limit;
+END;
+$sl_fn$;
+$tmpl$,
+-- Releases quarantined tasks (p_ids, or all when NULL) for pickup again,
+-- their attempts counted from 0; returns their ids. For operators
+-- (`session-lock retry`).
+$tmpl$
+CREATE OR REPLACE FUNCTION {{fn:retry}}(p_ids bigint[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+{{settings}}
+AS $sl_fn$
+-- Generated by session-lock (protocol 2) for {{table}}: do not edit.
+BEGIN
+    RETURN QUERY
+        UPDATE {{table}} t
+           SET sl_attempts = 0,
+               sl_retry_at = NULL
+         WHERE (p_ids IS NULL OR t.{{id}} = ANY (p_ids))
+           AND t.session_id IS NULL
+           AND (
+{{open}}
+               )
+           AND t.sl_attempts >= {{max_attempts}}
+        RETURNING t.{{id}};
+END;
+$sl_fn$;
+$tmpl$,
 -- Open tasks per holding session (NULL: free), for operators:
 -- `session-lock status` reads it through session_lock.task_overview.
 $tmpl$
@@ -827,6 +978,9 @@ AS $$
                    ('sweep', 'bigint, bigint, boolean'),
                    ('get_work', 'bigint, uuid, bigint[], bigint[], boolean'),
                    ('finish_tasks', 'bigint, uuid, bigint[]'),
+                   ('fail_tasks', 'bigint, uuid, bigint[]'),
+                   ('quarantined', 'integer'),
+                   ('retry', 'bigint[]'),
                    ('held', '')) AS f(suffix, args)
 $$;
 
@@ -847,6 +1001,8 @@ DECLARE
     v_settings text;
     v_fn       record;
     v_foreign  text;
+    v_col      record;
+    v_type     text;
 BEGIN
     SELECT * INTO d FROM session_lock.task_table t WHERE t.task_table = p_table;
     IF NOT FOUND THEN
@@ -868,6 +1024,40 @@ BEGIN
       FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = p_table;
+
+    -- The columns the protocol keeps on every task row, added when missing
+    -- (no lock is taken when they are there).
+    FOR v_col IN
+        SELECT * FROM (VALUES
+            ('sl_attempts',     'integer NOT NULL DEFAULT 0', 'integer'),
+            ('sl_retry_at',     'timestamptz',                'timestamp with time zone'),
+            ('sl_fence',        'bigint',                     'bigint'),
+            ('sl_last_session', 'bigint',                     'bigint')) AS c(name, decl, type)
+    LOOP
+        SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) INTO v_type
+          FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = p_table AND a.attname = v_col.name AND NOT a.attisdropped;
+        IF NOT FOUND THEN
+            EXECUTE pg_catalog.format('ALTER TABLE %s ADD COLUMN %I %s', v_table, v_col.name, v_col.decl);
+        ELSIF v_type <> v_col.type THEN
+            PERFORM session_lock.bad_declaration(p_table, pg_catalog.format(
+                'its column %I must be %s (it is %s): session-lock keeps it on every task row',
+                v_col.name, v_col.type, v_type));
+        END IF;
+    END LOOP;
+
+    -- A generated function of another release's signature would make calls
+    -- ambiguous: it goes.
+    FOR v_fn IN
+        SELECT p.oid::regprocedure AS fn
+          FROM pg_catalog.pg_proc p
+          JOIN session_lock.generated_functions(d.fn_prefix) g ON g.name = p.proname
+         WHERE p.pronamespace = 'session_lock'::regnamespace
+           AND pg_catalog.oidvectortypes(p.proargtypes) <> g.args
+    LOOP
+        EXECUTE pg_catalog.format('DROP FUNCTION %s', v_fn.fn);
+    END LOOP;
+
     v_finish := d.finish;
     IF d.finished_by IS NOT NULL THEN
         v_finish := v_finish || E'\n,' || pg_catalog.quote_ident(d.finished_by) || ' = p_session';
@@ -891,6 +1081,12 @@ BEGIN
             pg_catalog.quote_literal(v_table) || '::pg_catalog.regclass');
         v_sql := pg_catalog.replace(v_sql, '{{id}}', pg_catalog.quote_ident(d.id_column));
         v_sql := pg_catalog.replace(v_sql, '{{name}}', pg_catalog.quote_literal(v_table));
+        v_sql := pg_catalog.replace(v_sql, '{{max_attempts}}',
+            coalesce(d.max_attempts, 2147483647)::text);
+        v_sql := pg_catalog.replace(v_sql, '{{backoff}}', pg_catalog.format('%L::pg_catalog.interval',
+            pg_catalog.ceil(pg_catalog.extract('epoch', d.retry_backoff) * 1000)::bigint || ' milliseconds'));
+        v_sql := pg_catalog.replace(v_sql, '{{backoff_max}}', pg_catalog.format('%L::pg_catalog.interval',
+            pg_catalog.ceil(pg_catalog.extract('epoch', d.retry_backoff_max) * 1000)::bigint || ' milliseconds'));
         -- The declaration's fragments last, each on lines of its own (the
         -- templates put them so), checked by session_lock.check_fragment.
         v_sql := pg_catalog.replace(v_sql, '{{open}}', d.open_when);
@@ -906,8 +1102,10 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'session_lock_runtime') THEN
         EXECUTE pg_catalog.format(
             'GRANT EXECUTE ON FUNCTION session_lock.%I(bigint, uuid, bigint[], bigint[], boolean), '
-            'session_lock.%I(bigint, uuid, bigint[]), session_lock.%I() TO session_lock_runtime',
-            d.fn_prefix || '_get_work', d.fn_prefix || '_finish_tasks', d.fn_prefix || '_held');
+            'session_lock.%I(bigint, uuid, bigint[]), session_lock.%I(bigint, uuid, bigint[]), '
+            'session_lock.%I() TO session_lock_runtime',
+            d.fn_prefix || '_get_work', d.fn_prefix || '_finish_tasks',
+            d.fn_prefix || '_fail_tasks', d.fn_prefix || '_held');
     END IF;
     UPDATE session_lock.task_table t
        SET generated_at = pg_catalog.clock_timestamp()
@@ -960,6 +1158,24 @@ $$;
 -- unchanged declaration changes nothing but the functions' text: it takes
 -- no lock on the table. See the top of this file and the README for each
 -- argument.
+-- A declaration's arguments grow with the releases, and an older overload
+-- would make every call with named arguments ambiguous: it goes.
+DO $drop$
+DECLARE
+    v_fn regprocedure;
+BEGIN
+    FOR v_fn IN
+        SELECT p.oid::regprocedure
+          FROM pg_catalog.pg_proc p
+         WHERE p.pronamespace = 'session_lock'::regnamespace
+           AND p.proname = 'declare_task_table'
+           AND p.pronargs <> 12
+    LOOP
+        EXECUTE pg_catalog.format('DROP FUNCTION %s', v_fn);
+    END LOOP;
+END;
+$drop$;
+
 CREATE OR REPLACE FUNCTION session_lock.declare_task_table(
     task_table   regclass,
     open_when    text     DEFAULT 'finished_at IS NULL',
@@ -969,7 +1185,10 @@ CREATE OR REPLACE FUNCTION session_lock.declare_task_table(
     id_column    name     DEFAULT 'id',
     notify       text     DEFAULT '',
     fn_prefix    text     DEFAULT NULL,
-    lock_timeout interval DEFAULT '1 second'
+    lock_timeout interval DEFAULT '1 second',
+    max_attempts integer  DEFAULT 5,
+    retry_backoff     interval DEFAULT '1 second',
+    retry_backoff_max interval DEFAULT '10 minutes'
 )
 RETURNS void
 LANGUAGE plpgsql
@@ -1006,7 +1225,10 @@ BEGIN
        AND v_old.open_when = open_when AND v_old.finish = finish
        AND v_old.finished_by IS NOT DISTINCT FROM finished_by
        AND v_old.order_by = order_by AND v_old.notify IS NOT DISTINCT FROM v_channel
-       AND v_old.lock_timeout = lock_timeout THEN
+       AND v_old.lock_timeout = lock_timeout
+       AND v_old.max_attempts IS NOT DISTINCT FROM max_attempts
+       AND v_old.retry_backoff = retry_backoff
+       AND v_old.retry_backoff_max = retry_backoff_max THEN
         -- Unchanged: checked when it was declared; the protocol is
         -- generated again (the templates may be newer).
         PERFORM session_lock.generate_task_table(task_table);
@@ -1016,6 +1238,19 @@ BEGIN
     IF lock_timeout IS NULL OR lock_timeout < interval '1 millisecond' OR lock_timeout > interval '1 minute' THEN
         PERFORM session_lock.bad_declaration(task_table,
             pg_catalog.format('lock_timeout %s must be at least 1 ms and at most 1 minute', lock_timeout));
+    END IF;
+    IF max_attempts IS NOT NULL AND (max_attempts < 1 OR max_attempts > 1000000) THEN
+        PERFORM session_lock.bad_declaration(task_table, pg_catalog.format(
+            'max_attempts %s must be 1 to 1000000, or NULL (never quarantine)', max_attempts));
+    END IF;
+    IF retry_backoff IS NULL OR retry_backoff_max IS NULL
+       OR pg_catalog.date_part('month', retry_backoff) <> 0 OR pg_catalog.date_part('year', retry_backoff) <> 0
+       OR pg_catalog.date_part('month', retry_backoff_max) <> 0 OR pg_catalog.date_part('year', retry_backoff_max) <> 0
+       OR retry_backoff < interval '0' OR retry_backoff > interval '1 day'
+       OR retry_backoff_max < retry_backoff OR retry_backoff_max > interval '7 days' THEN
+        PERFORM session_lock.bad_declaration(task_table, pg_catalog.format(
+            'retry_backoff %s must be 0 to 1 day, and retry_backoff_max %s at least that and at most 7 days (no months)',
+            retry_backoff, retry_backoff_max));
     END IF;
     IF fn_prefix = '' OR pg_catalog.octet_length(fn_prefix) > 48
        OR pg_catalog.strpos(fn_prefix, '{{') > 0 OR pg_catalog.strpos(fn_prefix, '}}') > 0 THEN
@@ -1102,15 +1337,20 @@ BEGIN
     END IF;
     INSERT INTO session_lock.task_table AS t
            (task_table, fn_prefix, id_column, open_when, finish, finished_by,
-            order_by, notify, lock_timeout)
+            order_by, notify, lock_timeout, max_attempts, retry_backoff,
+            retry_backoff_max)
     VALUES (task_table, fn_prefix, id_column, open_when, finish, finished_by,
-            order_by, v_channel, lock_timeout)
+            order_by, v_channel, lock_timeout, max_attempts, retry_backoff,
+            retry_backoff_max)
     ON CONFLICT ON CONSTRAINT task_table_pkey DO UPDATE
        SET fn_prefix = EXCLUDED.fn_prefix,
            id_column = EXCLUDED.id_column, open_when = EXCLUDED.open_when,
            finish = EXCLUDED.finish, finished_by = EXCLUDED.finished_by,
            order_by = EXCLUDED.order_by, notify = EXCLUDED.notify,
-           lock_timeout = EXCLUDED.lock_timeout;
+           lock_timeout = EXCLUDED.lock_timeout,
+           max_attempts = EXCLUDED.max_attempts,
+           retry_backoff = EXCLUDED.retry_backoff,
+           retry_backoff_max = EXCLUDED.retry_backoff_max;
 
     -- The one index the protocol reads: open tasks by holder, then in
     -- pickup order. Pickup is a range scan of its (session_id IS NULL)
@@ -1186,6 +1426,45 @@ BEGIN
                 (h.session_id IS NOT NULL AND EXISTS (
                     SELECT 1 FROM session_lock.live_session l WHERE l.id = h.session_id))
            FROM %s() h', p_held);
+END;
+$$;
+
+-- For operators: the quarantined tasks of a declared table (at most
+-- p_limit, lowest ids first), through its generated *_quarantined.
+CREATE OR REPLACE FUNCTION session_lock.quarantined_tasks(p_table regclass, p_limit integer DEFAULT 100)
+RETURNS TABLE (task_id bigint, attempts integer, last_session bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_prefix text;
+BEGIN
+    SELECT t.fn_prefix INTO v_prefix FROM session_lock.task_table t WHERE t.task_table = p_table;
+    IF NOT FOUND THEN
+        PERFORM session_lock.bad_declaration(p_table, 'it is not declared');
+    END IF;
+    RETURN QUERY EXECUTE pg_catalog.format('SELECT * FROM session_lock.%I($1)', v_prefix || '_quarantined')
+        USING p_limit;
+END;
+$$;
+
+-- For operators (`session-lock retry`): releases quarantined tasks of a
+-- declared table (p_ids, or all of them when NULL) for pickup again, their
+-- attempts counted from 0; returns their ids.
+CREATE OR REPLACE FUNCTION session_lock.retry_tasks(p_table regclass, p_ids bigint[] DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_prefix text;
+BEGIN
+    SELECT t.fn_prefix INTO v_prefix FROM session_lock.task_table t WHERE t.task_table = p_table;
+    IF NOT FOUND THEN
+        PERFORM session_lock.bad_declaration(p_table, 'it is not declared');
+    END IF;
+    RETURN QUERY EXECUTE pg_catalog.format('SELECT * FROM session_lock.%I($1)', v_prefix || '_retry')
+        USING p_ids;
 END;
 $$;
 

@@ -97,6 +97,25 @@ pub enum ConfigError {
     },
 }
 
+/// What a runner does with the tasks of a batch that its Tasker did not
+/// complete (it failed, panicked, timed out, or left them unreported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FailedTasks {
+    /// Gives them back to the table (the task table's `fail_tasks`), each
+    /// to wait out its retry backoff (the declaration's `retry_backoff`,
+    /// doubled per attempt, at most `retry_backoff_max`) before any session
+    /// picks it up again. Every pickup counts an attempt, so a task that
+    /// keeps failing is quarantined after the declaration's `max_attempts`.
+    #[default]
+    GiveBack,
+    /// Keeps them, and runs them again on the next tick (go-session-lock's
+    /// behaviour). Attempts then count only pickups: a task that fails in
+    /// a live session's hands is retried every tick and never quarantined,
+    /// though one that kills its runner still is.
+    Keep,
+}
+
 /// How a runner behaves. Build one with [`RunnerConfig::builder`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunnerConfig {
@@ -113,6 +132,7 @@ pub struct RunnerConfig {
     pub(crate) batch_timeout: Duration,
     pub(crate) drain_timeout: Duration,
     pub(crate) drain_mode: bool,
+    pub(crate) failed_tasks: FailedTasks,
     pub(crate) listen: bool,
     pub(crate) reap_after: Duration,
     pub(crate) reap_interval: Duration,
@@ -138,6 +158,7 @@ impl RunnerConfig {
                 batch_timeout: DEFAULT_BATCH_TIMEOUT,
                 drain_timeout: DEFAULT_DRAIN_TIMEOUT,
                 drain_mode: true,
+                failed_tasks: FailedTasks::GiveBack,
                 listen: true,
                 reap_after: DEFAULT_REAP_AFTER,
                 reap_interval: DEFAULT_REAP_INTERVAL,
@@ -192,6 +213,10 @@ impl RunnerConfig {
     /// The drain timeout of `Stop`.
     pub fn drain_timeout(&self) -> Duration {
         self.drain_timeout
+    }
+    /// What happens to the tasks a batch did not complete.
+    pub fn failed_tasks(&self) -> FailedTasks {
+        self.failed_tasks
     }
 }
 
@@ -280,7 +305,8 @@ impl RunnerConfigBuilder {
     }
 
     /// How long one batch may run before its unfinished tasks are given up
-    /// (they stay assigned and run again next tick) and the worker restarted.
+    /// (failed: see [`failed_tasks`](Self::failed_tasks)) and the worker
+    /// restarted.
     /// Defaults to [`DEFAULT_BATCH_TIMEOUT`] (60 seconds).
     pub fn batch_timeout(mut self, timeout: Duration) -> Self {
         self.config.batch_timeout = timeout;
@@ -298,6 +324,14 @@ impl RunnerConfigBuilder {
     /// once instead of waiting for the tick interval. Defaults to true.
     pub fn drain_mode(mut self, on: bool) -> Self {
         self.config.drain_mode = on;
+        self
+    }
+
+    /// What happens to the tasks of a batch that its Tasker did not
+    /// complete. Defaults to [`FailedTasks::GiveBack`]: given back with a
+    /// backoff, and quarantined after `max_attempts` pickups.
+    pub fn failed_tasks(mut self, failed: FailedTasks) -> Self {
+        self.config.failed_tasks = failed;
         self
     }
 

@@ -40,14 +40,14 @@ use tracing::{Instrument, Span, field};
 
 use crate::backoff::{Backoff, process_seed};
 use crate::catch::{bounded, caught};
-use crate::config::RunnerConfig;
+use crate::config::{FailedTasks, RunnerConfig};
 use crate::error::{Error, Panic};
 use crate::session::{Lease, LeaseChanged, Lost, Moved, SessionActor, Stuck};
 use crate::status::StatusTx;
 use crate::store::{Database, DbFinder, GetWork};
 use crate::task::{ScanTask, TaskId};
 use crate::tasker::Tasker;
-use crate::telemetry::{Metrics, SPAN_FINISH, SPAN_GET_WORK, SPAN_RUN_TASKS, SPAN_TICK};
+use crate::telemetry::{Metrics, SPAN_FAIL, SPAN_FINISH, SPAN_GET_WORK, SPAN_RUN_TASKS, SPAN_TICK};
 use crate::workers::{RunSlice, SliceOutcome, Worker};
 
 /// How long past `batch_timeout` a slice may take to return (a Tasker
@@ -335,6 +335,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         self.metrics.finished(report.finished);
         self.metrics.failed(report.failed);
         self.metrics.rejected(report.rejected);
+        self.metrics.given_back(report.given_back);
         if let Some(held) = report.held {
             self.metrics.held(held);
         }
@@ -373,6 +374,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             s.finished += report.finished as u64;
             s.failed += report.failed as u64;
             s.rejected += report.rejected as u64;
+            s.given_back += report.given_back as u64;
             if let Some(held) = report.held {
                 s.tasks_held = held;
             }
@@ -583,6 +585,8 @@ struct TickReport {
     failed: usize,
     /// Completed tasks the database did not finish: no longer held.
     rejected: usize,
+    /// Tasks not completed that the database took back, to retry later.
+    given_back: usize,
     /// Completed tasks not confirmed finished, still held: for the next call.
     carry: Vec<TaskId>,
     /// Whether the next tick should start at once (drain mode).
@@ -758,6 +762,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
         }
         report.fetched = tasks.len();
         let full_share = held.len() >= self.config.max_tasks as usize;
+        let dispatched: Vec<TaskId> = tasks.iter().map(|(id, _)| *id).collect();
 
         let outcomes = self
             .run_tasks(tasks)
@@ -777,6 +782,16 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             }
         }
         report.drain_next = self.config.drain_mode && full_share && !completed.is_empty();
+        if self.config.failed_tasks == FailedTasks::GiveBack {
+            let done: HashSet<TaskId> = completed.iter().copied().collect();
+            let failed: Vec<TaskId> = dispatched
+                .into_iter()
+                .filter(|id| !done.contains(id))
+                .collect();
+            if !failed.is_empty() {
+                self.give_back(&db, failed, &mut report).await;
+            }
+        }
         report.carry.extend(completed);
         if !report.drain_next && !report.carry.is_empty() {
             let ids = std::mem::take(&mut report.carry);
@@ -866,6 +881,45 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                     stuck: false,
                 });
                 outcomes
+            }
+        }
+    }
+
+    /// Gives back the tasks the batch did not complete, to be retried after
+    /// their backoff. Those it cannot give back stay held, and run again
+    /// on the next tick.
+    async fn give_back(&self, db: &F::Db, ids: Vec<TaskId>, report: &mut TickReport) {
+        let res = bounded(
+            self.config.ttl,
+            db.fail_tasks::<T>(&self.lease.session, &ids),
+        )
+        .instrument(tracing::info_span!(
+            SPAN_FAIL,
+            otel.name = SPAN_FAIL,
+            otel.kind = "client",
+            db.system.name = "postgresql",
+            db.operation.name = "fail_tasks",
+            session_lock.runner = %self.config.name,
+            session_lock.tasks.count = ids.len() as i64,
+        ))
+        .await;
+        match res {
+            Ok(given) => {
+                report.given_back += given.len();
+                if let Some(held) = report.held.as_mut() {
+                    *held = held.saturating_sub(given.len());
+                }
+            }
+            Err(e) if e.is_session_lost() || matches!(e, Error::ProtocolMismatch { .. }) => {
+                self.session_actor.do_send(Lost {
+                    session: self.lease.session.id,
+                });
+                report.lease_gone = true;
+                report.error = Some(e);
+            }
+            Err(e) => {
+                tracing::warn!(runner = %self.config.name, error = %e, tasks = ?ids, "could not give back failed tasks; they run again next tick");
+                report.error.get_or_insert(e);
             }
         }
     }

@@ -24,7 +24,7 @@ pub mod telemetry;
 pub mod tls;
 mod workers;
 
-pub use config::{ConfigError, RunnerConfig, RunnerConfigBuilder};
+pub use config::{ConfigError, FailedTasks, RunnerConfig, RunnerConfigBuilder};
 pub use error::{Error, ErrorChain, Panic, Result, ScanError};
 pub use error::{
     SQLSTATE_BAD_DECLARATION, SQLSTATE_INVALID_ARGUMENT, SQLSTATE_PROTOCOL_MISMATCH,

@@ -58,6 +58,7 @@ pub(crate) enum Method {
     End,
     GetWork,
     Finish,
+    Fail,
     Reap,
 }
 
@@ -100,6 +101,8 @@ pub(crate) struct State {
     pub(crate) tasks: BTreeMap<TaskId, Option<SessionId>>,
     /// Finished tasks and who finished them.
     pub(crate) finished: Vec<(TaskId, SessionId)>,
+    /// Tasks given back as failed, and by whom.
+    pub(crate) given_back: Vec<(TaskId, SessionId)>,
     /// Rows someone else holds a lock on: a finish leaves them be.
     pub(crate) locked: HashSet<TaskId>,
     pub(crate) calls: Vec<Call>,
@@ -335,6 +338,26 @@ impl Database for ScriptedDb {
         self.with(|s| {
             Self::live(s, session)?;
             Ok(Self::finish(s, session.id, ids))
+        })
+    }
+
+    async fn fail_tasks<T: ScanTask>(
+        &self,
+        session: &Session,
+        ids: &[TaskId],
+    ) -> Result<Vec<TaskId>> {
+        self.enter(Method::Fail, Some(session.id), ids).await?;
+        self.with(|s| {
+            Self::live(s, session)?;
+            let mut given = Vec::new();
+            for id in ids {
+                if s.tasks.get(id) == Some(&Some(session.id)) && !s.locked.contains(id) {
+                    s.tasks.insert(*id, None);
+                    s.given_back.push((*id, session.id));
+                    given.push(*id);
+                }
+            }
+            Ok(given)
         })
     }
 

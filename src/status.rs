@@ -43,6 +43,9 @@ pub struct RunnerStatus {
     /// Completed tasks the database did not finish because the session no
     /// longer held them (lost, or the row changed outside session-lock).
     pub rejected: u64,
+    /// Tasks a batch did not complete that were given back to be retried
+    /// after their backoff ([`FailedTasks::GiveBack`](crate::FailedTasks)).
+    pub given_back: u64,
     /// Tasks the session held at its last successful get_work (a failed
     /// call leaves the figure as it was).
     pub tasks_held: usize,

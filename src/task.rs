@@ -51,6 +51,10 @@ pub struct TaskQueries {
     /// token (UUID), `$3` task ids (BIGINT[]). Returns one row per task
     /// actually finished, its id first.
     pub finish: &'static str,
+    /// Calls the table's generated `session_lock.<prefix>_fail_tasks`: gives
+    /// back tasks whose run failed, each to wait out its retry backoff
+    /// before it is picked up again. Parameters and result as `finish`.
+    pub fail: &'static str,
     /// The channel the table notifies on when tasks are inserted, if any
     /// (a declaration's `notify`; `session_lock_<prefix>` by default).
     pub notify_channel: Option<&'static str>,
@@ -120,6 +124,11 @@ macro_rules! task_queries {
                 "SELECT * FROM session_lock.\"",
                 $prefix,
                 "_finish_tasks\"($1, $2, $3)"
+            ),
+            fail: concat!(
+                "SELECT * FROM session_lock.\"",
+                $prefix,
+                "_fail_tasks\"($1, $2, $3)"
             ),
             notify_channel: Some($channel),
         }

@@ -27,10 +27,20 @@ pub struct TaskTable {
     pub(crate) notify: Option<String>,
     pub(crate) fn_prefix: Option<String>,
     pub(crate) lock_timeout: Duration,
+    /// `None`: never quarantine.
+    pub(crate) max_attempts: Option<i32>,
+    pub(crate) retry_backoff: Duration,
+    pub(crate) retry_backoff_max: Duration,
 }
 
 /// The default [`TaskTable::lock_timeout`].
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
+/// The default [`TaskTable::max_attempts`].
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 5;
+/// The default [`TaskTable::retry_backoff`].
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// The default [`TaskTable::retry_backoff_max`].
+pub const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(600);
 
 impl TaskTable {
     /// Declares `table` (schema-qualified, e.g. `"public.email"`; resolved
@@ -46,6 +56,9 @@ impl TaskTable {
             notify: Some(String::new()),
             fn_prefix: None,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            max_attempts: Some(DEFAULT_MAX_ATTEMPTS),
+            retry_backoff: DEFAULT_RETRY_BACKOFF,
+            retry_backoff_max: DEFAULT_RETRY_BACKOFF_MAX,
         }
     }
 
@@ -99,8 +112,9 @@ impl TaskTable {
         self
     }
 
-    /// The leading name of the generated functions, in the table's schema
-    /// (`<prefix>_get_work`, ...). Defaults to the table's name.
+    /// The leading name of the generated functions, in the schema
+    /// `session_lock` (`<prefix>_get_work`, ...). Defaults to the table's
+    /// name.
     pub fn fn_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.fn_prefix = Some(prefix.into());
         self
@@ -114,6 +128,32 @@ impl TaskTable {
         self
     }
 
+    /// After how many pickups an unfinished task is quarantined: no longer
+    /// picked up until an operator retries it (`session-lock retry`). Every
+    /// pickup counts, including one whose session then died. 1 to
+    /// 1,000,000; defaults to [`DEFAULT_MAX_ATTEMPTS`] (5).
+    pub fn max_attempts(mut self, attempts: i32) -> Self {
+        self.max_attempts = Some(attempts);
+        self
+    }
+
+    /// Never quarantine: a task is picked up again however often it failed.
+    pub fn no_quarantine(mut self) -> Self {
+        self.max_attempts = None;
+        self
+    }
+
+    /// How long a task given back as failed waits before it can be picked
+    /// up again, doubled per attempt so far, at most `max` (at most a day,
+    /// and `max` at most 7 days). Defaults to [`DEFAULT_RETRY_BACKOFF`] (1
+    /// second) and [`DEFAULT_RETRY_BACKOFF_MAX`] (10 minutes). A zero
+    /// backoff retries at once.
+    pub fn retry_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.retry_backoff = first;
+        self.retry_backoff_max = max;
+        self
+    }
+
     /// The table as given.
     pub fn table(&self) -> &str {
         &self.table
@@ -124,4 +164,5 @@ impl TaskTable {
 pub(crate) const DECLARE: &str = "SELECT session_lock.declare_task_table(\
      $1::text::regclass, open_when => $2, finish => $3, finished_by => $4::text::name, \
      order_by => $5, id_column => $6::text::name, notify => $7, fn_prefix => $8, \
-     lock_timeout => $9)";
+     lock_timeout => $9, max_attempts => $10, retry_backoff => $11, \
+     retry_backoff_max => $12)";

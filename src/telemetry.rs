@@ -23,6 +23,8 @@ pub const SPAN_GET_WORK: &str = "session_lock.get_work";
 pub const SPAN_RUN_TASKS: &str = "session_lock.run_tasks";
 /// Span name of the fenced finish within a tick.
 pub const SPAN_FINISH: &str = "session_lock.finish";
+/// Span name of giving back the tasks a batch did not complete.
+pub const SPAN_FAIL: &str = "session_lock.fail";
 /// Span name of starting a session.
 pub const SPAN_SESSION_START: &str = "session_lock.session.start";
 /// Span name of a failed heartbeat.
@@ -41,6 +43,7 @@ pub(crate) struct Metrics {
     finished: Counter<u64>,
     failed: Counter<u64>,
     rejected: Counter<u64>,
+    given_back: Counter<u64>,
     tick_duration: Histogram<f64>,
     heartbeat_failures: Counter<u64>,
     session_losses: Counter<u64>,
@@ -77,6 +80,11 @@ impl Metrics {
             rejected: meter
                 .u64_counter("session_lock.tasks.rejected")
                 .with_description("Completed tasks whose finish the database refused (session lost or task moved)")
+                .with_unit("{task}")
+                .build(),
+            given_back: meter
+                .u64_counter("session_lock.tasks.given_back")
+                .with_description("Tasks a batch did not complete, given back to be retried after their backoff")
                 .with_unit("{task}")
                 .build(),
             tick_duration: meter
@@ -137,6 +145,9 @@ impl Metrics {
     }
     pub(crate) fn rejected(&self, n: usize) {
         self.rejected.add(n as u64, &self.attrs);
+    }
+    pub(crate) fn given_back(&self, n: usize) {
+        self.given_back.add(n as u64, &self.attrs);
     }
     pub(crate) fn heartbeat_failure(&self) {
         self.heartbeat_failures.add(1, &self.attrs);

@@ -29,13 +29,15 @@ enum Command {
     Migrate(ops::MigrateArgs),
     /// Show the live sessions and the open tasks of every declared task table.
     Status(ops::StatusArgs),
+    /// Release quarantined tasks for pickup again.
+    Retry(ops::RetryArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Operator commands print their own report; long-running ones narrate.
     init_logging(match cli.command {
-        Command::Migrate(_) | Command::Status(_) => "warn",
+        Command::Migrate(_) | Command::Status(_) | Command::Retry(_) => "warn",
         _ => "info",
     });
     let result = match cli.command {
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Migrate(args) => ops::migrate(args),
         Command::Status(args) => ops::status(args),
+        Command::Retry(args) => ops::retry(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

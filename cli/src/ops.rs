@@ -1,4 +1,4 @@
-//! Operator commands: `migrate` and `status`.
+//! Operator commands: `migrate`, `status` and `retry`.
 //!
 //! Every failure is one line on stderr and a non-zero exit: an unreachable
 //! database, a bad URL, missing migrations. Never a panic or a backtrace.
@@ -34,6 +34,25 @@ pub(crate) struct StatusArgs {
     #[arg(long)]
     held: Option<String>,
 }
+
+#[derive(Debug, Args)]
+pub(crate) struct RetryArgs {
+    /// The database, as a URL or key=value string.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// The declared task table (e.g. `public.example_task`).
+    #[arg(long)]
+    table: String,
+    /// A quarantined task to release (repeatable).
+    #[arg(long = "id", required_unless_present = "all")]
+    ids: Vec<i64>,
+    /// Release every quarantined task of the table.
+    #[arg(long, conflicts_with = "ids")]
+    all: bool,
+}
+
+/// How many quarantined tasks `status` lists per table.
+const QUARANTINED_SHOWN: i64 = 10;
 
 pub(crate) fn migrate(args: MigrateArgs) -> Result<(), String> {
     let mut migrator = Migrator::new();
@@ -228,6 +247,88 @@ pub(crate) fn status(args: StatusArgs) -> Result<(), String> {
                     ""
                 },
             );
+            if held_fn.is_none() {
+                print_quarantined(&client, &t.name).await?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The table's quarantined tasks: how many, and the first few with their
+/// attempts and last holder.
+async fn print_quarantined(client: &tokio_postgres::Client, table: &str) -> Result<(), String> {
+    let rows = client
+        .query(
+            "SELECT task_id, attempts, last_session
+               FROM session_lock.quarantined_tasks($1::text::regclass, 1000000)",
+            &[&table],
+        )
+        .await
+        .map_err(|e| query_error(&e, None))?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "  quarantined ({}): {} task(s) picked up max_attempts times without finishing; release with `session-lock retry --table {table} --id ID` or `--all`",
+        table,
+        rows.len()
+    );
+    let mut shown = vec![[
+        "TASK".to_owned(),
+        "ATTEMPTS".to_owned(),
+        "LAST SESSION".to_owned(),
+    ]];
+    for row in rows.iter().take(QUARANTINED_SHOWN as usize) {
+        shown.push([
+            row.get::<_, i64>(0).to_string(),
+            row.get::<_, i32>(1).to_string(),
+            row.get::<_, Option<i64>>(2)
+                .map_or_else(|| "-".to_owned(), |s| s.to_string()),
+        ]);
+    }
+    print_table(&shown);
+    if rows.len() > QUARANTINED_SHOWN as usize {
+        println!("  ... and {} more", rows.len() - QUARANTINED_SHOWN as usize);
+    }
+    Ok(())
+}
+
+pub(crate) fn retry(args: RetryArgs) -> Result<(), String> {
+    runtime()?.block_on(async move {
+        let client = connect(&args.database_url).await?;
+        let ids: Option<Vec<i64>> = (!args.all).then_some(args.ids.clone());
+        let rows = client
+            .query(
+                "SELECT * FROM session_lock.retry_tasks($1::text::regclass, $2)",
+                &[&args.table, &ids],
+            )
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(db) if db.code().code() == "42P01" => format!(
+                    "table {} does not exist: pass a declared task table, e.g. public.example_task",
+                    args.table
+                ),
+                _ => query_error(&e, None),
+            })?;
+        let released: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        println!(
+            "released {} quarantined task(s) of {} for pickup again: {:?}",
+            released.len(),
+            args.table,
+            released
+        );
+        let missed: Vec<i64> = args
+            .ids
+            .iter()
+            .copied()
+            .filter(|id| !released.contains(id))
+            .collect();
+        if !missed.is_empty() {
+            return Err(format!(
+                "tasks {missed:?} of {} are not quarantined (not open, held by a session, or below max_attempts): nothing done for them",
+                args.table
+            ));
         }
         Ok(())
     })

@@ -15,7 +15,8 @@
 use std::time::Duration;
 
 use clap::Args;
-use session_lock::{Migrator, PgStore, Runner, RunnerConfig};
+use session_lock::task_table::DEFAULT_RETRY_BACKOFF_MAX;
+use session_lock::{FailedTasks, Migrator, PgStore, Runner, RunnerConfig, TaskTable};
 use session_lock_testkit::example::{ExampleTask, ExampleTasker, NoopTasker};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -66,12 +67,24 @@ pub(crate) struct RunArgs {
     /// rows, no --work-ms): for benchmarks of the coordination alone.
     #[arg(long)]
     noop: bool,
+    /// Declare the example table with this max_attempts: a task picked up
+    /// that many times without finishing is quarantined (default 5).
+    #[arg(long)]
+    max_attempts: Option<i32>,
+    /// Declare the example table with this first retry backoff, in
+    /// milliseconds (doubled per attempt, at most 10 minutes; default 1 s).
+    #[arg(long)]
+    retry_backoff_ms: Option<u64>,
+    /// Keep the tasks a batch did not complete and run them again next tick,
+    /// instead of giving them back with a backoff.
+    #[arg(long)]
+    keep_failed: bool,
 }
 
 pub(crate) fn run(args: RunArgs) -> Result<(), String> {
     let config = config(&args)?;
     actix_rt::System::new().block_on(async move {
-        migrate(&args.database_url).await?;
+        migrate(&args).await?;
         let store = PgStore::connect(&args.database_url)
             .await
             .map_err(|e| e.to_string())?;
@@ -153,13 +166,28 @@ fn config(args: &RunArgs) -> Result<RunnerConfig, String> {
     if let Some(v) = args.drain_timeout_ms {
         b = b.drain_timeout(ms(v));
     }
+    if args.keep_failed {
+        b = b.failed_tasks(FailedTasks::Keep);
+    }
     b.build().map_err(|e| e.to_string())
 }
 
-async fn migrate(url: &str) -> Result<(), String> {
-    Migrator::new()
-        .with_example()
-        .run_url(url)
+/// Applies the migrations and the example, declared again with this
+/// runner's retry settings when it has any.
+async fn migrate(args: &RunArgs) -> Result<(), String> {
+    let mut migrator = Migrator::new().with_example();
+    if args.max_attempts.is_some() || args.retry_backoff_ms.is_some() {
+        let mut table = TaskTable::new("public.example_task").finished_by("finished_by");
+        if let Some(n) = args.max_attempts {
+            table = table.max_attempts(n);
+        }
+        if let Some(ms) = args.retry_backoff_ms {
+            table = table.retry_backoff(Duration::from_millis(ms), DEFAULT_RETRY_BACKOFF_MAX);
+        }
+        migrator = migrator.task_table(table);
+    }
+    migrator
+        .run_url(&args.database_url)
         .await
         .map(drop)
         .map_err(|e| e.to_string())

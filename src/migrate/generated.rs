@@ -88,6 +88,9 @@ pub(super) async fn declare(client: &mut Client, table: &TaskTable) -> Result<()
             &table.notify,
             &table.fn_prefix,
             &Interval(table.lock_timeout),
+            &table.max_attempts,
+            &Interval(table.retry_backoff),
+            &Interval(table.retry_backoff_max),
         ],
     )
     .await

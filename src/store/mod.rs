@@ -168,6 +168,16 @@ pub trait Database: Send + Sync + 'static {
         session: &Session,
         ids: &[TaskId],
     ) -> impl Future<Output = Result<Vec<TaskId>>> + Send;
+    /// The task table's `fail_tasks`: gives back those of `ids` the session
+    /// still holds, each to wait out its retry backoff before any session
+    /// picks it up again (its next pickup counts another attempt), and
+    /// returns them. [`Error::SessionLost`](crate::Error::SessionLost) when
+    /// the session is not live: nothing is given back then.
+    fn fail_tasks<T: ScanTask>(
+        &self,
+        session: &Session,
+        ids: &[TaskId],
+    ) -> impl Future<Output = Result<Vec<TaskId>>> + Send;
     /// `session_lock.reap_sessions`: deletes sessions reclaimed longer than
     /// `older_than` ago; returns how many.
     fn reap_sessions(&self, older_than: Duration) -> impl Future<Output = Result<u64>> + Send;

@@ -257,6 +257,29 @@ impl PgStore {
         Ok(StoreClient(self.checkout(&self.inner.user).await?))
     }
 
+    /// Calls an entry point that takes a session and task ids and returns
+    /// the ids it acted on (`finish_tasks`, `fail_tasks`).
+    async fn task_ids(&self, sql: &str, session: &Session, ids: &[TaskId]) -> Result<Vec<TaskId>> {
+        let rows = self
+            .query(
+                &self.inner.work,
+                sql,
+                &[
+                    (&session.id, Type::INT8),
+                    (&session.token, Type::UUID),
+                    (&ids, Type::INT8_ARRAY),
+                ],
+                Some(session.id),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                row.try_get(0)
+                    .map_err(|e| Error::from_db(e, Some(session.id)))
+            })
+            .collect()
+    }
+
     /// Runs one statement on a connection of `pool`, bounded by the call
     /// timeout; the connection is discarded if the call does not complete.
     async fn query(
@@ -399,24 +422,16 @@ impl Database for PgStore {
         session: &Session,
         ids: &[TaskId],
     ) -> Result<Vec<TaskId>> {
-        let rows = self
-            .query(
-                &self.inner.work,
-                T::QUERIES.finish,
-                &[
-                    (&session.id, Type::INT8),
-                    (&session.token, Type::UUID),
-                    (&ids, Type::INT8_ARRAY),
-                ],
-                Some(session.id),
-            )
-            .await?;
-        rows.iter()
-            .map(|row| {
-                row.try_get(0)
-                    .map_err(|e| Error::from_db(e, Some(session.id)))
-            })
-            .collect()
+        self.task_ids(T::QUERIES.finish, session, ids).await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, session, ids), fields(session = session.id, tasks = ids.len()), err)]
+    async fn fail_tasks<T: ScanTask>(
+        &self,
+        session: &Session,
+        ids: &[TaskId],
+    ) -> Result<Vec<TaskId>> {
+        self.task_ids(T::QUERIES.fail, session, ids).await
     }
 
     #[tracing::instrument(level = "debug", skip(self), err)]

@@ -28,6 +28,11 @@ pub struct ExampleTask {
     pub created_at: SystemTime,
     /// The session holding the task when it was fetched.
     pub session_id: Option<i64>,
+    /// Pickups so far, this one included (`sl_attempts`).
+    pub attempts: i32,
+    /// The fencing token of this pickup (`sl_fence`): larger than that of
+    /// every earlier pickup of the task, whichever session made it.
+    pub fence: Option<i64>,
 }
 
 impl Task for ExampleTask {
@@ -46,6 +51,8 @@ impl ScanTask for ExampleTask {
             payload: column(row, Some(id), "payload")?,
             created_at: column(row, Some(id), "created_at")?,
             session_id: column(row, Some(id), "session_id")?,
+            attempts: column(row, Some(id), "sl_attempts")?,
+            fence: column(row, Some(id), "sl_fence")?,
         })
     }
 }
@@ -63,7 +70,12 @@ impl ScanTask for ExampleTask {
 /// from the outside:
 /// - `block:<ms>` blocks the worker's thread for that long, as a
 ///   synchronous Tasker (CPU-bound work, a blocking client) would: no
-///   timeout can stop it.
+///   timeout can stop it;
+/// - `fail:...` fails the run (the task is not completed);
+/// - `panic:...` panics in the Tasker;
+/// - `crash:...` aborts the whole process, as a segfault would.
+///
+/// Each writes its run row first, so every execution is counted.
 #[derive(Debug, Clone)]
 pub struct ExampleTasker {
     store: PgStore,
@@ -87,6 +99,16 @@ impl ExampleTasker {
             .await?;
         let run: i64 = row.get(0);
         drop(conn);
+        if task.payload.starts_with("fail:") {
+            return Err(format!("task {}: its payload asks it to fail", task.id).into());
+        }
+        if task.payload.starts_with("panic:") {
+            panic!("task {}: its payload asks it to panic", task.id);
+        }
+        if task.payload.starts_with("crash:") {
+            eprintln!("task {}: its payload asks the process to crash", task.id);
+            std::process::abort();
+        }
         if let Some(ms) = task.payload.strip_prefix("block:") {
             let ms: u64 = ms
                 .trim()

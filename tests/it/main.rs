@@ -11,6 +11,7 @@ mod interleavings;
 mod migrate;
 mod processes;
 mod protocol;
+mod retries;
 mod runner;
 mod security;
 mod service;

@@ -166,6 +166,7 @@ async fn user_dir_once_and_always_files() {
         vec![
             "session_lock/0001_session_lock.up.sql".to_owned(),
             "session_lock/0001_session_lock_v2.up.sql".to_owned(),
+            "session_lock/0001_session_lock_v2_retries.up.sql".to_owned(),
             "app/0001_counter.up.sql".to_owned(),
         ]
     );

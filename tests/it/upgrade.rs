@@ -868,7 +868,10 @@ async fn upgrade_keeps_every_task_holder_and_held_counter() {
         let dir = upgraded_dir(declare);
         let report = migrate_0_2(&mut v1.client, &dir, declare).await;
 
-        let mut applied = vec!["session_lock/0001_session_lock_v2.up.sql"];
+        let mut applied = vec![
+            "session_lock/0001_session_lock_v2.up.sql",
+            "session_lock/0001_session_lock_v2_retries.up.sql",
+        ];
         if declare == Declare::InFile {
             applied.push("app/0003_declare.up.sql");
         }
@@ -1310,6 +1313,7 @@ async fn migrating_again_changes_nothing() {
         let mut skipped = vec![
             "session_lock/0001_session_lock.up.sql",
             "session_lock/0001_session_lock_v2.up.sql",
+            "session_lock/0001_session_lock_v2_retries.up.sql",
             "example/0001_example_task.up.sql",
             "app/0001_tasks.up.sql",
         ];
