@@ -1,5 +1,5 @@
-//! Chaos: four `session-lock worker` processes, each reaching PostgreSQL
-//! through its own fault-injecting TCP proxy, run thousands of tasks while a
+//! Chaos: four runner processes (`session-lock run`), each reaching
+//! PostgreSQL through its own fault-injecting TCP proxy, run thousands of tasks while a
 //! seeded fault schedule kills, freezes, partitions and slows them,
 //! terminates their backends, crashes and stops the database, and holds row
 //! locks of its own on a victim's tasks across the victim's death. Then the
@@ -25,13 +25,13 @@
 //! rounds and at least 10,000 tasks. `SESSION_LOCK_CHAOS_SEED=N` replays a
 //! schedule (the seed is printed first). Run with `--nocapture` to watch the
 //! faults as they happen; `SESSION_LOCK_CHAOS_VERBOSE=1` lists every extra
-//! run, `SESSION_LOCK_CHAOS_KEEP_LOGS=1` keeps the workers' stderr files.
+//! run, `SESSION_LOCK_CHAOS_KEEP_LOGS=1` keeps the runners' stderr files.
 //!
 //! Each runner reaches the database through its own [`proxy`]; a blackhole
 //! discards what it carries unless `SESSION_LOCK_CHAOS_BLACKHOLE=hold`.
 //!
-//! Task durations: the example worker sleeps a fixed `--work-ms`, so the
-//! four slots run 20, 100, 200 and 300 ms tasks (restarted workers keep their
+//! Task durations: the example task sleeps a fixed `--work-ms`, so the
+//! four slots run 20, 100, 200 and 300 ms tasks (restarted runners keep their
 //! slot's duration).
 
 mod proxy;
@@ -60,12 +60,12 @@ const TTL: Duration = Duration::from_millis(3000);
 const HEARTBEAT: Duration = Duration::from_millis(500);
 const TICK: Duration = Duration::from_millis(100);
 const MAX_TASKS: u32 = 3;
-/// One slot per worker process; each slot's tasks take this long.
+/// One slot per runner process; each slot's tasks take this long.
 const WORK_MS: [u64; 4] = [20, 100, 200, 300];
 /// The latency fault: added to every server-to-client chunk.
 const LATENCY: Duration = Duration::from_millis(500);
 /// How many open tasks the feeder keeps waiting while faults are injected,
-/// so that every worker always holds its full share.
+/// so that every runner always holds its full share.
 const BACKLOG: i64 = 30;
 
 /// How often the database is polled.
@@ -159,15 +159,12 @@ struct Failover {
 }
 
 // ---------------------------------------------------------------------------
-// Worker processes.
+// Runner processes.
 // ---------------------------------------------------------------------------
 
-/// A running `session-lock worker` (see [`RunnerProcess`]).
-type Proc = RunnerProcess;
-
-/// Starts a chaos worker: the run's TTL, heartbeat, tick and share, tasks
+/// Starts a chaos runner: the run's TTL, heartbeat, tick and share, tasks
 /// taking `work_ms`.
-fn spawn_proc(label: String, url: &str, work_ms: u64) -> Proc {
+fn spawn_runner(label: String, url: &str, work_ms: u64) -> RunnerProcess {
     let ms = |d: Duration| d.as_millis().to_string();
     let args = [
         ("--ttl-ms", ms(TTL)),
@@ -187,50 +184,50 @@ fn spawn_proc(label: String, url: &str, work_ms: u64) -> Proc {
         .expect("spawn a runner process")
 }
 
-/// `SESSION_LOCK_CHAOS_KEEP_LOGS=1`: keep every worker's stderr file.
+/// `SESSION_LOCK_CHAOS_KEEP_LOGS=1`: keep every runner's stderr file.
 fn keep_logs() -> bool {
     std::env::var("SESSION_LOCK_CHAOS_KEEP_LOGS").is_ok_and(|v| v == "1")
 }
 
-/// A worker slot: its proxy, its task duration, its current process and the
-/// ones that were killed.
+/// A runner slot: its proxy, its task duration, its current runner process
+/// and the ones that were killed.
 struct Slot {
     index: usize,
     work_ms: u64,
     proxy: Proxy,
     url: String,
-    proc: Proc,
+    runner: RunnerProcess,
     generation: usize,
-    retired: Vec<Proc>,
+    retired: Vec<RunnerProcess>,
 }
 
 impl Slot {
     fn spawn(index: usize, proxy: Proxy) -> Slot {
         let url = format!("postgres://postgres@127.0.0.1:{}/{DB_NAME}", proxy.port);
         let work_ms = WORK_MS[index];
-        let proc = spawn_proc(format!("w{index}.0"), &url, work_ms);
+        let runner = spawn_runner(format!("r{index}.0"), &url, work_ms);
         Slot {
             index,
             work_ms,
             proxy,
             url,
-            proc,
+            runner,
             generation: 0,
             retired: Vec::new(),
         }
     }
 
-    /// Starts a new process in place of the current (dead) one.
+    /// Starts a new runner process in place of the current (dead) one.
     fn respawn(&mut self) {
         self.generation += 1;
-        let label = format!("w{}.{}", self.index, self.generation);
-        let new = spawn_proc(label, &self.url, self.work_ms);
-        let old = std::mem::replace(&mut self.proc, new);
+        let label = format!("r{}.{}", self.index, self.generation);
+        let new = spawn_runner(label, &self.url, self.work_ms);
+        let old = std::mem::replace(&mut self.runner, new);
         self.retired.push(old);
     }
 
-    fn procs(&self) -> impl Iterator<Item = &Proc> {
-        self.retired.iter().chain(std::iter::once(&self.proc))
+    fn runners(&self) -> impl Iterator<Item = &RunnerProcess> {
+        self.retired.iter().chain(std::iter::once(&self.runner))
     }
 }
 
@@ -378,23 +375,23 @@ impl Chaos {
         let start = Instant::now();
         for i in 0..self.slots.len() {
             loop {
-                if let Some(status) = self.slots[i].proc.try_exit() {
+                if let Some(status) = self.slots[i].runner.try_exit() {
                     panic!(
-                        "worker {} exited by itself ({status}); stderr:\n{}",
-                        self.slots[i].proc.label(),
-                        self.slots[i].proc.log_tail(40)
+                        "runner {} exited by itself ({status}); stderr:\n{}",
+                        self.slots[i].runner.label(),
+                        self.slots[i].runner.log_tail(40)
                     );
                 }
-                if let Some(s) = self.slots[i].proc.current_session() {
+                if let Some(s) = self.slots[i].runner.current_session() {
                     if self.conn.count(IS_LIVE, &[&s]).await == 1 {
                         break;
                     }
                 }
                 assert!(
                     start.elapsed() < GUARD,
-                    "worker {} holds no live session after {GUARD:?}; stderr:\n{}",
-                    self.slots[i].proc.label(),
-                    self.slots[i].proc.log_tail(40)
+                    "runner {} holds no live session after {GUARD:?}; stderr:\n{}",
+                    self.slots[i].runner.label(),
+                    self.slots[i].runner.log_tail(40)
                 );
                 tokio::time::sleep(POLL).await;
             }
@@ -406,7 +403,7 @@ impl Chaos {
     async fn victim_session(&mut self, slot: usize) -> i64 {
         let start = Instant::now();
         loop {
-            if let Some(s) = self.slots[slot].proc.current_session() {
+            if let Some(s) = self.slots[slot].runner.current_session() {
                 let live = self.conn.count(IS_LIVE, &[&s]).await == 1;
                 if live
                     && (self.conn.count(HELD_BY, &[&s]).await > 0
@@ -417,7 +414,7 @@ impl Chaos {
             }
             assert!(
                 start.elapsed() < GUARD,
-                "worker slot {slot} never held a live session"
+                "runner slot {slot} never held a live session"
             );
             tokio::time::sleep(POLL).await;
         }
@@ -439,16 +436,18 @@ impl Chaos {
                 let mut probes = Vec::new();
                 for (&v, &s) in victims.iter().zip(&sessions) {
                     self.slots[v]
-                        .proc
+                        .runner
                         .signal(libc::SIGKILL)
                         .expect("signal the runner process");
-                    let what = format!("kill -9 w{v}");
+                    let what = format!("kill -9 r{v}");
                     probes.push(spawn_probe(self.db_url.clone(), what, s, Vec::new(), at));
                 }
                 let who: Vec<String> = victims
                     .iter()
                     .zip(&sessions)
-                    .map(|(&v, s)| format!("w{v} (pid {}, session {s})", self.slots[v].proc.pid()))
+                    .map(|(&v, s)| {
+                        format!("r{v} (pid {}, session {s})", self.slots[v].runner.pid())
+                    })
                     .collect();
                 self.clock
                     .log(format_args!("FAULT kill -9 {}", who.join(", ")));
@@ -456,11 +455,14 @@ impl Chaos {
                 let delay = self.ms(Duration::from_millis(200), 0..1300);
                 tokio::time::sleep(delay).await;
                 for &v in victims {
-                    let _ = self.slots[v].proc.wait_exit(Duration::from_secs(10)).await;
+                    let _ = self.slots[v]
+                        .runner
+                        .wait_exit(Duration::from_secs(10))
+                        .await;
                     self.slots[v].respawn();
                     self.clock.log(format_args!(
-                        "  restarted w{v} as pid {} ({delay:?} after the kill)",
-                        self.slots[v].proc.pid()
+                        "  restarted r{v} as pid {} ({delay:?} after the kill)",
+                        self.slots[v].runner.pid()
                     ));
                 }
                 self.await_probes(probes).await;
@@ -498,15 +500,18 @@ impl Chaos {
                 let at = Instant::now();
                 let start = epoch_now();
                 self.slots[v]
-                    .proc
+                    .runner
                     .signal(libc::SIGKILL)
                     .expect("signal the runner process");
                 self.clock.log(format_args!(
-                    "FAULT kill -9 w{v} (session {session}) while a foreign transaction locks its tasks {locked:?} for {hold:?}"
+                    "FAULT kill -9 r{v} (session {session}) while a foreign transaction locks its tasks {locked:?} for {hold:?}"
                 ));
-                let what = format!("kill -9 w{v} with foreign locks");
+                let what = format!("kill -9 r{v} with foreign locks");
                 let probe = spawn_probe(self.db_url.clone(), what, session, locked.clone(), at);
-                let _ = self.slots[v].proc.wait_exit(Duration::from_secs(10)).await;
+                let _ = self.slots[v]
+                    .runner
+                    .wait_exit(Duration::from_secs(10))
+                    .await;
                 self.slots[v].respawn();
                 self.await_probes(vec![probe]).await;
                 tokio::time::sleep_until((at + hold).into()).await;
@@ -514,10 +519,10 @@ impl Chaos {
                 let released = Instant::now();
                 self.clock
                     .log(format_args!("  the foreign transaction ended"));
-                self.record(format!("foreign lock w{v}"), start, epoch_now());
+                self.record(format!("foreign lock r{v}"), start, epoch_now());
                 let probe = spawn_probe(
                     self.db_url.clone(),
-                    format!("locked tasks of w{v}"),
+                    format!("locked tasks of r{v}"),
                     session,
                     Vec::new(),
                     released,
@@ -538,31 +543,31 @@ impl Chaos {
                 let at = Instant::now();
                 let start = epoch_now();
                 self.slots[v]
-                    .proc
+                    .runner
                     .signal(libc::SIGSTOP)
                     .expect("signal the runner process");
                 self.clock.log(format_args!(
-                    "FAULT SIGSTOP w{v} (pid {}, session {session}) for {hold:?}",
-                    self.slots[v].proc.pid()
+                    "FAULT SIGSTOP r{v} (pid {}, session {session}) for {hold:?}",
+                    self.slots[v].runner.pid()
                 ));
                 let probe = spawn_probe(
                     self.db_url.clone(),
-                    format!("SIGSTOP w{v}"),
+                    format!("SIGSTOP r{v}"),
                     session,
                     Vec::new(),
                     at,
                 );
                 tokio::time::sleep_until((at + hold).into()).await;
                 self.slots[v]
-                    .proc
+                    .runner
                     .signal(libc::SIGCONT)
                     .expect("signal the runner process");
-                self.clock.log(format_args!("  SIGCONT w{v}"));
-                self.record(format!("SIGSTOP w{v}"), start, epoch_now());
+                self.clock.log(format_args!("  SIGCONT r{v}"));
+                self.record(format!("SIGSTOP r{v}"), start, epoch_now());
                 self.await_probes(vec![probe]).await;
-                let new = self.slots[v].proc.new_session(Some(session), GUARD).await;
+                let new = self.slots[v].runner.new_session(Some(session), GUARD).await;
                 self.clock
-                    .log(format_args!("  w{v} resumed with a new session {new}"));
+                    .log(format_args!("  r{v} resumed with a new session {new}"));
             }
             Fault::Blackhole(v) => {
                 let v = *v;
@@ -572,23 +577,23 @@ impl Chaos {
                 let start = epoch_now();
                 self.slots[v].proxy.set(|s| s.blackhole = true);
                 self.clock.log(format_args!(
-                    "FAULT blackhole w{v}'s link (session {session}) for {hold:?}"
+                    "FAULT blackhole r{v}'s link (session {session}) for {hold:?}"
                 ));
                 let probe = spawn_probe(
                     self.db_url.clone(),
-                    format!("blackhole w{v}"),
+                    format!("blackhole r{v}"),
                     session,
                     Vec::new(),
                     at,
                 );
                 tokio::time::sleep_until((at + hold).into()).await;
                 self.slots[v].proxy.set(|s| s.blackhole = false);
-                self.clock.log(format_args!("  healed w{v}'s link"));
-                self.record(format!("blackhole w{v}"), start, epoch_now());
+                self.clock.log(format_args!("  healed r{v}'s link"));
+                self.record(format!("blackhole r{v}"), start, epoch_now());
                 self.await_probes(vec![probe]).await;
-                let new = self.slots[v].proc.new_session(Some(session), GUARD).await;
+                let new = self.slots[v].runner.new_session(Some(session), GUARD).await;
                 self.clock
-                    .log(format_args!("  w{v} back with a new session {new}"));
+                    .log(format_args!("  r{v} back with a new session {new}"));
             }
             Fault::Latency => {
                 let hold = self.ms(Duration::from_secs(4), 0..2000);
@@ -597,7 +602,7 @@ impl Chaos {
                     slot.proxy.set(|s| s.latency = LATENCY);
                 }
                 self.clock.log(format_args!(
-                    "FAULT +{LATENCY:?} latency on every worker's link for {hold:?}"
+                    "FAULT +{LATENCY:?} latency on every runner's link for {hold:?}"
                 ));
                 tokio::time::sleep(hold).await;
                 for slot in &self.slots {
@@ -619,7 +624,7 @@ impl Chaos {
                     )
                     .await;
                 self.clock.log(format_args!(
-                    "FAULT pg_terminate_backend on every worker backend: {killed} terminated"
+                    "FAULT pg_terminate_backend on every runner backend: {killed} terminated"
                 ));
                 self.record("pg_terminate_backend".into(), start, epoch_now());
             }
@@ -804,11 +809,11 @@ impl ExtraRun {
     }
 }
 
-fn worker_log_counts(slots: &[Slot]) -> (usize, usize, usize) {
+fn runner_log_counts(slots: &[Slot]) -> (usize, usize, usize) {
     let (mut fences, mut losses, mut refused) = (0, 0, 0);
     for slot in slots {
-        for proc in slot.procs() {
-            let text = proc.log_text();
+        for runner in slot.runners() {
+            let text = runner.log_text();
             fences += text.matches("fencing the session").count();
             losses += text.matches("session lost").count();
             refused += text.matches("finish refused").count();
@@ -830,7 +835,7 @@ async fn run(plan: Plan) {
                 .as_nanos() as u64
         });
     clock.log(format_args!(
-        "chaos {} run, seed {seed} (replay with SESSION_LOCK_CHAOS_SEED={seed}); ttl {TTL:?}, heartbeat {HEARTBEAT:?}, tick {TICK:?}, max_tasks {MAX_TASKS}, work ms per worker {WORK_MS:?}",
+        "chaos {} run, seed {seed} (replay with SESSION_LOCK_CHAOS_SEED={seed}); ttl {TTL:?}, heartbeat {HEARTBEAT:?}, tick {TICK:?}, max_tasks {MAX_TASKS}, work ms per runner {WORK_MS:?}",
         plan.name
     ));
     let rng = fastrand::Rng::with_seed(seed);
@@ -897,11 +902,11 @@ async fn run(plan: Plan) {
     };
     chaos.wait_all_live().await;
     for slot in &mut chaos.slots {
-        let s = slot.proc.current_session();
+        let s = slot.runner.current_session();
         clock.log(format_args!(
-            "w{} (pid {}, {} ms tasks) via proxy :{} holds session {s:?}",
+            "r{} (pid {}, {} ms tasks) via proxy :{} holds session {s:?}",
             slot.index,
-            slot.proc.pid(),
+            slot.runner.pid(),
             slot.work_ms,
             slot.proxy.port
         ));
@@ -958,29 +963,29 @@ async fn run(plan: Plan) {
     }
     clock.log(format_args!("drained in {:?}", drain_start.elapsed()));
 
-    // Stop every worker the graceful way; they end their sessions.
+    // Stop every runner the graceful way; they end their sessions.
     for slot in &mut chaos.slots {
-        if let Some(status) = slot.proc.try_exit() {
+        if let Some(status) = slot.runner.try_exit() {
             panic!(
-                "worker {} exited by itself ({status}); stderr:\n{}",
-                slot.proc.label(),
-                slot.proc.log_tail(40)
+                "runner {} exited by itself ({status}); stderr:\n{}",
+                slot.runner.label(),
+                slot.runner.log_tail(40)
             );
         }
-        slot.proc
+        slot.runner
             .signal(libc::SIGTERM)
             .expect("signal the runner process");
     }
     for slot in &mut chaos.slots {
-        let status = slot.proc.wait_exit(Duration::from_secs(40)).await;
+        let status = slot.runner.wait_exit(Duration::from_secs(40)).await;
         assert!(
             status.success(),
-            "worker {} exited {status} after SIGTERM; stderr:\n{}",
-            slot.proc.label(),
-            slot.proc.log_tail(40)
+            "runner {} exited {status} after SIGTERM; stderr:\n{}",
+            slot.runner.label(),
+            slot.runner.log_tail(40)
         );
     }
-    clock.log("all workers stopped after SIGTERM");
+    clock.log("all runners stopped after SIGTERM");
 
     // ---- The checks, from the database. ----
     let conn = &mut chaos.conn;
@@ -1158,7 +1163,7 @@ async fn run(plan: Plan) {
     let mut took: Vec<Duration> = chaos.failovers.iter().filter_map(|f| f.took).collect();
     took.sort();
     let p99 = percentile(&took, 99.0);
-    let (fences, losses, refused) = worker_log_counts(&chaos.slots);
+    let (fences, losses, refused) = runner_log_counts(&chaos.slots);
 
     let mut summary = String::new();
     let _ = writeln!(
@@ -1247,7 +1252,7 @@ async fn run(plan: Plan) {
     );
     let _ = writeln!(
         summary,
-        "sessions                   {sessions} started, {ended} ended, {reclaimed} reclaimed; worker logs: {fences} fences, {losses} losses (SL001), {refused} refused finishes"
+        "sessions                   {sessions} started, {ended} ended, {reclaimed} reclaimed; runner logs: {fences} fences, {losses} losses (SL001), {refused} refused finishes"
     );
     let _ = writeln!(summary, "idle in transaction        {idle_in_tx}");
     let _ = writeln!(summary, "live sessions at the end   {live_sessions}");
@@ -1351,7 +1356,7 @@ async fn run(plan: Plan) {
         "tasks a foreign transaction had locked did not move within {TTL:?} of its end: {slow:?}"
     );
     assert_eq!(idle_in_tx, 0, "backends left idle in a transaction");
-    assert_eq!(live_sessions, 0, "live sessions after every worker stopped");
+    assert_eq!(live_sessions, 0, "live sessions after every runner stopped");
 
     // Clean up: processes, proxies, then the server (blocking).
     drop(chaos);
