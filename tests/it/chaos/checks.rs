@@ -84,27 +84,24 @@ struct Outcome {
 
 impl Outcome {
     async fn read(conn: &mut Conn) -> Outcome {
-        let rows = conn
-            .rows(
+        let row = conn
+            .row(
                 "SELECT count(*), count(*) FILTER (WHERE finished_at IS NOT NULL) FROM example_task",
                 &[],
             )
             .await;
-        let (tasks, finished): (i64, i64) = (rows[0].get(0), rows[0].get(1));
-        let late: Vec<String> = conn
-            .rows(
+        let (tasks, finished): (i64, i64) = (row.get(0), row.get(1));
+        let late = conn
+            .strings(
                 "SELECT format('task %s finished %s by session %s expiring %s', t.id, t.finished_at, t.finished_by, s.expires_at)
                    FROM example_task t LEFT JOIN session_lock.session s ON s.id = t.finished_by
                   WHERE t.finished_at IS NOT NULL AND (s.id IS NULL OR t.finished_at >= s.expires_at)
                   ORDER BY t.id",
                 &[],
             )
-            .await
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let never_ran: Vec<String> = conn
-            .rows(
+            .await;
+        let never_ran = conn
+            .strings(
                 "SELECT format('task %s finished %s by session %s', t.id, t.finished_at, t.finished_by)
                    FROM example_task t
                   WHERE t.finished_at IS NOT NULL
@@ -114,17 +111,14 @@ impl Outcome {
                   ORDER BY t.id",
                 &[],
             )
-            .await
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let rows = conn
-            .rows(
+            .await;
+        let row = conn
+            .row(
                 "SELECT count(*), count(DISTINCT task_id) FROM example_task_run",
                 &[],
             )
             .await;
-        let (runs, tasks_run): (i64, i64) = (rows[0].get(0), rows[0].get(1));
+        let (runs, tasks_run): (i64, i64) = (row.get(0), row.get(1));
         let stale_starts = conn
             .count(
                 "SELECT count(*) FROM example_task_run r JOIN session_lock.session s ON s.id = r.session_id
@@ -157,16 +151,15 @@ impl Outcome {
         let live_sessions = conn
             .count("SELECT count(*) FROM session_lock.live_session", &[])
             .await;
-        let rows = conn
-            .rows(
+        let row = conn
+            .row(
                 "SELECT count(*), count(*) FILTER (WHERE ended_at IS NOT NULL),
                         count(*) FILTER (WHERE reclaimed_at IS NOT NULL)
                    FROM session_lock.session",
                 &[],
             )
             .await;
-        let (sessions, ended, reclaimed): (i64, i64, i64) =
-            (rows[0].get(0), rows[0].get(1), rows[0].get(2));
+        let (sessions, ended, reclaimed): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
         Outcome {
             tasks,
             finished,
@@ -380,8 +373,8 @@ impl Report<'_> {
         let o = &self.outcome;
         let lost = o.lost();
         if lost > 0 {
-            let detail: Vec<String> = conn
-                .rows(
+            let detail = conn
+                .strings(
                     "SELECT format('task %s: session_id %s (%s), runs %s', t.id, t.session_id,
                             CASE WHEN s.id IS NULL THEN 'no such session'
                                  ELSE format('name %s, expires %s, ended %s, reclaimed %s, held %s',
@@ -392,21 +385,15 @@ impl Report<'_> {
                       WHERE t.finished_at IS NULL ORDER BY t.id",
                     &[],
                 )
-                .await
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+                .await;
             panic!(
                 "{lost} tasks lost (never finished after the drain):\n{}\nlive sessions: {:?}",
                 detail.join("\n"),
-                conn.rows(
+                conn.strings(
                     "SELECT format('%s %s held %s', id, name, held) FROM session_lock.live_session",
                     &[]
                 )
                 .await
-                .iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<Vec<_>>()
             );
         }
         assert!(

@@ -80,7 +80,29 @@ impl Conn {
         }
     }
 
+    /// The first row, retried as [`Conn::rows`].
+    pub(super) async fn row(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Row {
+        let rows = self.rows(sql, params).await;
+        rows.into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no row from\n{sql}"))
+    }
+
+    /// The first column of the first row, retried as [`Conn::rows`].
     pub(super) async fn count(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> i64 {
-        self.rows(sql, params).await[0].get(0)
+        self.row(sql, params).await.get(0)
+    }
+
+    /// The first column of every row, as text, retried as [`Conn::rows`].
+    pub(super) async fn strings(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Vec<String> {
+        self.rows(sql, params)
+            .await
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     }
 }

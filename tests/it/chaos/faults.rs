@@ -60,6 +60,15 @@ pub(super) fn round(rng: &mut fastrand::Rng) -> Vec<Fault> {
     faults
 }
 
+/// How [`Chaos::cut_off`] takes a victim out of the run.
+#[derive(Debug, Clone, Copy)]
+enum Outage {
+    /// SIGSTOP, then SIGCONT: the runner process is frozen.
+    Sigstop,
+    /// Its proxy blackholed, then healed: the runner is partitioned.
+    Blackhole,
+}
+
 /// A fault as injected: when it began and ended, on the database's clock.
 #[derive(Debug, Clone)]
 pub(super) struct FaultWindow {
@@ -75,8 +84,8 @@ impl Chaos {
         match fault {
             Fault::Kill(victims) => self.kill(victims).await,
             Fault::ForeignLock(v) => self.kill_under_foreign_locks(*v).await,
-            Fault::Stop(v) => self.sigstop(*v).await,
-            Fault::Blackhole(v) => self.blackhole(*v).await,
+            Fault::Stop(v) => self.cut_off(*v, Outage::Sigstop).await,
+            Fault::Blackhole(v) => self.cut_off(*v, Outage::Blackhole).await,
             Fault::Latency => self.latency().await,
             Fault::TerminateBackends => self.terminate_backends().await,
             Fault::PgCrash => self.pg_crash().await,
@@ -95,10 +104,7 @@ impl Chaos {
         let start = epoch_now();
         let mut probes = Vec::new();
         for (&v, &s) in victims.iter().zip(&sessions) {
-            self.slots[v]
-                .runner
-                .signal(libc::SIGKILL)
-                .expect("signal the runner process");
+            self.slots[v].signal(libc::SIGKILL);
             let what = format!("kill -9 r{v}");
             probes.push(spawn_probe(self.db_url.clone(), what, s, Vec::new(), at));
         }
@@ -113,11 +119,7 @@ impl Chaos {
         let delay = self.ms(Duration::from_millis(200), 0..1300);
         tokio::time::sleep(delay).await;
         for &v in victims {
-            let _ = self.slots[v]
-                .runner
-                .wait_exit(Duration::from_secs(10))
-                .await;
-            self.slots[v].respawn();
+            self.slots[v].respawn().await;
             self.clock.log(format_args!(
                 "  restarted r{v} as pid {} ({delay:?} after the kill)",
                 self.slots[v].runner.pid()
@@ -160,20 +162,13 @@ impl Chaos {
         let hold = self.ms(TTL, 1000..2000);
         let at = Instant::now();
         let start = epoch_now();
-        self.slots[v]
-            .runner
-            .signal(libc::SIGKILL)
-            .expect("signal the runner process");
+        self.slots[v].signal(libc::SIGKILL);
         self.clock.log(format_args!(
             "FAULT kill -9 r{v} (session {session}) while a foreign transaction locks its tasks {locked:?} for {hold:?}"
         ));
         let what = format!("kill -9 r{v} with foreign locks");
         let probe = spawn_probe(self.db_url.clone(), what, session, locked.clone(), at);
-        let _ = self.slots[v]
-            .runner
-            .wait_exit(Duration::from_secs(10))
-            .await;
-        self.slots[v].respawn();
+        self.slots[v].respawn().await;
         self.await_probes(vec![probe]).await;
         tokio::time::sleep_until((at + hold).into()).await;
         foreign.rows("COMMIT", &[]).await;
@@ -198,67 +193,51 @@ impl Chaos {
         self.lock_releases.push(moved);
     }
 
-    /// SIGSTOP the victim for longer than the TTL, then SIGCONT: it must
-    /// notice it lost its session and start a new one.
-    async fn sigstop(&mut self, v: usize) {
+    /// Cuts the victim off for longer than the TTL, then lets it back: it
+    /// must notice it lost its session and start a new one.
+    async fn cut_off(&mut self, v: usize, outage: Outage) {
         let session = self.victim_session(v).await;
         let hold = self.ms(TTL, 1000..2000);
         let at = Instant::now();
         let start = epoch_now();
-        self.slots[v]
-            .runner
-            .signal(libc::SIGSTOP)
-            .expect("signal the runner process");
-        self.clock.log(format_args!(
-            "FAULT SIGSTOP r{v} (pid {}, session {session}) for {hold:?}",
-            self.slots[v].runner.pid()
-        ));
-        let probe = spawn_probe(
-            self.db_url.clone(),
-            format!("SIGSTOP r{v}"),
-            session,
-            Vec::new(),
-            at,
-        );
+        let slot = &self.slots[v];
+        let what = match outage {
+            Outage::Sigstop => {
+                slot.signal(libc::SIGSTOP);
+                self.clock.log(format_args!(
+                    "FAULT SIGSTOP r{v} (pid {}, session {session}) for {hold:?}",
+                    slot.runner.pid()
+                ));
+                format!("SIGSTOP r{v}")
+            }
+            Outage::Blackhole => {
+                slot.proxy.set(|s| s.blackhole = true);
+                self.clock.log(format_args!(
+                    "FAULT blackhole r{v}'s link (session {session}) for {hold:?}"
+                ));
+                format!("blackhole r{v}")
+            }
+        };
+        let probe = spawn_probe(self.db_url.clone(), what.clone(), session, Vec::new(), at);
         tokio::time::sleep_until((at + hold).into()).await;
-        self.slots[v]
-            .runner
-            .signal(libc::SIGCONT)
-            .expect("signal the runner process");
-        self.clock.log(format_args!("  SIGCONT r{v}"));
-        self.record(format!("SIGSTOP r{v}"), start, epoch_now());
+        let slot = &self.slots[v];
+        let back = match outage {
+            Outage::Sigstop => {
+                slot.signal(libc::SIGCONT);
+                self.clock.log(format_args!("  SIGCONT r{v}"));
+                "resumed"
+            }
+            Outage::Blackhole => {
+                slot.proxy.set(|s| s.blackhole = false);
+                self.clock.log(format_args!("  healed r{v}'s link"));
+                "back"
+            }
+        };
+        self.record(what, start, epoch_now());
         self.await_probes(vec![probe]).await;
         let new = self.slots[v].runner.new_session(Some(session), GUARD).await;
         self.clock
-            .log(format_args!("  r{v} resumed with a new session {new}"));
-    }
-
-    /// Blackhole the victim's link for longer than the TTL, then heal it:
-    /// it must notice it lost its session and start a new one.
-    async fn blackhole(&mut self, v: usize) {
-        let session = self.victim_session(v).await;
-        let hold = self.ms(TTL, 1000..2000);
-        let at = Instant::now();
-        let start = epoch_now();
-        self.slots[v].proxy.set(|s| s.blackhole = true);
-        self.clock.log(format_args!(
-            "FAULT blackhole r{v}'s link (session {session}) for {hold:?}"
-        ));
-        let probe = spawn_probe(
-            self.db_url.clone(),
-            format!("blackhole r{v}"),
-            session,
-            Vec::new(),
-            at,
-        );
-        tokio::time::sleep_until((at + hold).into()).await;
-        self.slots[v].proxy.set(|s| s.blackhole = false);
-        self.clock.log(format_args!("  healed r{v}'s link"));
-        self.record(format!("blackhole r{v}"), start, epoch_now());
-        self.await_probes(vec![probe]).await;
-        let new = self.slots[v].runner.new_session(Some(session), GUARD).await;
-        self.clock
-            .log(format_args!("  r{v} back with a new session {new}"));
+            .log(format_args!("  r{v} {back} with a new session {new}"));
     }
 
     /// [`LATENCY`] on every runner's link for a seeded 4 to 6 s.

@@ -168,13 +168,7 @@ impl Chaos {
         let start = Instant::now();
         for i in 0..self.slots.len() {
             loop {
-                if let Some(status) = self.slots[i].runner.try_exit() {
-                    panic!(
-                        "runner {} exited by itself ({status}); stderr:\n{}",
-                        self.slots[i].runner.label(),
-                        self.slots[i].runner.log_tail(40)
-                    );
-                }
+                self.slots[i].assert_running();
                 if let Some(s) = self.slots[i].runner.current_session() {
                     if self.conn.count(IS_LIVE, &[&s]).await == 1 {
                         break;
@@ -342,16 +336,8 @@ async fn drain(chaos: &mut Chaos, plan: Plan, feeder: Feeder) -> u64 {
 /// must end its session and exit successfully.
 async fn stop(chaos: &mut Chaos) {
     for slot in &mut chaos.slots {
-        if let Some(status) = slot.runner.try_exit() {
-            panic!(
-                "runner {} exited by itself ({status}); stderr:\n{}",
-                slot.runner.label(),
-                slot.runner.log_tail(40)
-            );
-        }
-        slot.runner
-            .signal(libc::SIGTERM)
-            .expect("signal the runner process");
+        slot.assert_running();
+        slot.signal(libc::SIGTERM);
     }
     for slot in &mut chaos.slots {
         let status = slot.runner.wait_exit(Duration::from_secs(40)).await;

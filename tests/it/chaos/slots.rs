@@ -66,8 +66,26 @@ impl Slot {
         }
     }
 
-    /// Starts a new runner process in place of the current (dead) one.
-    pub(super) fn respawn(&mut self) {
+    /// Sends `sig` to the current runner process.
+    pub(super) fn signal(&self, sig: libc::c_int) {
+        self.runner.signal(sig).expect("signal the runner process");
+    }
+
+    /// Fails the test if the current runner has exited: only a fault may
+    /// end one, and a killed one is replaced at once.
+    pub(super) fn assert_running(&mut self) {
+        if let Some(status) = self.runner.try_exit() {
+            panic!(
+                "runner {} exited by itself ({status}); stderr:\n{}",
+                self.runner.label(),
+                self.runner.log_tail(40)
+            );
+        }
+    }
+
+    /// Reaps the current runner, killed, and starts a new one in its place.
+    pub(super) async fn respawn(&mut self) {
+        let _ = self.runner.wait_exit(Duration::from_secs(10)).await;
         self.generation += 1;
         let label = format!("r{}.{}", self.index, self.generation);
         let new = spawn_runner(label, &self.url, self.work_ms);
