@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use session_lock::{ErrorChain, Migrator};
+use session_lock::{Error, ErrorChain, Migrator};
 
 #[derive(Debug, Args)]
 pub(crate) struct MigrateArgs {
@@ -344,9 +344,11 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 /// One connection with the library's timeouts and the URL's sslmode, so an
 /// unreachable database fails in seconds.
 async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
-    session_lock::connect_one(url)
-        .await
-        .map_err(|e| ErrorChain(&e).to_string())
+    session_lock::connect_one(url).await.map_err(|e| match e {
+        // These say what is wrong with the URL, or that the connect failed.
+        Error::BadUrl(_) | Error::Tls { .. } | Error::Connect(_) => ErrorChain(&e).to_string(),
+        other => format!("cannot connect to the database: {}", ErrorChain(&other)),
+    })
 }
 
 fn query_error(e: &tokio_postgres::Error, held: Option<&str>) -> String {

@@ -355,7 +355,7 @@ async fn tls_require_verify_ca_and_verify_full_against_a_self_signed_server() {
             .map(|(_, m)| m)
             .unwrap_err()
             .to_string(),
-        "invalid argument: bad database URL: sslmode=verify-full needs sslrootcert=PATH, the PEM file of the certificate authority to trust"
+        "bad database URL: sslmode=verify-full needs sslrootcert=PATH, the PEM file of the certificate authority to trust"
     );
     let _ = TlsMode::Require;
     drop(pki);
