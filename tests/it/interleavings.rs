@@ -675,6 +675,18 @@ struct World {
 impl World {
     async fn new(seed: u64, test: &'static str) -> World {
         let db = migrated_db().await;
+        // Quarantine is not modelled here (tests/it/retries.rs has it): a
+        // task killed with its holders five times must stay pickable.
+        session_lock::Migrator::new()
+            .with_example()
+            .task_table(
+                session_lock::TaskTable::new("public.example_task")
+                    .finished_by("finished_by")
+                    .no_quarantine(),
+            )
+            .run_url(&db.url)
+            .await
+            .expect("declare the example without quarantine");
         let admin = Arc::new(db.client().await);
         admin
             .batch_execute(

@@ -415,6 +415,7 @@ async fn several_dirs_get_distinct_set_names() {
             "session_lock",
             "session_lock",
             "session_lock",
+            "session_lock",
             "example",
             "example",
             "app",

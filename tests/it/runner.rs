@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use session_lock::{
-    DbFinder, Error, PgStore, Progress, Runner, RunnerConfig, RunnerHandle, RunnerServer,
-    RunnerStatus, SessionId, Stop, Task, TaskId, TaskerError,
+    DbFinder, Error, FailedTasks, PgStore, Progress, Runner, RunnerConfig, RunnerHandle,
+    RunnerServer, RunnerStatus, SessionId, Stop, Task, TaskId, TaskerError,
 };
 use session_lock_testkit::example::ExampleTask;
 use session_lock_testkit::wait_for_status;
@@ -246,12 +246,15 @@ async fn stop_drains_a_task_in_flight_then_ends_the_session() {
             }
         }
     };
+    // The task it leaves incomplete stays with the session (not given back
+    // with a backoff), so that the second runner below finds all four.
     let config = fast_config("drain-on-stop")
         .max_tasks(2)
         .workers(1)
         .tick(NEVER)
         .drain_mode(false)
         .listen(false)
+        .failed_tasks(FailedTasks::Keep)
         .build()
         .unwrap();
     let runner = Runner::new(config, store.clone(), tasker).start();
@@ -704,8 +707,8 @@ async fn a_tasker_reporting_foreign_or_duplicate_ids_is_contained() {
     );
     assert_eq!(
         task_row(&client, ids[2]).await,
-        (Some(session), None, false),
-        "the unreported task stays held"
+        (None, None, false),
+        "the unreported task is given back, to be retried after its backoff"
     );
     let (_, finished_by, finished) = task_row(&client, free).await;
     assert!(

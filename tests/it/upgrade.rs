@@ -45,6 +45,10 @@ use tokio_postgres::{Client, Row};
 use session_lock_testkit::db::{TestDb, fresh_db};
 
 /// Guards every wait against a hang; nothing here should take long.
+/// A task row `t` as text, without the columns protocol 2 keeps on it.
+const PROTOCOL_COLUMNS_DROPPED: &str =
+    "(to_jsonb(t) - 'sl_attempts' - 'sl_retry_at' - 'sl_fence' - 'sl_last_session')::text";
+
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// The release that applied the 0.1 database.
@@ -496,7 +500,13 @@ struct State {
 async fn state(client: &Client) -> State {
     let mut tasks = BTreeMap::new();
     for t in TABLES {
-        let sql = format!("SELECT t.id, t::text FROM {} t ORDER BY t.id", t.table);
+        // The columns protocol 2 adds to every task row (sl_attempts,
+        // sl_retry_at, sl_fence, sl_last_session) start at their defaults:
+        // a row is what it was before without them.
+        let sql = format!(
+            "SELECT t.id, {PROTOCOL_COLUMNS_DROPPED} FROM {} t ORDER BY t.id",
+            t.table
+        );
         let rows = client.query(&sql, &[]).await.unwrap();
         tasks.insert(t.table, rows.iter().map(|r| (r.get(0), r.get(1))).collect());
     }
@@ -571,7 +581,10 @@ async fn fingerprint(client: &Client) -> Vec<String> {
         }
     }
     for t in TABLES {
-        let sql = format!("SELECT t::text FROM {} t ORDER BY t.id", t.table);
+        let sql = format!(
+            "SELECT {PROTOCOL_COLUMNS_DROPPED} FROM {} t ORDER BY t.id",
+            t.table
+        );
         for r in client.query(&sql, &[]).await.unwrap() {
             all.push(r.get(0));
         }
