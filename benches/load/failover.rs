@@ -1,0 +1,215 @@
+//! Failover (BENCHMARKS.md, benchmark 4): how long the tasks of a runner
+//! process killed with SIGKILL wait before they run again elsewhere and are
+//! finished.
+//!
+//! Four runner processes (the example tasker with 100 ms of work a task,
+//! max_tasks 10, tick 1 s, heartbeat TTL/4) on a backlog that keeps all four
+//! at their cap; after 3 s one is killed. Its session id comes from its
+//! stdout, the tasks it held from the table; times are seconds after the
+//! kill: when its session was reclaimed, when each of its tasks first
+//! started in another session, when each was finished.
+//!
+//! What limits the figure: the TTL, as designed (a survivor reclaims the
+//! dead session on its first get_work after the lease runs out), plus the
+//! survivors' next tick, 0.1 to 0.2 s while they work at their cap.
+
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::common::{self, Table, median, quantile, verdict};
+use crate::{Ctx, Workers, wait_live_sessions};
+
+pub(crate) fn run(ctx: &Ctx) {
+    let ttls: Vec<u64> = if ctx.opts.full {
+        vec![2, 5, 30]
+    } else {
+        vec![2, 5]
+    };
+    let tick_s = 1.0;
+    let mut t = Table::new(
+        "Failover: kill -9 one of 4 worker processes (s after the kill; per-task times pooled over repetitions, 'all' = median over repetitions of the last of the victim's tasks)",
+        &[
+            "TTL",
+            "tasks held by victim",
+            "session reclaimed (median)",
+            "re-claimed p50 / p99 / all",
+            "finished p50 / p99 / all",
+            "target p99 <= TTL + tick + 1 s",
+            "verdict (finished p99)",
+        ],
+    );
+    for ttl in ttls {
+        let mut reclaimed_at = Vec::new();
+        let mut restarted = Vec::new();
+        let mut finished = Vec::new();
+        let mut last_restart = Vec::new();
+        let mut last_finish = Vec::new();
+        let mut held_counts = Vec::new();
+        for rep in 0..ctx.opts.reps {
+            let r = actix_rt::System::new().block_on(failover_once(ctx, ttl));
+            eprintln!(
+                "bench: failover rep {rep} ttl={ttl}s: {} tasks, reclaimed {:.2} s, last re-claim {:.2} s, last finish {:.2} s",
+                r.held,
+                r.session_reclaimed,
+                quantile(&r.restarted, 1.0),
+                quantile(&r.finished, 1.0)
+            );
+            held_counts.push(r.held as f64);
+            reclaimed_at.push(r.session_reclaimed);
+            last_restart.push(quantile(&r.restarted, 1.0));
+            last_finish.push(quantile(&r.finished, 1.0));
+            restarted.extend(r.restarted);
+            finished.extend(r.finished);
+        }
+        let bound = ttl as f64 + tick_s + 1.0;
+        let p99 = quantile(&finished, 0.99);
+        t.row(vec![
+            format!("{ttl} s"),
+            format!("{:.0}", median(&held_counts)),
+            format!("{:.2}", median(&reclaimed_at)),
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                quantile(&restarted, 0.5),
+                quantile(&restarted, 0.99),
+                median(&last_restart)
+            ),
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                quantile(&finished, 0.5),
+                p99,
+                median(&last_finish)
+            ),
+            format!("{bound:.0} s"),
+            verdict(p99 <= bound),
+        ]);
+    }
+    t.emit("load");
+}
+
+struct FailoverRun {
+    held: usize,
+    session_reclaimed: f64,
+    restarted: Vec<f64>,
+    finished: Vec<f64>,
+}
+
+async fn failover_once(ctx: &Ctx, ttl_s: u64) -> FailoverRun {
+    let client = common::connect(&ctx.url).await;
+    common::set_synchronous_commit(&client, true).await;
+    // Enough backlog that every worker stays at its cap (10) throughout.
+    common::seed(&client, 2_000 + 500 * (ttl_s + 10)).await;
+    let ttl_ms = ttl_s * 1000;
+    let args: Vec<String> = [
+        "--name",
+        "failover",
+        "--max-tasks",
+        "10",
+        "--work-ms",
+        "100",
+        "--tick-ms",
+        "1000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--ttl-ms".to_string(),
+        ttl_ms.to_string(),
+        "--heartbeat-ms".to_string(),
+        (ttl_ms / 4).to_string(),
+    ])
+    .collect();
+    let mut workers = Workers::spawn(&ctx.url, 4, &args, true);
+    // The victim's session id, from its stdout.
+    let stdout = workers.children[0].stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<i64>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(id) = line
+                .strip_prefix("session_id=")
+                .and_then(|s| s.parse().ok())
+            {
+                let _ = tx.send(id);
+            }
+        }
+    });
+    wait_live_sessions(&client, 4, Duration::from_secs(30)).await;
+    let victim_session =
+        tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+            .await
+            .expect("thread")
+            .expect("victim session id");
+    // Let all four run at their cap for a while.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let victim = &mut workers.children[0];
+    let _ = victim.kill(); // SIGKILL
+    let t_kill = now_epoch();
+    let _ = victim.wait();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let held: Vec<i64> = client
+        .query(
+            "SELECT id FROM public.example_task WHERE session_id = $1 AND finished_at IS NULL",
+            &[&victim_session],
+        )
+        .await
+        .expect("held")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(ttl_s + 60);
+    loop {
+        let open: i64 = client
+            .query_one(
+                "SELECT count(*) FROM public.example_task WHERE id = ANY ($1) AND finished_at IS NULL",
+                &[&held],
+            )
+            .await
+            .expect("open")
+            .get(0);
+        if open == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = client
+        .query(
+            "SELECT (SELECT extract(epoch FROM min(r.started_at))::float8 - $3
+                       FROM public.example_task_run r
+                      WHERE r.task_id = t.id AND r.session_id <> $2),
+                    extract(epoch FROM t.finished_at)::float8 - $3
+               FROM public.example_task t WHERE t.id = ANY ($1)",
+            &[&held, &victim_session, &t_kill],
+        )
+        .await
+        .expect("times");
+    let never = (ttl_s + 60) as f64;
+    let restarted = rows
+        .iter()
+        .map(|r| r.get::<_, Option<f64>>(0).unwrap_or(never))
+        .collect();
+    let finished = rows
+        .iter()
+        .map(|r| r.get::<_, Option<f64>>(1).unwrap_or(never))
+        .collect();
+    let session_reclaimed: f64 = client
+        .query_one(
+            "SELECT coalesce(extract(epoch FROM reclaimed_at)::float8 - $2, -1) FROM session_lock.session WHERE id = $1",
+            &[&victim_session, &t_kill],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(-1.0);
+    workers.stop();
+    FailoverRun {
+        held: held.len(),
+        session_reclaimed,
+        restarted,
+        finished,
+    }
+}
+
+fn now_epoch() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
