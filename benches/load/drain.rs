@@ -25,7 +25,7 @@ use session_lock_testkit::example::{ExampleTask, NoopTasker};
 use tokio_postgres::Client;
 
 use crate::common::{self, Table, median, verdict};
-use crate::{Ctx, Workers, store};
+use crate::{Ctx, spawn_runners, stop_runners, store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -58,7 +58,7 @@ pub(crate) struct DrainRun {
     secs: f64,
     pub(crate) pg_cpu: f64,
     /// Client CPU seconds (the bench process for in-process runs, the sum of
-    /// the workers for processes, pgbench's own for the limit).
+    /// the runner processes for processes, pgbench's own for the limit).
     pub(crate) client_cpu: f64,
     pub(crate) peak_rss_mib: f64,
 }
@@ -261,7 +261,7 @@ fn drain_once(ctx: &Ctx, mode: Mode, n: usize, batch: u32, sync: bool, tasks: u6
                     "--jitter-ms".into(),
                     "0".into(),
                 ];
-                let mut workers = Workers::spawn(&ctx.url, n, &args, false);
+                let mut runners = spawn_runners(&ctx.url, n, &args);
                 let t0 = Instant::now();
                 loop {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -277,11 +277,11 @@ fn drain_once(ctx: &Ctx, mode: Mode, n: usize, batch: u32, sync: bool, tasks: u6
                         break;
                     }
                 }
-                for c in &workers.children {
-                    client_cpu += common::proc_cpu_secs(c.id(), true);
-                    peak_rss = f64::max(peak_rss, common::proc_peak_rss_mib(c.id()));
+                for p in runners.processes() {
+                    client_cpu += common::proc_cpu_secs(p.pid(), true);
+                    peak_rss = f64::max(peak_rss, common::proc_peak_rss_mib(p.pid()));
                 }
-                workers.stop();
+                stop_runners(&mut runners).await;
             }
             Mode::Pgbench => {
                 client_cpu = run_pgbench(ctx, PGBENCH_SCRIPT, n, batch, tasks).await;

@@ -13,11 +13,10 @@
 //! dead session on its first get_work after the lease runs out), plus the
 //! survivors' next tick, 0.1 to 0.2 s while they work at their cap.
 
-use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::common::{self, Table, median, quantile, verdict};
-use crate::{Ctx, Workers, wait_live_sessions};
+use crate::{Ctx, spawn_runners, stop_runners, wait_live_sessions};
 
 pub(crate) fn run(ctx: &Ctx) {
     let ttls: Vec<u64> = if ctx.opts.full {
@@ -118,32 +117,26 @@ async fn failover_once(ctx: &Ctx, ttl_s: u64) -> FailoverRun {
         (ttl_ms / 4).to_string(),
     ])
     .collect();
-    let mut workers = Workers::spawn(&ctx.url, 4, &args, true);
-    // The victim's session id, from its stdout.
-    let stdout = workers.children[0].stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<i64>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(id) = line
-                .strip_prefix("session_id=")
-                .and_then(|s| s.parse().ok())
-            {
-                let _ = tx.send(id);
-            }
-        }
-    });
+    let mut runners = spawn_runners(&ctx.url, 4, &args);
+    let victim = runners.processes()[0].pid();
     wait_live_sessions(&client, 4, Duration::from_secs(30)).await;
-    let victim_session =
-        tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
-            .await
-            .expect("thread")
-            .expect("victim session id");
+    // The victim's session id, from its stdout.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while runners.get(victim).is_some_and(|p| p.sessions().is_empty()) {
+            runners.next_event().await;
+        }
+    })
+    .await
+    .expect("victim session id");
     // Let all four run at their cap for a while.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let victim = &mut workers.children[0];
-    let _ = victim.kill(); // SIGKILL
+    while runners.try_next_event().is_some() {}
+    let victim = runners.get_mut(victim).expect("the victim");
+    let victim_session = *victim.sessions().last().expect("victim session id");
+    // Times count from the signal, not from the reaping.
+    victim.signal(libc::SIGKILL).expect("SIGKILL the victim");
     let t_kill = now_epoch();
-    let _ = victim.wait();
+    victim.kill().expect("reap the victim");
     tokio::time::sleep(Duration::from_millis(50)).await;
     let held: Vec<i64> = client
         .query(
@@ -198,7 +191,7 @@ async fn failover_once(ctx: &Ctx, ttl_s: u64) -> FailoverRun {
         .await
         .map(|r| r.get(0))
         .unwrap_or(-1.0);
-    workers.stop();
+    stop_runners(&mut runners).await;
     FailoverRun {
         held: held.len(),
         session_reclaimed,

@@ -37,11 +37,11 @@ mod footprint;
 mod idle;
 mod pickup;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use session_lock::PgStore;
 use session_lock_testkit::embedded::EmbeddedPostgres;
+use session_lock_testkit::{Fleet, RunnerCommand};
 use tokio_postgres::Client;
 
 #[derive(Debug, Clone)]
@@ -149,72 +149,32 @@ async fn store(url: &str) -> PgStore {
     PgStore::connect(url).await.expect("store")
 }
 
-/// Worker processes, killed when dropped (also on panic).
-struct Workers {
-    children: Vec<Child>,
-}
-
-impl Workers {
-    fn spawn(url: &str, n: usize, args: &[String], piped_stdout: bool) -> Workers {
-        let log_dir = common::results_dir();
-        let children = (0..n)
-            .map(|i| {
-                let log = std::fs::File::create(log_dir.join(format!("worker-{i}.log")))
-                    .expect("worker log");
-                Command::new(session_lock_testkit::session_lock_bin())
-                    .arg("run")
-                    .arg("--database-url")
-                    .arg(url)
+/// `n` runner processes, `session-lock run` with `args`, each logging
+/// warnings to `runner-<i>.log` beside the results.
+fn spawn_runners(url: &str, n: usize, args: &[String]) -> Fleet {
+    let log_dir = common::results_dir();
+    let mut fleet = Fleet::new();
+    for i in 0..n {
+        let label = format!("runner-{i}");
+        fleet
+            .spawn(
+                RunnerCommand::new(url)
                     .args(args)
-                    .env("SESSION_LOCK_LOG", "warn")
-                    .stdin(Stdio::null())
-                    .stdout(if piped_stdout {
-                        Stdio::piped()
-                    } else {
-                        Stdio::null()
-                    })
-                    .stderr(log)
-                    .spawn()
-                    .unwrap_or_else(|e| panic!("spawn session-lock run: {e}"))
-            })
-            .collect();
-        Workers { children }
+                    .log_level("warn")
+                    .log_file(log_dir.join(format!("{label}.log")))
+                    .keep_log(true)
+                    .label(label),
+            )
+            .unwrap_or_else(|e| panic!("spawn session-lock run: {e}"));
     }
-
-    /// SIGTERM to all, then wait (SIGKILL after 10 s).
-    fn stop(&mut self) {
-        for c in &self.children {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for c in &mut self.children {
-            loop {
-                match c.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break;
-                    }
-                }
-            }
-        }
-        self.children.clear();
-    }
+    fleet
 }
 
-impl Drop for Workers {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+/// SIGTERM to every runner process, then waits (SIGKILL after 10 s); says
+/// on stderr which ones did not stop cleanly.
+async fn stop_runners(fleet: &mut Fleet) {
+    if let Err(e) = fleet.terminate_all(Duration::from_secs(10)).await {
+        eprintln!("bench: {e}");
     }
 }
 
