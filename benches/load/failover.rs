@@ -47,9 +47,10 @@ pub(crate) fn run(ctx: &Ctx) {
         for rep in 0..ctx.opts.reps {
             let r = actix_rt::System::new().block_on(failover_once(ctx, ttl));
             eprintln!(
-                "bench: failover rep {rep} ttl={ttl}s: {} tasks, reclaimed {:.2} s, last re-claim {:.2} s, last finish {:.2} s",
+                "bench: failover rep {rep} ttl={ttl}s: {} tasks, reclaimed {}, last re-claim {:.2} s, last finish {:.2} s",
                 r.held,
-                r.session_reclaimed,
+                r.session_reclaimed
+                    .map_or("never".to_owned(), |s| format!("{s:.2} s")),
                 quantile(&r.restarted, 1.0),
                 quantile(&r.finished, 1.0)
             );
@@ -65,7 +66,7 @@ pub(crate) fn run(ctx: &Ctx) {
         t.row(vec![
             format!("{ttl} s"),
             format!("{:.0}", median(&held_counts)),
-            format!("{:.2}", median(&reclaimed_at)),
+            reclaimed_cell(&reclaimed_at),
             format!(
                 "{:.2} / {:.2} / {:.2}",
                 quantile(&restarted, 0.5),
@@ -85,9 +86,25 @@ pub(crate) fn run(ctx: &Ctx) {
     t.emit("load");
 }
 
+/// The median of the times the victim's session was reclaimed, and how
+/// many repetitions it never was in.
+fn reclaimed_cell(reclaimed_at: &[Option<f64>]) -> String {
+    let reclaimed: Vec<f64> = reclaimed_at.iter().flatten().copied().collect();
+    match reclaimed_at.len() - reclaimed.len() {
+        0 => format!("{:.2}", median(&reclaimed)),
+        _ if reclaimed.is_empty() => "never".to_owned(),
+        never => format!(
+            "{:.2} (never in {never} of {})",
+            median(&reclaimed),
+            reclaimed_at.len()
+        ),
+    }
+}
+
 struct FailoverRun {
     held: usize,
-    session_reclaimed: f64,
+    /// Seconds after the kill; `None` when the session was not reclaimed.
+    session_reclaimed: Option<f64>,
     restarted: Vec<f64>,
     finished: Vec<f64>,
 }
@@ -183,14 +200,14 @@ async fn failover_once(ctx: &Ctx, ttl_s: u64) -> FailoverRun {
         .iter()
         .map(|r| r.get::<_, Option<f64>>(1).unwrap_or(never))
         .collect();
-    let session_reclaimed: f64 = client
-        .query_one(
-            "SELECT coalesce(extract(epoch FROM reclaimed_at)::float8 - $2, -1) FROM session_lock.session WHERE id = $1",
+    let session_reclaimed: Option<f64> = client
+        .query_opt(
+            "SELECT extract(epoch FROM reclaimed_at)::float8 - $2 FROM session_lock.session WHERE id = $1",
             &[&victim_session, &t_kill],
         )
         .await
-        .map(|r| r.get(0))
-        .unwrap_or(-1.0);
+        .expect("reclaimed_at")
+        .and_then(|r| r.get(0));
     stop_runners(&mut runners).await;
     FailoverRun {
         held: held.len(),
