@@ -59,16 +59,14 @@ pub(crate) fn run(ctx: &Ctx) {
             let backlog = backlog_of(n);
             let mut spreads = Vec::new();
             let mut unheld = Vec::new();
-            let mut ticks = Vec::new();
-            let mut times = Vec::new();
+            let mut joins = Vec::new();
             let mut held = Vec::new();
             let floor = (backlog / (n + 1)).min(10);
             for _ in 0..ctx.opts.reps {
                 let r = actix_rt::System::new().block_on(fairness_once(ctx, n, backlog, floor));
                 spreads.extend(r.spreads);
                 unheld.extend(r.unheld);
-                ticks.push(r.join_ticks);
-                times.push(r.join_secs);
+                joins.push(r.join);
                 held.push(r.joiner_held as f64);
             }
             let best = if backlog % n == 0 || backlog >= 10 * n {
@@ -76,11 +74,12 @@ pub(crate) fn run(ctx: &Ctx) {
             } else {
                 1
             };
-            let reached = ticks.iter().filter(|x| x.is_finite()).count();
-            let (tk, secs) = if reached * 2 > ticks.len() {
-                let ok: Vec<f64> = ticks.iter().copied().filter(|x| x.is_finite()).collect();
-                let ts: Vec<f64> = times.iter().copied().filter(|x| x.is_finite()).collect();
-                (format!("{:.0}", median(&ok)), format!("{:.2}", median(&ts)))
+            let (ticks, times): (Vec<f64>, Vec<f64>) = joins.iter().flatten().copied().unzip();
+            let (tk, secs) = if ticks.len() * 2 > joins.len() {
+                (
+                    format!("{:.0}", median(&ticks)),
+                    format!("{:.2}", median(&times)),
+                )
             } else {
                 ("not in 25".to_owned(), "-".to_owned())
             };
@@ -104,8 +103,9 @@ pub(crate) fn run(ctx: &Ctx) {
 struct FairnessRun {
     spreads: Vec<f64>,
     unheld: Vec<f64>,
-    join_ticks: f64,
-    join_secs: f64,
+    /// The joiner's ticks and seconds until it held its fair floor; `None`
+    /// when it did not within 5 s.
+    join: Option<(f64, f64)>,
     joiner_held: usize,
 }
 
@@ -176,18 +176,14 @@ async fn fairness_once(ctx: &Ctx, n: usize, backlog: usize, floor: usize) -> Fai
         s.tasks_held >= floor && s.ticks > 0
     })
     .await;
-    let (join_ticks, join_secs) = match got {
-        Some(s) => (s.ticks as f64, t0.elapsed().as_secs_f64()),
-        None => (f64::NAN, f64::NAN),
-    };
+    let join = got.map(|s| (s.ticks as f64, t0.elapsed().as_secs_f64()));
     let joiner_held = joiner.status().tasks_held;
     handles.push(joiner);
     join_all(handles.iter().map(|h| h.stop())).await;
     FairnessRun {
         spreads,
         unheld,
-        join_ticks,
-        join_secs,
+        join,
         joiner_held,
     }
 }
