@@ -12,14 +12,13 @@
 //! each other rather than with the other measurements. It needs the
 //! pg_stat_statements extension installed, and says so otherwise.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_util::future::join_all;
-use session_lock::{Runner, RunnerConfig};
-use session_lock_testkit::example::{ExampleTask, NoopTasker};
+use session_lock_testkit::example::ExampleTask;
 use tokio_postgres::Client;
 
 use crate::common::{self, Table};
+use crate::drain::{InProcessDrain, drain_in_process};
 use crate::{Ctx, store};
 
 pub(crate) fn run(ctx: &Ctx) {
@@ -40,26 +39,8 @@ async fn diag_drain(ctx: &Ctx, n: usize, batch: u32) {
     let tasks = ctx.opts.tasks.min(50_000);
     common::seed(&client, tasks).await;
     common::track_statements(&client, "all").await;
-    let mut handles = Vec::new();
-    for _ in 0..n {
-        let config = RunnerConfig::builder("bench")
-            .max_tasks(batch)
-            .jitter(Duration::ZERO)
-            .build()
-            .expect("config");
-        handles.push(
-            Runner::<ExampleTask, _, _>::new(config, store(&ctx.url).await, NoopTasker).start(),
-        );
-    }
-    let t0 = Instant::now();
-    while handles.iter().map(|h| h.status().finished).sum::<u64>() < tasks
-        && t0.elapsed() < Duration::from_secs(600)
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    let ticks: u64 = handles.iter().map(|h| h.status().ticks).sum();
-    join_all(handles.iter().map(|h| h.stop())).await;
+    let InProcessDrain { wall, ticks } =
+        drain_in_process(&ctx.url, n, batch, tasks, Duration::from_secs(600)).await;
     let server_ms: f64 = client
         .query_one(
             "SELECT coalesce(sum(total_exec_time), 0) FROM pg_stat_statements

@@ -20,12 +20,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use session_lock::{Runner, RunnerConfig, RunnerHandle};
-use session_lock_testkit::example::{ExampleTask, NoopTasker};
+use session_lock::RunnerConfig;
 use tokio_postgres::Client;
 
 use crate::common::{self, Table, median, verdict};
-use crate::{Ctx, spawn_runners, stop_runners, store};
+use crate::{Ctx, noop_runner, spawn_runners, stop_runners};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -229,26 +228,7 @@ fn drain_once(ctx: &Ctx, mode: Mode, n: usize, batch: u32, sync: bool, tasks: u6
         let deadline = Duration::from_secs(900);
         match mode {
             Mode::InProcess => {
-                let mut handles: Vec<RunnerHandle> = Vec::new();
-                for _ in 0..n {
-                    let config = RunnerConfig::builder("bench")
-                        .max_tasks(batch)
-                        .jitter(Duration::ZERO)
-                        .build()
-                        .expect("config");
-                    let store = store(&ctx.url).await;
-                    handles
-                        .push(Runner::<ExampleTask, _, _>::new(config, store, NoopTasker).start());
-                }
-                let t0 = Instant::now();
-                loop {
-                    let done: u64 = handles.iter().map(|h| h.status().finished).sum();
-                    if done >= tasks || t0.elapsed() > deadline {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                join_all(handles.iter().map(|h| h.stop())).await;
+                drain_in_process(&ctx.url, n, batch, tasks, deadline).await;
                 client_cpu = common::self_cpu_secs() - self0;
             }
             Mode::Processes => {
@@ -405,6 +385,47 @@ async fn run_pgbench(ctx: &Ctx, script_text: &str, clients: usize, batch: u32, t
     let cpu = cpu_children_total - *last;
     *last = cpu_children_total;
     cpu
+}
+
+/// What [`drain_in_process`] saw before it stopped its runners.
+pub(crate) struct InProcessDrain {
+    /// Seconds from the runners' start until they had finished the tasks.
+    pub(crate) wall: f64,
+    /// Ticks of all the runners together.
+    pub(crate) ticks: u64,
+}
+
+/// Starts `n` no-op runners named `bench` in this process (max_tasks
+/// `batch`, no jitter), waits until they have finished `tasks` tasks or
+/// `deadline` has passed, and stops them.
+pub(crate) async fn drain_in_process(
+    url: &str,
+    n: usize,
+    batch: u32,
+    tasks: u64,
+    deadline: Duration,
+) -> InProcessDrain {
+    let mut handles = Vec::new();
+    for _ in 0..n {
+        let config = RunnerConfig::builder("bench")
+            .max_tasks(batch)
+            .jitter(Duration::ZERO)
+            .build()
+            .expect("config");
+        handles.push(noop_runner(url, config).await);
+    }
+    let t0 = Instant::now();
+    while handles.iter().map(|h| h.status().finished).sum::<u64>() < tasks
+        && t0.elapsed() <= deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let drained = InProcessDrain {
+        wall: t0.elapsed().as_secs_f64(),
+        ticks: handles.iter().map(|h| h.status().ticks).sum(),
+    };
+    join_all(handles.iter().map(|h| h.stop())).await;
+    drained
 }
 
 /// Finished tasks and tasks/s between the first and the last finish, on the

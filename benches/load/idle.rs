@@ -14,12 +14,11 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use session_lock::{Runner, RunnerConfig};
-use session_lock_testkit::example::{ExampleTask, NoopTasker};
+use session_lock::RunnerConfig;
 use tokio_postgres::Client;
 
 use crate::common::{self, Table, median};
-use crate::{Ctx, store, wait_live_sessions};
+use crate::{Ctx, noop_runner, wait_live_sessions};
 
 pub(crate) fn run(ctx: &Ctx) {
     let n = 50usize;
@@ -93,9 +92,7 @@ async fn idle_once(ctx: &Ctx, n: usize, window: Duration) -> (f64, f64, f64, f64
     let mut handles = Vec::new();
     for _ in 0..n {
         let config = RunnerConfig::builder("idle").build().expect("config");
-        handles.push(
-            Runner::<ExampleTask, _, _>::new(config, store(&ctx.url).await, NoopTasker).start(),
-        );
+        handles.push(noop_runner(&ctx.url, config).await);
     }
     wait_live_sessions(&client, n as i64, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;

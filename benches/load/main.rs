@@ -39,8 +39,9 @@ mod pickup;
 
 use std::time::{Duration, Instant};
 
-use session_lock::PgStore;
+use session_lock::{PgStore, Runner, RunnerConfig, RunnerHandle};
 use session_lock_testkit::embedded::EmbeddedPostgres;
+use session_lock_testkit::example::{ExampleTask, NoopTasker};
 use session_lock_testkit::{Fleet, RunnerCommand};
 use tokio_postgres::Client;
 
@@ -147,6 +148,12 @@ fn main() {
 /// A store on a pool of its own, as each runner has.
 async fn store(url: &str) -> PgStore {
     PgStore::connect(url).await.expect("store")
+}
+
+/// A runner of `ExampleTask`s in this process that completes every task at
+/// once, on a store of its own.
+async fn noop_runner(url: &str, config: RunnerConfig) -> RunnerHandle {
+    Runner::<ExampleTask, _, _>::new(config, store(url).await, NoopTasker).start()
 }
 
 /// `n` runner processes, `session-lock run` with `args`, each logging
