@@ -16,7 +16,6 @@
 //! shared by runners, backends and pgbench.
 
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -353,24 +352,19 @@ async fn run_pgbench(ctx: &Ctx, script_text: &str, clients: usize, batch: u32, t
         script.display().to_string(),
         common::DB.into(),
     ];
-    let out = tokio::task::spawn_blocking(move || {
+    let (out, cpu) = tokio::task::spawn_blocking(move || {
+        // RUSAGE_CHILDREN counts every reaped child of this process (the
+        // runner processes too): pgbench's own CPU is the increase across
+        // its run, when it is the only child.
+        let before = children_cpu_secs();
         let out = Command::new(&pgbench)
             .args(&args)
             .output()
             .unwrap_or_else(|e| panic!("run {}: {e}", pgbench.display()));
-        // pgbench's own CPU: it is our only child at this point.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: getrusage writes into the struct we pass.
-        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
-        let cpu = usage.ru_utime.tv_sec as f64
-            + usage.ru_utime.tv_usec as f64 / 1e6
-            + usage.ru_stime.tv_sec as f64
-            + usage.ru_stime.tv_usec as f64 / 1e6;
-        (out, cpu)
+        (out, children_cpu_secs() - before)
     })
     .await
     .expect("pgbench thread");
-    let (out, cpu_children_total) = out;
     if !out.status.success() {
         panic!(
             "pgbench failed: {}\n{}",
@@ -378,13 +372,19 @@ async fn run_pgbench(ctx: &Ctx, script_text: &str, clients: usize, batch: u32, t
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // RUSAGE_CHILDREN is cumulative over every reaped child of this process
-    // (workers too), so report the increment since the last pgbench.
-    static LAST: Mutex<f64> = Mutex::new(0.0);
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    let cpu = cpu_children_total - *last;
-    *last = cpu_children_total;
     cpu
+}
+
+/// CPU seconds (user + system) of this process's reaped children.
+fn children_cpu_secs() -> f64 {
+    // SAFETY: rusage is plain integers, valid when zeroed.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we pass.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    usage.ru_utime.tv_sec as f64
+        + usage.ru_utime.tv_usec as f64 / 1e6
+        + usage.ru_stime.tv_sec as f64
+        + usage.ru_stime.tv_usec as f64 / 1e6
 }
 
 /// What [`drain_in_process`] saw before it stopped its runners.
