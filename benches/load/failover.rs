@@ -112,7 +112,7 @@ struct FailoverRun {
 async fn failover_once(ctx: &Ctx, ttl_s: u64) -> FailoverRun {
     let client = common::connect(&ctx.url).await;
     common::set_synchronous_commit(&client, true).await;
-    // Enough backlog that every worker stays at its cap (10) throughout.
+    // Enough backlog that every runner stays at its cap (10) throughout.
     common::seed(&client, 2_000 + 500 * (ttl_s + 10)).await;
     let ttl_ms = ttl_s * 1000;
     let args: Vec<String> = [
