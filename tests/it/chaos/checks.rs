@@ -25,8 +25,8 @@ use tokio_postgres::Row;
 
 use super::conn::Conn;
 use super::faults::FaultWindow;
+use super::logs::LogCounts;
 use super::probes::Failover;
-use super::slots::Slot;
 use super::{Chaos, Plan, TICK, TTL};
 
 /// A run counts as inside a fault window if it started at most this long
@@ -296,32 +296,6 @@ fn classify(dup_rows: &[Row], windows: &[FaultWindow]) -> Vec<ExtraRun> {
         }
     }
     extras
-}
-
-/// What the runners' logs say, over every runner process of every slot.
-struct LogCounts {
-    fences: usize,
-    losses: usize,
-    refused: usize,
-}
-
-impl LogCounts {
-    fn of(slots: &[Slot]) -> LogCounts {
-        let (mut fences, mut losses, mut refused) = (0, 0, 0);
-        for slot in slots {
-            for runner in slot.runners() {
-                let text = runner.log_text();
-                fences += text.matches("fencing the session").count();
-                losses += text.matches("session lost").count();
-                refused += text.matches("finish refused").count();
-            }
-        }
-        LogCounts {
-            fences,
-            losses,
-            refused,
-        }
-    }
 }
 
 /// Nearest-rank percentile.

@@ -45,6 +45,7 @@ mod clock;
 mod conn;
 mod faults;
 mod feeder;
+mod logs;
 mod probes;
 mod proxy;
 mod slots;
