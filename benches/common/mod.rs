@@ -36,8 +36,8 @@ pub fn start_server() -> EmbeddedPostgres {
     let opts = EmbeddedOptions {
         durable: true,
         max_connections: 600,
-        port: None,
         extra_settings: extra,
+        ..EmbeddedOptions::default()
     };
     let pg = EmbeddedPostgres::start_with(opts).unwrap_or_else(|e| {
         panic!("cannot start PostgreSQL for the benchmarks (apt-get install postgresql): {e}")
