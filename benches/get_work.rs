@@ -22,8 +22,9 @@
 //! claim of as many tasks on the same database (the drain benchmark's
 //! pgbench limit: one `UPDATE ... WHERE id = ANY (ARRAY(SELECT ... FOR
 //! UPDATE SKIP LOCKED LIMIT n))` statement of the same free tasks in the
-//! same order as the pickup, no session), so that what the backlog costs PostgreSQL itself can be told
-//! apart from what it costs get_work.
+//! same order as the pickup, for a session of its own name but with none
+//! of the protocol), so that what the backlog costs PostgreSQL itself can
+//! be told apart from what it costs get_work.
 //!
 //! Two measurements per configuration:
 //! * criterion, one backlog after the other (mean and its confidence
@@ -94,6 +95,8 @@ struct Db {
     last_batch: usize,
     /// The raw-SQL claim, prepared on `client`.
     raw_claim: tokio_postgres::Statement,
+    /// The session the raw claim holds its tasks in, from [`Db::prepare`].
+    raw_session: Option<Session>,
 }
 
 impl Db {
@@ -123,10 +126,37 @@ impl Db {
                 .expect("start_session");
             self.sessions.push(id);
         }
+        self.raw_session = Some(self.start_raw_session(max_tasks).await);
         for i in 0..n {
             self.turn(i).await;
         }
         self.next = 0;
+    }
+
+    /// The raw claim's session: a runner name of its own, so that it has
+    /// no part in the bench sessions' shares, and bound to the task table
+    /// by one get_work (whose pickup it finishes and replaces), because
+    /// the sweep frees the tasks of a session bound to no table, live or
+    /// not. Live and bound, it keeps the tasks it claims until it finishes
+    /// them; its lease is as long as the bench sessions', and it starts
+    /// afresh with them at every configuration.
+    async fn start_raw_session(&self, capacity: u32) -> Session {
+        let session = self
+            .store
+            .start_session(&SessionStart::new("raw-claim", TTL, capacity))
+            .await
+            .expect("start the raw claim's session");
+        let work = self
+            .store
+            .get_work::<ExampleTask>(GetWork {
+                sweep: false,
+                ..GetWork::new(&session)
+            })
+            .await
+            .expect("bind the raw claim's session");
+        let ids: Vec<i64> = work.tasks.iter().map(|t| t.id).collect();
+        self.finish_and_replace(&session, &ids).await;
+        session
     }
 
     /// The next session's turn: the get_work latency in ms, and how many
@@ -168,10 +198,13 @@ impl Db {
     /// that `n` are free even when the sessions hold every other one);
     /// timed, claims `n` free tasks with FOR UPDATE SKIP LOCKED in one
     /// statement and commit; untimed, finishes what it claimed, so the
-    /// backlog stays put. It holds no session (session_id -1) and reads no
-    /// counter: what it costs at each backlog is what PostgreSQL itself
-    /// charges for claiming that many tasks there.
+    /// backlog stays put. The tasks are claimed for a session of its own
+    /// (see [`Db::start_raw_session`]), but nothing of the protocol runs:
+    /// no lease check, no share, no counter. What it costs at each backlog
+    /// is what PostgreSQL itself charges for claiming that many tasks
+    /// there.
     async fn raw_claim(&self, n: usize) -> f64 {
+        let session = self.raw_session.as_ref().expect("prepared").id;
         self.client
             .execute(
                 "INSERT INTO public.example_task (payload) SELECT 'noop' FROM generate_series(1, $1::bigint)",
@@ -182,7 +215,7 @@ impl Db {
         let t0 = Instant::now();
         let row = self
             .client
-            .query_one(&self.raw_claim, &[&(n as i64)])
+            .query_one(&self.raw_claim, &[&(n as i64), &session])
             .await
             .expect("raw claim");
         let elapsed = t0.elapsed().as_secs_f64() * 1e3;
@@ -190,9 +223,9 @@ impl Db {
         assert_eq!(ids.len(), n, "the raw claim finds its {n} free tasks");
         self.client
             .execute(
-                "UPDATE public.example_task SET finished_at = now(), finished_by = -1
-                  WHERE id = ANY ($1) AND session_id = -1 AND finished_at IS NULL",
-                &[&ids],
+                "UPDATE public.example_task SET finished_at = now(), finished_by = $2
+                  WHERE id = ANY ($1) AND session_id = $2 AND finished_at IS NULL",
+                &[&ids, &session],
             )
             .await
             .expect("finish raw claim");
@@ -290,7 +323,7 @@ fn main() {
             let raw_claim = client
                 .prepare(
                     "WITH claimed AS (
-                         UPDATE public.example_task SET session_id = -1
+                         UPDATE public.example_task SET session_id = $2
                           WHERE id = ANY (ARRAY(
                                     SELECT id FROM public.example_task
                                      WHERE session_id IS NULL AND finished_at IS NULL
@@ -312,6 +345,7 @@ fn main() {
                 next: 0,
                 last_batch: 0,
                 raw_claim,
+                raw_session: None,
             });
         }
         let floor = common::connect(&first_url.expect("a backlog")).await;

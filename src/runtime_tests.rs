@@ -357,3 +357,160 @@ async fn a_lost_session_is_replaced_and_its_carried_ids_are_not_counted_finished
     );
     runner.stop().await;
 }
+
+/// What [`writing_tasker`] did: how many times each task's side effect was
+/// written (as the example Tasker writes its run row's `finished_at`), and
+/// how many times its completion was reported through Progress.
+#[derive(Debug, Default)]
+struct Writes {
+    written: BTreeMap<TaskId, u32>,
+    reported: BTreeMap<TaskId, u32>,
+}
+
+/// A Tasker shaped like the example's: for each task it writes its side
+/// effect, then waits for that write's reply (until `replies` is true, as a
+/// reply held up by a slow link), and only then reports the task complete.
+/// Tasks for which `at_once` holds are reported right after their write.
+fn writing_tasker(
+    writes: Arc<Mutex<Writes>>,
+    replies: tokio::sync::watch::Receiver<bool>,
+    at_once: fn(TaskId) -> bool,
+) -> impl Fn(
+    Vec<TestTask>,
+    Progress,
+) -> futures_util::future::BoxFuture<'static, Result<Vec<TaskId>, TaskerError>>
++ Send
++ Sync
++ 'static {
+    move |tasks: Vec<TestTask>, progress: Progress| {
+        let writes = writes.clone();
+        let mut replies = replies.clone();
+        Box::pin(async move {
+            for t in &tasks {
+                *writes.lock().unwrap().written.entry(t.id).or_default() += 1;
+                if at_once(t.id) {
+                    progress.complete(t.id);
+                    *writes.lock().unwrap().reported.entry(t.id).or_default() += 1;
+                }
+            }
+            let _ = replies.wait_for(|open| *open).await;
+            for t in tasks.iter().filter(|t| !at_once(t.id)) {
+                progress.complete(t.id);
+                *writes.lock().unwrap().reported.entry(t.id).or_default() += 1;
+            }
+            Ok(Vec::new())
+        })
+    }
+}
+
+/// Waits (in paused time) until every one of `ids` has been written `n` times.
+async fn written(writes: &Arc<Mutex<Writes>>, ids: &[TaskId], n: u32) {
+    let deadline = Instant::now() + 5000 * MS;
+    while !ids
+        .iter()
+        .all(|id| writes.lock().unwrap().written.get(id) == Some(&n))
+    {
+        assert!(Instant::now() < deadline, "never written: {writes:?}");
+        tokio::time::sleep(MS).await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_run_cut_by_a_fence_between_its_write_and_its_report_runs_again_in_the_same_session() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 2);
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let (replies, replies_rx) = tokio::sync::watch::channel(false);
+    let runner = Runner::<TestTask, _, _>::new(
+        config().workers(1).build().unwrap(),
+        ScriptedFinder::new(db.clone()),
+        writing_tasker(writes.clone(), replies_rx, |_| false),
+    )
+    .start_inline();
+    // Both runs have written; their replies are held up, and so are the
+    // heartbeats: the session fences itself while the replies are in flight.
+    written(&writes, &[1, 2], 1).await;
+    db.failing(Method::Bump, true);
+    until(&runner, 5000 * MS, |s| s.fences == 1).await;
+    let cut = until(&runner, 5000 * MS, |s| s.failed >= 2).await;
+    assert!(cut.session.is_none(), "fenced: {cut:?}");
+    // The replies arrive after the cut: nobody is left to report them.
+    replies.send_replace(true);
+    tokio::time::sleep(100 * MS).await;
+    assert!(
+        writes.lock().unwrap().reported.is_empty(),
+        "a run cut by the fence reported nothing: {writes:?}"
+    );
+    assert!(
+        db.calls(Method::Finish)
+            .iter()
+            .chain(&db.calls(Method::GetWork))
+            .all(|c| c.ids.is_empty()),
+        "no completion was claimed for the cut runs"
+    );
+    assert_eq!(
+        db.with(|s| s.tasks.clone()),
+        BTreeMap::from([(1, Some(1)), (2, Some(1))]),
+        "the fenced session still holds both tasks"
+    );
+    // The heartbeat gets through: the fence lifts on the same session,
+    // which runs both tasks again (at-least-once) and finishes them.
+    db.failing(Method::Bump, false);
+    let done = until(&runner, 5000 * MS, |s| s.finished == 2).await;
+    assert_eq!(done.session_starts, 1, "the same session: {done:?}");
+    assert_eq!(done.fences, 1, "{done:?}");
+    assert_eq!(done.rejected, 0, "{done:?}");
+    let Writes { written, reported } = std::mem::take(&mut *writes.lock().unwrap());
+    assert_eq!(
+        written,
+        BTreeMap::from([(1, 2), (2, 2)]),
+        "each task's side effect was written twice"
+    );
+    assert_eq!(reported, BTreeMap::from([(1, 1), (2, 1)]));
+    assert_eq!(db.with(|s| s.finished.clone()), vec![(1, 1), (2, 1)]);
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_completion_reported_before_a_fence_is_finished_after_it_and_never_run_again() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 2);
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let (replies, replies_rx) = tokio::sync::watch::channel(false);
+    // One slice of both tasks: task 1 is reported at once, task 2 waits for
+    // its reply when the fence cuts the slice.
+    let runner = Runner::<TestTask, _, _>::new(
+        config().workers(1).build().unwrap(),
+        ScriptedFinder::new(db.clone()),
+        writing_tasker(writes.clone(), replies_rx, |id| id == 1),
+    )
+    .start_inline();
+    written(&writes, &[1, 2], 1).await;
+    // The link is down for the heartbeat and for the finish that follows
+    // the cut: the completion of task 1 must outlive the fence.
+    db.failing(Method::Bump, true);
+    db.failing(Method::Finish, true);
+    until(&runner, 5000 * MS, |s| s.fences == 1).await;
+    until(&runner, 5000 * MS, |s| s.failed >= 1).await;
+    let tried = db.calls(Method::Finish);
+    assert!(
+        tried.iter().any(|c| c.ids == [1]),
+        "the fenced tick tried to finish task 1: {tried:?}"
+    );
+    assert!(db.with(|s| s.finished.is_empty()), "nothing finished yet");
+    replies.send_replace(true);
+    db.failing(Method::Finish, false);
+    db.failing(Method::Bump, false);
+    let done = until(&runner, 5000 * MS, |s| s.finished == 2).await;
+    assert_eq!(done.session_starts, 1, "the same session: {done:?}");
+    assert_eq!(done.rejected, 0, "{done:?}");
+    let Writes { written, reported } = std::mem::take(&mut *writes.lock().unwrap());
+    assert_eq!(
+        written,
+        BTreeMap::from([(1, 1), (2, 2)]),
+        "task 1, reported before the fence, never ran again; task 2 did"
+    );
+    assert_eq!(reported, BTreeMap::from([(1, 1), (2, 1)]));
+    assert_eq!(db.with(|s| s.finished.clone()), vec![(1, 1), (2, 1)]);
+    runner.stop().await;
+}

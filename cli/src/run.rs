@@ -84,10 +84,21 @@ pub(crate) struct RunArgs {
 pub(crate) fn run(args: RunArgs) -> Result<(), String> {
     let config = config(&args)?;
     actix_rt::System::new().block_on(async move {
-        migrate(&args).await?;
-        let store = PgStore::connect(&args.database_url)
-            .await
-            .map_err(|e| e.to_string())?;
+        // The handlers first: a SIGTERM while starting up ends the process
+        // cleanly too (nothing was started yet), instead of killing it.
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        let started = async {
+            migrate(&args).await?;
+            PgStore::connect(&args.database_url)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let store = tokio::select! {
+            store = started => store?,
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        };
         let runner = if args.noop {
             Runner::<ExampleTask, _, _>::new(config, store, NoopTasker).start()
         } else {
@@ -96,8 +107,6 @@ pub(crate) fn run(args: RunArgs) -> Result<(), String> {
         };
 
         let mut status = runner.subscribe();
-        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
         let mut printed = None;
         loop {
             tokio::select! {

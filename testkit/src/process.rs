@@ -145,7 +145,8 @@ impl RunnerCommand {
         self
     }
 
-    /// Keeps the log file after a passing test too, and says where it is.
+    /// Keeps the log file after a passing test too, and says where it is
+    /// (unless it is in a [`log_file`](Self::log_file) the caller chose).
     pub fn keep_log(mut self, keep: bool) -> Self {
         self.keep_log = keep;
         self
@@ -173,6 +174,7 @@ impl RunnerCommand {
         self,
         send: impl Fn(u32, RunnerEvent) -> bool + Send + 'static,
     ) -> io::Result<RunnerProcess> {
+        let log_chosen = self.log.is_some();
         let log = self.log.unwrap_or_else(|| {
             std::env::temp_dir().join(format!(
                 "session-lock-run-{}-{}-{}.log",
@@ -249,6 +251,7 @@ impl RunnerCommand {
             exit: None,
             log,
             keep_log: self.keep_log,
+            announce_log: self.keep_log && !log_chosen,
         })
     }
 }
@@ -270,6 +273,8 @@ pub struct RunnerProcess {
     exit: Option<ExitStatus>,
     log: PathBuf,
     keep_log: bool,
+    /// Whether dropping it says where the kept log is.
+    announce_log: bool,
 }
 
 impl RunnerProcess {
@@ -482,7 +487,9 @@ impl Drop for RunnerProcess {
             let _ = self.child.wait();
         }
         if self.keep_log {
-            eprintln!("kept runner {} log: {}", self.label, self.log.display());
+            if self.announce_log {
+                eprintln!("kept runner {} log: {}", self.label, self.log.display());
+            }
         } else if std::thread::panicking() {
             eprintln!(
                 "--- runner {} (pid {}) log, last lines ({}):\n{}",

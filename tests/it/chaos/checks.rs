@@ -6,10 +6,13 @@
 //!   every finished task has a completed run by the session that finished
 //!   it, ending no later than the finish;
 //! * every extra run of a task is explained, as cut short (it never
-//!   completed) or lease lost (it completed, but its session expired
-//!   before the task was finished, by another session), and started inside
-//!   a fault window: at most [`WINDOW_BEFORE`] before a fault began, at
-//!   most the TTL plus [`WINDOW_AFTER_TTL`] after it ended;
+//!   completed), lease lost (it completed, but its session expired
+//!   before the task was finished, by another session) or fenced before
+//!   its report (it completed, but its session fenced itself while the
+//!   reply to its last write was in flight, and ran it again once the
+//!   fence lifted), and started inside a fault window: at most
+//!   [`WINDOW_BEFORE`] before a fault began, at most the TTL plus
+//!   [`WINDOW_AFTER_TTL`] after it ended;
 //! * every failover completed, with p99 at most TTL + tick + 1 s;
 //! * tasks a foreign transaction had locked moved within the TTL of its end;
 //! * no backend is idle in a transaction and no session is live.
@@ -25,8 +28,8 @@ use tokio_postgres::Row;
 
 use super::conn::Conn;
 use super::faults::FaultWindow;
+use super::logs::{Fence, LogCounts, fences};
 use super::probes::Failover;
-use super::slots::Slot;
 use super::{Chaos, Plan, TICK, TTL};
 
 /// A run counts as inside a fault window if it started at most this long
@@ -36,12 +39,23 @@ const WINDOW_BEFORE: Duration = Duration::from_millis(1500);
 /// acting before it notices, a dead pooled connection found on first use).
 const WINDOW_AFTER_TTL: Duration = Duration::from_millis(1500);
 
+/// A fence cut a run between its last write and its report if it came no
+/// earlier than this before the write, nor later than this after the
+/// write's reply could first have reached the runner: the runner's own
+/// delays on a loaded machine (an abort that reaches the worker after the
+/// fence was logged, a reply read a little after it arrived).
+const REPLY_SLACK: Duration = Duration::from_millis(250);
+
 /// Checks the run's outcome and prints the report; panics on the first
 /// invariant broken.
 pub(super) async fn check(chaos: &mut Chaos, plan: Plan, seed: u64, inserts: u64) {
     let outcome = Outcome::read(&mut chaos.conn).await;
-    let extras = classify(&outcome.dup_rows, &chaos.windows);
+    let fences = fences(&chaos.slots);
+    let extras = classify(&outcome.dup_rows, &chaos.windows, &fences);
     if std::env::var("SESSION_LOCK_CHAOS_VERBOSE").is_ok_and(|v| v == "1") {
+        for f in &fences {
+            eprintln!("fence: {f:?}");
+        }
         for e in &extras {
             eprintln!("extra run: {}", e.describe());
         }
@@ -195,7 +209,14 @@ enum Why {
     /// It completed, but its session's lease ran out before the task was
     /// finished, so the finish was refused and the task ran again.
     LeaseLost,
-    /// Neither: a bug.
+    /// It completed, but its completion was never reported: the Tasker
+    /// reports a task only once the reply to its last write (the run row's
+    /// `finished_at`) has come back, and its session fenced itself while
+    /// that reply was in flight, which stopped the run in between. The
+    /// runner rightly counted the task not done, and once a heartbeat
+    /// lifted the fence, the same session ran it again.
+    FencedBeforeReport,
+    /// None of these: a bug.
     Unexplained,
 }
 
@@ -210,6 +231,8 @@ struct ExtraRun {
     task_finished_by: Option<i64>,
     /// The session of the task's next run.
     next_session: Option<i64>,
+    /// The fence that cut it before its report, if one did.
+    fence: Option<Fence>,
     why: Why,
     window: Option<String>,
 }
@@ -217,8 +240,11 @@ struct ExtraRun {
 impl ExtraRun {
     fn describe(&self) -> String {
         let t = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+        let fence = self.fence.map_or(String::new(), |f| {
+            format!(", fenced {:.3}, lifted {}", f.at, t(f.lifted))
+        });
         format!(
-            "task {} run {} by session {}: started {:.3}, completed {}, session expires {}; next run by {:?}; task finished {} by {:?}; {:?}, window {:?}",
+            "task {} run {} by session {}: started {:.3}, completed {}, session expires {}{fence}; next run by {:?}; task finished {} by {:?}; {:?}, window {:?}",
             self.task,
             self.run,
             self.session,
@@ -236,7 +262,7 @@ impl ExtraRun {
 
 /// Every run of a duplicated task but the one whose completion was
 /// accepted, with why it happened and the fault window it started in.
-fn classify(dup_rows: &[Row], windows: &[FaultWindow]) -> Vec<ExtraRun> {
+fn classify(dup_rows: &[Row], windows: &[FaultWindow], fences: &[Fence]) -> Vec<ExtraRun> {
     let mut by_task: BTreeMap<i64, Vec<&Row>> = BTreeMap::new();
     for r in dup_rows {
         by_task.entry(r.get(0)).or_default().push(r);
@@ -261,18 +287,23 @@ fn classify(dup_rows: &[Row], windows: &[FaultWindow]) -> Vec<ExtraRun> {
             if Some(run) == accepted {
                 continue;
             }
-            let next_session: Option<i64> = rows.get(i + 1).map(|n| n.get(2));
+            let next: Option<(i64, f64)> = rows.get(i + 1).map(|n| (n.get(2), n.get(3)));
+            let next_session = next.map(|(s, _)| s);
             let session: i64 = r.get(2);
             let started: f64 = r.get(3);
             let finished: Option<f64> = r.get(4);
             let session_expires: Option<f64> = r.get(7);
+            let fence = finished
+                .and_then(|written| fence_before_report(session, written, next, windows, fences));
             let why = match (finished, session_expires, task_finished) {
                 (None, _, _) => Why::CutShort,
                 (Some(_), Some(exp), Some(done)) if exp <= done && Some(session) != finished_by => {
                     Why::LeaseLost
                 }
+                _ if fence.is_some() => Why::FencedBeforeReport,
                 _ => Why::Unexplained,
             };
+            let fence = fence.filter(|_| why == Why::FencedBeforeReport);
             // Inside some window; reported against the nearest fault.
             let distance = |w: &FaultWindow| (w.start - started).max(started - w.end).max(0.0);
             let window = windows
@@ -290,6 +321,7 @@ fn classify(dup_rows: &[Row], windows: &[FaultWindow]) -> Vec<ExtraRun> {
                 task_finished,
                 task_finished_by: finished_by,
                 next_session,
+                fence,
                 why,
                 window,
             });
@@ -298,30 +330,83 @@ fn classify(dup_rows: &[Row], windows: &[FaultWindow]) -> Vec<ExtraRun> {
     extras
 }
 
-/// What the runners' logs say, over every runner process of every slot.
-struct LogCounts {
-    fences: usize,
-    losses: usize,
-    refused: usize,
+/// The fence of `session` that cut its run between the run's last write
+/// (`written`, the row's `finished_at`) and the report that follows the
+/// write's reply, if there is one: a fence that came while the reply was in
+/// flight (it cannot reach the runner before `written` plus the latency the
+/// link then added), within [`REPLY_SLACK`], and was lifted before the
+/// task's next run, by the same session, started.
+fn fence_before_report(
+    session: i64,
+    written: f64,
+    next: Option<(i64, f64)>,
+    windows: &[FaultWindow],
+    fences: &[Fence],
+) -> Option<Fence> {
+    let (next_session, next_started) = next?;
+    if next_session != session {
+        return None;
+    }
+    let in_flight = windows
+        .iter()
+        .filter(|w| w.start <= written && written <= w.end)
+        .map(|w| w.latency)
+        .max()
+        .unwrap_or_default();
+    let slack = REPLY_SLACK.as_secs_f64();
+    let (from, to) = (written - slack, written + in_flight.as_secs_f64() + slack);
+    fences
+        .iter()
+        .find(|f| {
+            f.session == session
+                && (from..=to).contains(&f.at)
+                && f.lifted.is_some_and(|l| l <= next_started)
+        })
+        .copied()
 }
 
-impl LogCounts {
-    fn of(slots: &[Slot]) -> LogCounts {
-        let (mut fences, mut losses, mut refused) = (0, 0, 0);
-        for slot in slots {
-            for runner in slot.runners() {
-                let text = runner.log_text();
-                fences += text.matches("fencing the session").count();
-                losses += text.matches("session lost").count();
-                refused += text.matches("finish refused").count();
-            }
-        }
-        LogCounts {
-            fences,
-            losses,
-            refused,
-        }
-    }
+#[test]
+fn a_fence_counts_as_cutting_a_run_only_while_its_last_reply_was_in_flight() {
+    // The failing run of seed 1796023671825112893, from t = 0 at the run
+    // row's finished_at: the latency fault on, session 40 fenced 0.22 s
+    // later, lifted at 3.67 s, the next run by session 40 at 3.8 s.
+    let t0 = 1_764_487_754.8;
+    let latency = [FaultWindow {
+        what: "latency".into(),
+        start: t0 - 2.0,
+        end: t0 + 3.0,
+        latency: Duration::from_millis(500),
+    }];
+    let fence = |session, at: f64, lifted: Option<f64>| Fence {
+        session,
+        at: t0 + at,
+        lifted: lifted.map(|l| t0 + l),
+    };
+    let next = Some((40, t0 + 3.8));
+    let cut = |windows: &[FaultWindow], next, fences: &[Fence]| {
+        fence_before_report(40, t0, next, windows, fences).is_some()
+    };
+    assert!(cut(&latency, next, &[fence(40, 0.22, Some(3.67))]));
+    // The reply could have come back 0.5 s after the write, read within
+    // the slack: later, the Tasker would have reported it.
+    assert!(cut(&latency, next, &[fence(40, 0.74, Some(3.67))]));
+    assert!(!cut(&latency, next, &[fence(40, 0.76, Some(3.67))]));
+    // A fence well before the write did not cut it after the write.
+    assert!(!cut(&latency, next, &[fence(40, -0.26, Some(3.67))]));
+    // Without the latency fault, the reply is back at once.
+    assert!(cut(&[], next, &[fence(40, 0.2, Some(3.67))]));
+    assert!(!cut(&[], next, &[fence(40, 0.3, Some(3.67))]));
+    // Another session's fence, a fence never lifted or lifted after the next
+    // run began, a next run by another session: not this case.
+    assert!(!cut(&latency, next, &[fence(41, 0.22, Some(3.67))]));
+    assert!(!cut(&latency, next, &[fence(40, 0.22, None)]));
+    assert!(!cut(&latency, next, &[fence(40, 0.22, Some(3.9))]));
+    assert!(!cut(
+        &latency,
+        Some((41, t0 + 3.8)),
+        &[fence(40, 0.22, Some(3.67))]
+    ));
+    assert!(!cut(&latency, None, &[fence(40, 0.22, Some(3.67))]));
 }
 
 /// Nearest-rank percentile.
@@ -413,7 +498,7 @@ impl Report<'_> {
             .collect();
         assert!(
             unexplained_runs.is_empty(),
-            "duplicate runs not explained by a cut-short run or a lost lease:\n{}",
+            "duplicate runs not explained by a cut-short run, a lost lease or a fence before the report:\n{}",
             show(&unexplained_runs)
         );
         let outside = self.outside_windows();
@@ -478,9 +563,10 @@ impl fmt::Display for Report<'_> {
     /// The summary: every figure of the run, one a line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = &self.outcome;
-        let (cut, lease_lost, unexplained) = (
+        let (cut, lease_lost, fenced, unexplained) = (
             self.count_why(Why::CutShort),
             self.count_why(Why::LeaseLost),
+            self.count_why(Why::FencedBeforeReport),
             self.count_why(Why::Unexplained),
         );
         let same_session = self
@@ -520,9 +606,9 @@ impl fmt::Display for Report<'_> {
         )?;
         writeln!(
             f,
-            "duplicates                 {} (explained {}: {cut} cut short, {lease_lost} lease lost; unexplained {unexplained}; outside fault windows {})",
+            "duplicates                 {} (explained {}: {cut} cut short, {lease_lost} lease lost, {fenced} fenced before their report; unexplained {unexplained}; outside fault windows {})",
             o.duplicates(),
-            cut + lease_lost,
+            cut + lease_lost + fenced,
             self.outside_windows().len()
         )?;
         writeln!(

@@ -75,6 +75,9 @@ pub(super) struct FaultWindow {
     pub(super) what: String,
     pub(super) start: f64,
     pub(super) end: f64,
+    /// Added to every reply a runner read during the window: [`LATENCY`]
+    /// for the latency fault, zero for the others.
+    pub(super) latency: Duration,
 }
 
 impl Chaos {
@@ -255,7 +258,12 @@ impl Chaos {
             slot.proxy.set(|s| s.latency = Duration::ZERO);
         }
         self.clock.log("  latency removed");
-        self.record("latency".into(), start, epoch_now());
+        self.windows.push(FaultWindow {
+            what: "latency".into(),
+            start,
+            end: epoch_now(),
+            latency: LATENCY,
+        });
     }
 
     /// `pg_terminate_backend` on every client backend but the test's own.
@@ -336,8 +344,14 @@ impl Chaos {
         }
     }
 
+    /// Records the window of a fault that delays no reply.
     fn record(&mut self, what: String, start: f64, end: f64) {
-        self.windows.push(FaultWindow { what, start, end });
+        self.windows.push(FaultWindow {
+            what,
+            start,
+            end,
+            latency: Duration::ZERO,
+        });
     }
 
     async fn await_probes(&mut self, probes: Vec<JoinHandle<Failover>>) {

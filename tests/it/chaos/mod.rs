@@ -9,9 +9,11 @@
 //! * stale holders are fenced: no finish is accepted from a session whose
 //!   lease had run out, and every task is finished by a session that ran it;
 //! * duplicates happen only in fault windows and are counted: every extra
-//!   run of a task was cut short (killed, stopped, its write cut) or belongs
-//!   to a session whose lease ran out before the task was finished, and it
-//!   started in a fault window;
+//!   run of a task was cut short (killed, stopped, its write cut), belongs
+//!   to a session whose lease ran out before the task was finished, or was
+//!   stopped by its session's fence after its last write but before the
+//!   Tasker could report it (and the same session ran it again once the
+//!   fence lifted), and it started in a fault window;
 //! * failover (kill -9, SIGSTOP, blackhole, and kill -9 while a foreign
 //!   transaction holds row locks on some of the victim's tasks) takes at
 //!   most TTL + tick + 1 s (p99): the time until the victim's session holds
@@ -24,8 +26,8 @@
 //! (`--ignored`, or `SESSION_LOCK_CHAOS_LONG=1` for `chaos_short`) runs four
 //! rounds and at least 10,000 tasks. `SESSION_LOCK_CHAOS_SEED=N` replays a
 //! schedule (the seed is printed first). Run with `--nocapture` to watch the
-//! faults as they happen; `SESSION_LOCK_CHAOS_VERBOSE=1` lists every extra
-//! run, `SESSION_LOCK_CHAOS_KEEP_LOGS=1` keeps the runners' stderr files.
+//! faults as they happen; `SESSION_LOCK_CHAOS_VERBOSE=1` lists every fence
+//! and every extra run, `SESSION_LOCK_CHAOS_KEEP_LOGS=1` keeps the runners' stderr files.
 //!
 //! Each runner reaches the database through its own [`proxy`]; a blackhole
 //! discards what it carries unless `SESSION_LOCK_CHAOS_BLACKHOLE=hold`.
@@ -45,6 +47,7 @@ mod clock;
 mod conn;
 mod faults;
 mod feeder;
+mod logs;
 mod probes;
 mod proxy;
 mod slots;
