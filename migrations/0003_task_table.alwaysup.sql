@@ -124,7 +124,7 @@ BEGIN
                  'sl_others', 'sl_next', 'sl_lowest', 'sl_held', 'sl_want', 'sl_got',
                  'sl_open', 'sl_share', 'sl_fast', 'sl_pick', 'sl_left_open', 'sl_reopened',
                  'sl_from', 'sl_to', 'sl_i', 'sl_at', 'sl_orphan', 'sl_live', 'sl_freed',
-                 'sl_n', 'sl_steps', 'sl_picked'];
+                 'sl_n', 'sl_steps', 'sl_picked', 'sl_suspect'];
 END;
 $$;
 
@@ -556,6 +556,7 @@ DECLARE
     sl_pick     integer := 0;
     sl_got      integer := 0;
     sl_picked   bigint[] := '{}';
+    sl_suspect  bigint[] := '{}';
     sl_share    bigint;
     sl_n        integer;
 BEGIN
@@ -665,6 +666,34 @@ BEGIN
         sl_pick := greatest(sl_share - sl_held, 0);
     END IF;
     IF sl_pick > 0 THEN
+        -- A task whose holders died twice (sl_attempts >= 2) may be what
+        -- kills them: a session takes at most one such task at a time, so
+        -- that it cannot take the same other tasks down with it again
+        -- (found through their own small index). Only where tasks are
+        -- quarantined: that is what bystanders are kept out of.
+        IF NOT EXISTS (SELECT 1
+                         FROM {{table}} h
+                        WHERE h.session_id = p_session
+                          AND (
+{{open}}
+                              )
+                          AND h.sl_attempts > {{suspect_from}}) THEN
+            sl_suspect := ARRAY(
+                SELECT f.{{id}}
+                  FROM {{table}} f
+                 WHERE f.session_id IS NULL
+                   AND (
+{{open}}
+                       )
+                   AND f.sl_attempts >= {{suspect_from}}
+                   AND f.sl_attempts < {{max_attempts}}
+                   AND (f.sl_retry_at IS NULL
+                        OR f.sl_retry_at <= pg_catalog.clock_timestamp())
+                 ORDER BY
+{{order}}
+                 LIMIT 1
+                   FOR NO KEY UPDATE SKIP LOCKED);
+        END IF;
         -- Each pickup is an attempt, and gets a new fencing token.
         WITH picked AS (
             UPDATE {{table}} t
@@ -672,19 +701,19 @@ BEGIN
                    sl_attempts = t.sl_attempts + 1,
                    sl_fence = pg_catalog.nextval('session_lock.fence'::pg_catalog.regclass),
                    sl_last_session = p_session
-             WHERE t.{{id}} = ANY (ARRAY(
+             WHERE t.{{id}} = ANY (sl_suspect || ARRAY(
                        SELECT f.{{id}}
                          FROM {{table}} f
                         WHERE f.session_id IS NULL
                           AND (
 {{open}}
                               )
-                          AND f.sl_attempts < {{max_attempts}}
+                          AND f.sl_attempts < LEAST({{suspect_from}}, {{max_attempts}})
                           AND (f.sl_retry_at IS NULL
                                OR f.sl_retry_at <= pg_catalog.clock_timestamp())
                         ORDER BY f.session_id,
 {{order}}
-                        LIMIT sl_pick
+                        LIMIT sl_pick - pg_catalog.cardinality(sl_suspect)
                           FOR NO KEY UPDATE SKIP LOCKED))
                AND t.session_id IS NULL
             RETURNING t.{{id}} AS id
@@ -702,11 +731,12 @@ BEGIN
     END IF;
     IF sl_held > sl_share THEN
         -- The surplus goes back newest first, never a task still running
-        -- in the caller's process; one picked up by this very call goes
-        -- back without counting the attempt.
+        -- in the caller's process: a task not running here was not
+        -- attempted (a failed run was given back already), so its pickup
+        -- is not counted.
         UPDATE {{table}} t
            SET session_id = NULL,
-               sl_attempts = t.sl_attempts - (t.{{id}} = ANY (sl_picked))::integer
+               sl_attempts = greatest(t.sl_attempts - 1, 0)
          WHERE t.{{id}} = ANY (ARRAY(
                    SELECT r.{{id}}
                      FROM {{table}} r
@@ -1083,6 +1113,10 @@ BEGIN
         v_sql := pg_catalog.replace(v_sql, '{{name}}', pg_catalog.quote_literal(v_table));
         v_sql := pg_catalog.replace(v_sql, '{{max_attempts}}',
             coalesce(d.max_attempts, 2147483647)::text);
+        -- Without quarantine nobody is a suspect: isolating them is for
+        -- keeping bystanders out of quarantine.
+        v_sql := pg_catalog.replace(v_sql, '{{suspect_from}}',
+            CASE WHEN d.max_attempts IS NULL THEN '2147483647' ELSE '2' END);
         v_sql := pg_catalog.replace(v_sql, '{{backoff}}', pg_catalog.format('%L::pg_catalog.interval',
             pg_catalog.ceil(pg_catalog.extract('epoch', d.retry_backoff) * 1000)::bigint || ' milliseconds'));
         v_sql := pg_catalog.replace(v_sql, '{{backoff_max}}', pg_catalog.format('%L::pg_catalog.interval',
@@ -1158,6 +1192,61 @@ $$;
 -- unchanged declaration changes nothing but the functions' text: it takes
 -- no lock on the table. See the top of this file and the README for each
 -- argument.
+-- The indexes the protocol reads, created when missing (no lock is taken
+-- when they are there), rebuilt when p_rebuild (open_when or order_by
+-- changed). A relation of one of their names that is not this table's
+-- index is refused, not skipped.
+--   <prefix>_open_idx: open tasks by holder, then in pickup order. Pickup
+--     is a range scan of its (session_id IS NULL) part, a session's tasks
+--     the (session_id = S) part, and the bounded count an index-only scan.
+--     Partial, so it stays the size of the open backlog.
+--   <prefix>_suspect_idx: free open tasks whose holders died twice, in
+--     pickup order: each session takes at most one of them at a time, and
+--     finds it here without walking the backlog. Usually empty.
+CREATE OR REPLACE FUNCTION session_lock.task_table_indexes(p_table regclass, p_rebuild boolean)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d        session_lock.task_table%ROWTYPE;
+    v_schema name;
+    v_table  text;
+    v_index  record;
+    v_found  regclass;
+BEGIN
+    SELECT * INTO d FROM session_lock.task_table t WHERE t.task_table = p_table;
+    SELECT n.nspname, pg_catalog.format('%I.%I', n.nspname, c.relname) INTO v_schema, v_table
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = p_table;
+    FOR v_index IN
+        SELECT * FROM (VALUES
+            (d.fn_prefix || '_open_idx',
+             pg_catalog.format(E'(session_id,\n%s\n) WHERE (\n%s\n)', d.order_by, d.open_when)),
+            (d.fn_prefix || '_suspect_idx',
+             pg_catalog.format(E'(\n%s\n) WHERE (\n%s\n) AND sl_attempts >= 2 AND session_id IS NULL',
+                 d.order_by, d.open_when))) AS i(name, def)
+    LOOP
+        v_found := pg_catalog.to_regclass(pg_catalog.format('%I.%I', v_schema, v_index.name));
+        IF v_found IS NOT NULL AND NOT EXISTS (
+               SELECT 1 FROM pg_catalog.pg_index i
+                WHERE i.indexrelid = v_found AND i.indrelid = p_table) THEN
+            PERFORM session_lock.bad_declaration(p_table, pg_catalog.format(
+                '%s, the name of one of its protocol indexes, is taken by another relation: choose another fn_prefix, or drop it',
+                v_found));
+        END IF;
+        IF v_found IS NOT NULL AND p_rebuild THEN
+            EXECUTE pg_catalog.format('DROP INDEX %s', v_found);
+            v_found := NULL;
+        END IF;
+        IF v_found IS NULL THEN
+            EXECUTE pg_catalog.format('CREATE INDEX %I ON %s %s', v_index.name, v_table, v_index.def);
+        END IF;
+    END LOOP;
+END;
+$$;
+
 -- A declaration's arguments grow with the releases, and an older overload
 -- would make every call with named arguments ambiguous: it goes.
 DO $drop$
@@ -1200,8 +1289,6 @@ DECLARE
     v_table    text;
     v_type     regtype;
     v_old      session_lock.task_table%ROWTYPE;
-    v_index    text;
-    v_found    regclass;
     v_clash    text[];
     v_channel  text;
 BEGIN
@@ -1230,8 +1317,10 @@ BEGIN
        AND v_old.retry_backoff = retry_backoff
        AND v_old.retry_backoff_max = retry_backoff_max THEN
         -- Unchanged: checked when it was declared; the protocol is
-        -- generated again (the templates may be newer).
+        -- generated again (the templates may be newer), and an index a
+        -- newer release reads is added if missing.
         PERFORM session_lock.generate_task_table(task_table);
+        PERFORM session_lock.task_table_indexes(task_table, false);
         RETURN;
     END IF;
 
@@ -1352,31 +1441,6 @@ BEGIN
            retry_backoff = EXCLUDED.retry_backoff,
            retry_backoff_max = EXCLUDED.retry_backoff_max;
 
-    -- The one index the protocol reads: open tasks by holder, then in
-    -- pickup order. Pickup is a range scan of its (session_id IS NULL)
-    -- part, a session's tasks the (session_id = S) part, and the bounded
-    -- count an index-only scan. Partial, so it stays the size of the open
-    -- backlog. Rebuilt when open_when or order_by change; a relation of
-    -- that name that is not this table's index is refused, not skipped.
-    v_index := fn_prefix || '_open_idx';
-    v_found := pg_catalog.to_regclass(pg_catalog.format('%I.%I', v_schema, v_index));
-    IF v_found IS NOT NULL AND NOT EXISTS (
-           SELECT 1 FROM pg_catalog.pg_index i
-            WHERE i.indexrelid = v_found AND i.indrelid = task_table) THEN
-        PERFORM session_lock.bad_declaration(task_table, pg_catalog.format(
-            '%s, the name of its protocol index, is taken by another relation: choose another fn_prefix, or drop it',
-            v_found));
-    END IF;
-    IF v_found IS NOT NULL AND v_old.task_table IS NOT NULL
-       AND (v_old.open_when <> open_when OR v_old.order_by <> order_by) THEN
-        EXECUTE pg_catalog.format('DROP INDEX %s', v_found);
-        v_found := NULL;
-    END IF;
-    IF v_found IS NULL THEN
-        EXECUTE pg_catalog.format(E'CREATE INDEX %I ON %s (session_id,\n%s\n) WHERE (\n%s\n)',
-            v_index, v_table, order_by, open_when);
-    END IF;
-
     IF v_channel IS NULL THEN
         EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS session_lock_notify ON %s', v_table);
     ELSE
@@ -1387,6 +1451,10 @@ BEGIN
     END IF;
 
     PERFORM session_lock.generate_task_table(task_table);
+    -- After the columns the generation adds, which the indexes use.
+    PERFORM session_lock.task_table_indexes(task_table,
+        v_old.task_table IS NOT NULL
+        AND (v_old.open_when <> open_when OR v_old.order_by <> order_by));
 END;
 $$;
 

@@ -421,8 +421,14 @@ async fn a_run_cut_by_a_fence_between_its_write_and_its_report_runs_again_in_the
     let db = ScriptedDb::new("db", 2);
     let writes = Arc::new(Mutex::new(Writes::default()));
     let (replies, replies_rx) = tokio::sync::watch::channel(false);
+    // Keep: the cut runs stay with the session (with GiveBack they are given
+    // back, and picked up again after their backoff: the same runs again).
     let runner = Runner::<TestTask, _, _>::new(
-        config().workers(1).build().unwrap(),
+        config()
+            .workers(1)
+            .failed_tasks(crate::config::FailedTasks::Keep)
+            .build()
+            .unwrap(),
         ScriptedFinder::new(db.clone()),
         writing_tasker(writes.clone(), replies_rx, |_| false),
     )
@@ -512,5 +518,87 @@ async fn a_completion_reported_before_a_fence_is_finished_after_it_and_never_run
     );
     assert_eq!(reported, BTreeMap::from([(1, 1), (2, 1)]));
     assert_eq!(db.with(|s| s.finished.clone()), vec![(1, 1), (2, 1)]);
+    runner.stop().await;
+}
+
+/// A Tasker that records each run and completes every task but `failing`.
+fn failing_tasker(
+    runs: Runs,
+    failing: TaskId,
+) -> impl Fn(
+    Vec<TestTask>,
+    Progress,
+) -> futures_util::future::BoxFuture<'static, Result<Vec<TaskId>, TaskerError>>
++ Send
++ Sync
++ 'static {
+    move |tasks: Vec<TestTask>, progress: Progress| {
+        let runs = runs.clone();
+        Box::pin(async move {
+            for t in &tasks {
+                *runs.lock().unwrap().entry(t.id).or_default() += 1;
+                if t.id != failing {
+                    progress.complete(t.id);
+                }
+            }
+            Ok(Vec::new())
+        })
+    }
+}
+
+#[actix_rt::test]
+async fn a_task_the_batch_did_not_complete_is_given_back_once_per_run() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 2);
+    let runs = Runs::default();
+    let runner = Runner::<TestTask, _, _>::new(
+        config().max_tasks(2).build().unwrap(),
+        ScriptedFinder::new(db.clone()),
+        failing_tasker(runs.clone(), 1),
+    )
+    .start_inline();
+    let status = until(&runner, 5000 * MS, |s| s.finished >= 1 && s.given_back >= 2).await;
+    let session = status.session.expect("a session");
+    let given = db.with(|s| s.given_back.clone());
+    assert!(
+        given.iter().all(|&(id, by)| id == 1 && by == session),
+        "only the failed task is given back, by its holder: {given:?}"
+    );
+    // Each run of task 1 is given back once: never held across a tick.
+    let runs_of_1 = runs.lock().unwrap()[&1];
+    let given_now = db.with(|s| s.given_back.len()) as u32;
+    assert!(
+        runs_of_1 == given_now || runs_of_1 == given_now + 1,
+        "{runs_of_1} runs of task 1, {given_now} given back"
+    );
+    assert_eq!(db.with(|s| s.finished.clone()), vec![(2, session)]);
+    runner.stop().await;
+}
+
+#[actix_rt::test]
+async fn with_keep_a_task_the_batch_did_not_complete_stays_and_runs_next_tick() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 2);
+    let runs = Runs::default();
+    let runner = Runner::<TestTask, _, _>::new(
+        config()
+            .max_tasks(2)
+            .failed_tasks(crate::config::FailedTasks::Keep)
+            .build()
+            .unwrap(),
+        ScriptedFinder::new(db.clone()),
+        failing_tasker(runs.clone(), 1),
+    )
+    .start_inline();
+    let status = until(&runner, 5000 * MS, |s| s.finished >= 1 && s.ticks >= 4).await;
+    assert!(runs.lock().unwrap()[&1] >= 3, "rerun every tick: {runs:?}");
+    assert_eq!(status.given_back, 0, "{status:?}");
+    assert!(db.with(|s| s.given_back.is_empty()), "nothing given back");
+    let session = status.session.expect("a session");
+    assert_eq!(
+        db.with(|s| s.tasks.get(&1).copied()),
+        Some(Some(session)),
+        "the session still holds task 1"
+    );
     runner.stop().await;
 }

@@ -39,7 +39,7 @@ pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 5;
 /// The default [`TaskTable::retry_backoff`].
 pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
-/// The default [`TaskTable::retry_backoff_max`].
+/// The default longest backoff of [`TaskTable::retry_backoff`].
 pub const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(600);
 
 impl TaskTable {

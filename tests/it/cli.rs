@@ -168,3 +168,117 @@ async fn operator_errors_are_one_line_and_name_the_problem() {
     ]);
     assert_one_line_failure(&missing_dir, "/nonexistent/dir");
 }
+
+#[tokio::test]
+async fn status_lists_quarantined_tasks_and_retry_releases_them() {
+    let db = fresh_db().await;
+    let out = session_lock(&["migrate", "--database-url", &db.url, "--example"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let client = db.client().await;
+    // Three tasks; two picked up max_attempts (5) times by holders that died.
+    let ids: Vec<i64> = client
+        .query(
+            "INSERT INTO example_task (payload) SELECT 'p' FROM generate_series(1, 3) RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    client
+        .execute(
+            "UPDATE example_task SET sl_attempts = 5, sl_last_session = 77 WHERE id = ANY ($1)",
+            &[&&ids[..2]],
+        )
+        .await
+        .unwrap();
+
+    let status = session_lock(&["status", "--database-url", &db.url]);
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let stdout = text(&status.stdout);
+    assert!(
+        stdout.contains("quarantined (public.example_task): 2 task(s)"),
+        "{stdout}"
+    );
+    let listed = stdout
+        .lines()
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() == 3 && cols[1] == "5" && cols[2] == "77"
+        })
+        .count();
+    assert_eq!(
+        listed, 2,
+        "each quarantined task with its attempts and last session: {stdout}"
+    );
+
+    let table = "public.example_task";
+    let one = ids[0].to_string();
+    let released = session_lock(&[
+        "retry",
+        "--database-url",
+        &db.url,
+        "--table",
+        table,
+        "--id",
+        &one,
+    ]);
+    assert!(released.status.success(), "{}", text(&released.stderr));
+    assert!(
+        text(&released.stdout).contains(&format!("released 1 quarantined task(s) of {table}")),
+        "{}",
+        text(&released.stdout)
+    );
+    // A task that is not quarantined is named in a one-line error.
+    let third = ids[2].to_string();
+    let refused = session_lock(&[
+        "retry",
+        "--database-url",
+        &db.url,
+        "--table",
+        table,
+        "--id",
+        &third,
+    ]);
+    assert_one_line_failure(
+        &refused,
+        &format!("tasks [{third}] of {table} are not quarantined"),
+    );
+    // --all releases the rest; an undeclared table is a clear error.
+    let all = session_lock(&[
+        "retry",
+        "--database-url",
+        &db.url,
+        "--table",
+        table,
+        "--all",
+    ]);
+    assert!(
+        text(&all.stdout).contains("released 1 quarantined"),
+        "{}",
+        text(&all.stdout)
+    );
+    let attempts: Vec<i32> = client
+        .query("SELECT sl_attempts FROM example_task ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(attempts, vec![0, 0, 0]);
+    let missing = session_lock(&[
+        "retry",
+        "--database-url",
+        &db.url,
+        "--table",
+        "public.nope",
+        "--all",
+    ]);
+    assert_one_line_failure(&missing, "public.nope does not exist");
+    let neither = session_lock(&["retry", "--database-url", &db.url, "--table", table]);
+    assert!(
+        !neither.status.success(),
+        "retry without --id or --all is refused"
+    );
+}

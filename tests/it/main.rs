@@ -11,6 +11,7 @@ mod interleavings;
 mod migrate;
 mod processes;
 mod protocol;
+mod quarantine;
 mod retries;
 mod runner;
 mod security;
