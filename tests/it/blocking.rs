@@ -556,8 +556,8 @@ async fn blocked_past_batch_timeout_then_a_second_runner_joins() {
 
     // The blocks ended well before A's lease could run out: A kept its
     // session (the premise of this test; a lease lost mid-block is
-    // stuck_past_the_lease_never_runs_twice_at_once), and finished what it
-    // completed in the stuck batch.
+    // a_run_stuck_past_its_lease_moves_on_only_after_the_lease_ran_out), and
+    // finished what it completed in the stuck batch.
     let row = client
         .query_one(
             "SELECT reclaimed_at IS NULL AND ended_at IS NULL FROM session_lock.session WHERE id = $1",
