@@ -26,7 +26,7 @@ pub(crate) fn run(ctx: &Ctx) {
     };
     let tick_s = 1.0;
     let mut t = Table::new(
-        "Failover: kill -9 one of 4 worker processes (s after the kill; per-task times pooled over repetitions, 'all' = median over repetitions of the last of the victim's tasks)",
+        "Failover: kill -9 one of 4 runner processes (s after the kill; per-task times pooled over repetitions, 'all' = median over repetitions of the last of the victim's tasks)",
         &[
             "TTL",
             "tasks held by victim",

@@ -13,13 +13,13 @@ use crate::drain::{DrainRun, Mode};
 
 pub(crate) fn report(runs: &[DrainRun]) {
     let mut t = Table::new(
-        "Worker process footprint during the drain (median of repetitions)",
+        "Runner process footprint during the drain (median of repetitions)",
         &[
             "sync commit",
             "batch",
-            "worker processes",
-            "peak RSS per worker (MiB)",
-            "worker CPU s per 1k tasks (all workers)",
+            "runner processes",
+            "peak RSS per runner (MiB)",
+            "runner CPU s per 1k tasks (all runners)",
             "PostgreSQL CPU s per 1k tasks",
         ],
     );

@@ -132,7 +132,7 @@ pub(crate) fn run(args: RunArgs) -> Result<(), String> {
         if !s.left_at_stop.is_empty() {
             tracing::warn!(
                 tasks = ?s.left_at_stop,
-                "tasks still running at stop: their session was left to expire, and they move to another worker after its ttl"
+                "tasks still running at stop: their session was left to expire, and they move to another runner after its ttl"
             );
         }
         tracing::info!(

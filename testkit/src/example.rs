@@ -1,8 +1,8 @@
 //! The worked example's task type: a row of `public.example_task`, the table
 //! that `migrations/example/` creates and declares a task table. The tests,
-//! the demo, the benchmarks and `session-lock worker` use it.
+//! the demo, the benchmarks and `session-lock run` use it.
 //! [`NoopTasker`] completes every task at once, for measuring the
-//! coordination alone (`session-lock worker --noop`, the benchmarks).
+//! coordination alone (`session-lock run --noop`, the benchmarks).
 
 use std::time::{Duration, SystemTime};
 
@@ -57,7 +57,7 @@ impl ScanTask for ExampleTask {
     }
 }
 
-/// The worked example's Tasker, used by `session-lock worker`, the demo and
+/// The worked example's Tasker, used by `session-lock run`, the demo and
 /// the example service.
 ///
 /// For each task it writes an `example_task_run` row (`started_at`), works
@@ -151,7 +151,7 @@ impl Tasker<ExampleTask> for ExampleTasker {
 }
 
 /// A Tasker that completes every task at once and records nothing: no
-/// `example_task_run` row, no sleep. `session-lock worker --noop` and the
+/// `example_task_run` row, no sleep. `session-lock run --noop` and the
 /// throughput benchmarks use it, so that they measure the coordination
 /// (get_work and finish) alone. Works for any task type.
 #[derive(Debug, Clone, Copy, Default)]

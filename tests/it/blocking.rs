@@ -1,10 +1,10 @@
 //! Tasks that block their worker's thread (the example Tasker's `block:<ms>`
-//! payloads: a synchronous Tasker no timeout can stop), driven through
-//! `session-lock worker` processes, and what must hold whatever they do:
+//! payloads: a synchronous Tasker no timeout can stop), driven through runner
+//! processes (`session-lock run`), and what must hold whatever they do:
 //!
 //! * no two runs of one task overlap in time;
 //! * nothing is lost: every task is finished in the end;
-//! * the first worker's session is never ended while its runs are in flight.
+//! * the first runner's session is never ended while its runs are in flight.
 //!
 //! All three are read from the database: `example_task_run` has one row per
 //! run, `[started_at, finished_at]`, and `session_lock.session` the sessions.
@@ -14,10 +14,10 @@
 //! writes it after its work, and a dropped future never gets there. Counting
 //! such a run as running until the end of the test would make every later
 //! run of its task an overlap, so it is taken to last until the first
-//! moment its worker's own output shows it over (see [`Ends`]): the return
+//! moment its runner's own output shows it over (see [`Ends`]): the return
 //! of the stuck tick's slices it was reported in (each worker logs its
 //! slice's return; a task is never dispatched again before its tick ends),
-//! or the worker's exit as the test saw it. Without either it counts as
+//! or the runner's exit as the test saw it. Without either it counts as
 //! running until the end of the test.
 //!
 //! A dropped future's queries already handed to its connection still run:
@@ -54,7 +54,7 @@ const RETURNED_LINE: &str = "the runs that outlived their timeouts returned";
 const SLICE_FAILED_LINE: &str = "slice did not fully complete";
 /// What the fetcher logs when Stop leaves runs that do not return.
 const LEFT_LINE: &str = "stopping with runs that do not return";
-/// What `session-lock worker` logs about them once stopped.
+/// What `session-lock run` logs about them once stopped.
 const LEFT_AT_STOP_LINE: &str = "tasks still running at stop";
 
 /// `--flag value` pairs.
@@ -65,10 +65,10 @@ fn args(pairs: &[(&str, u64)]) -> Vec<String> {
         .collect()
 }
 
-/// The second worker: room for every task (its fair share dwarfs the first
-/// worker's, so the first keeps none of the few tasks left), and a batch
+/// The second runner: room for every task (its fair share dwarfs the first
+/// runner's, so the first keeps none of the few tasks left), and a batch
 /// timeout far past any block, so that it completes what it runs.
-fn second_worker_args() -> Vec<String> {
+fn second_runner_args() -> Vec<String> {
     args(&[
         ("batch-timeout-ms", 30_000),
         ("ttl-ms", 3000),
@@ -124,15 +124,15 @@ async fn wait_blocked(client: &Client, session: i64, tasks: &[i64]) {
     .await;
 }
 
-/// Waits until the worker's stderr has a line containing `needle`, and
+/// Waits until the runner's stderr has a line containing `needle`, and
 /// returns that line.
-async fn wait_log(worker: &RunnerProcess, needle: &str) -> String {
-    let label = worker.label().to_owned();
+async fn wait_log(runner: &RunnerProcess, needle: &str) -> String {
+    let label = runner.label().to_owned();
     poll_until(
-        &format!("worker {label} logs {needle:?}"),
+        &format!("runner {label} logs {needle:?}"),
         DEADLINE,
         || async {
-            worker
+            runner
                 .log_text()
                 .lines()
                 .find(|l| l.contains(needle))
@@ -179,7 +179,7 @@ async fn log_time(client: &Client, line: &str) -> f64 {
         .get(0)
 }
 
-/// A stuck tick as its worker logged it.
+/// A stuck tick as its runner logged it.
 #[derive(Debug)]
 struct StuckTick {
     session: i64,
@@ -192,30 +192,30 @@ struct StuckTick {
     returned_at: Option<f64>,
 }
 
-/// The stuck ticks in a worker's stderr. A tick's slices have all returned
+/// The stuck ticks in a runner's stderr. A tick's slices have all returned
 /// when the session actor logs [`RETURNED_LINE`]; the last "slice did not
 /// fully complete" line before it (the runs left unfinished are those of
 /// such slices) is when the last of them ended, and comes before anything
 /// the fetcher does next (that log line precedes the slice's reply), unlike
 /// the session actor's own line.
-async fn stuck_ticks(client: &Client, worker: &RunnerProcess) -> Vec<StuckTick> {
+async fn stuck_ticks(client: &Client, runner: &RunnerProcess) -> Vec<StuckTick> {
     let mut ticks: Vec<StuckTick> = Vec::new();
     let mut last_slice: Option<f64> = None;
-    for line in worker.log_text().lines() {
+    for line in runner.log_text().lines() {
         let open = ticks.last().is_some_and(|t| t.returned_at.is_none());
         if line.contains(STUCK_LINE) {
             let (Some(session), Some(tasks)) =
                 (field_i64(line, "session"), field_ids(line, "tasks"))
             else {
                 panic!(
-                    "worker {}: unreadable stuck report {line:?}",
-                    worker.label()
+                    "runner {}: unreadable stuck report {line:?}",
+                    runner.label()
                 );
             };
             assert!(
                 !open,
-                "worker {}: a stuck report before the last stuck tick returned: {line}",
-                worker.label()
+                "runner {}: a stuck report before the last stuck tick returned: {line}",
+                runner.label()
             );
             ticks.push(StuckTick {
                 session,
@@ -231,8 +231,8 @@ async fn stuck_ticks(client: &Client, worker: &RunnerProcess) -> Vec<StuckTick> 
             assert_eq!(
                 field_i64(line, "session"),
                 Some(tick.session),
-                "worker {}: the stuck tick's runs returned for another session: {line}",
-                worker.label()
+                "runner {}: the stuck tick's runs returned for another session: {line}",
+                runner.label()
             );
             let logged = log_time(client, line).await;
             tick.returned_at = Some(last_slice.take().unwrap_or(logged));
@@ -241,14 +241,14 @@ async fn stuck_ticks(client: &Client, worker: &RunnerProcess) -> Vec<StuckTick> 
     ticks
 }
 
-/// What the workers' own output tells about when runs without a
+/// What the runners' own output tells about when runs without a
 /// `finished_at` ended.
 #[derive(Debug, Default)]
 struct Ends {
     /// Stuck ticks: a run of a listed task, of the tick's session, started
     /// before the tick's runs had returned, ended by then.
     stuck: Vec<StuckTick>,
-    /// Sessions of workers that exited, and when the test saw them gone
+    /// Sessions of runners that exited, and when the test saw them gone
     /// (database clock): none of their runs outlived that.
     exited: BTreeMap<i64, f64>,
     /// The end of the test (database clock), for runs nothing else ends.
@@ -269,9 +269,9 @@ impl Ends {
             .min_by(|a, b| a.reported_at.total_cmp(&b.reported_at))
             .and_then(|t| t.returned_at);
         match (stuck, self.exited.get(&run.session)) {
-            (Some(s), Some(&e)) if e < s => (e, "worker exited"),
+            (Some(s), Some(&e)) if e < s => (e, "runner exited"),
             (Some(s), _) => (s, "stuck tick returned"),
-            (None, Some(&e)) => (e, "worker exited"),
+            (None, Some(&e)) => (e, "runner exited"),
             (None, None) => (self.now, "unfinished: end of test"),
         }
     }
@@ -393,7 +393,7 @@ async fn assert_no_overlap(client: &Client, ends: &Ends) -> Option<f64> {
     }
     if !overlaps.is_empty() {
         panic!(
-            "runs of one task overlap:\n{}\nworker-reported ends: {:#?}\n{}",
+            "runs of one task overlap:\n{}\nrunner-reported ends: {:#?}\n{}",
             overlaps.join("\n"),
             ends,
             dump(client).await
@@ -403,11 +403,11 @@ async fn assert_no_overlap(client: &Client, ends: &Ends) -> Option<f64> {
 }
 
 /// With `SESSION_LOCK_BLOCKING_VERBOSE=1`, prints the rows and the
-/// worker-reported ends of a passing test too.
+/// runner-reported ends of a passing test too.
 async fn verbose(client: &Client, what: &str, ends: &Ends) {
     if std::env::var_os("SESSION_LOCK_BLOCKING_VERBOSE").is_some() {
         eprintln!(
-            "{what}: worker-reported ends {ends:#?}\n{}",
+            "{what}: runner-reported ends {ends:#?}\n{}",
             dump(client).await
         );
     }
@@ -463,10 +463,10 @@ fn ids_text(ids: &BTreeSet<i64>) -> String {
     ids.join(",")
 }
 
-/// Worker A runs two `block:3500` tasks and two normal ones, one per worker,
+/// Runner A runs two `block:3500` tasks and two normal ones, one per worker,
 /// with a batch timeout of 500 ms: the blocks outlive it and every attempt
 /// to stop them, so A reports them stuck and stops renewing its session.
-/// Worker B joins while they block. The blocks end (3.5 s into the batch)
+/// Runner B joins while they block. The blocks end (3.5 s into the batch)
 /// after the stuck report (2.5 s) and before A's lease could run out (no
 /// earlier than 2 s + ttl = 5 s): A's session survives, it finishes the
 /// normal tasks it completed, and its next get_work gives the blocked ones
@@ -480,7 +480,7 @@ fn ids_text(ids: &BTreeSet<i64>) -> String {
 /// dropped and returned, recording a run that "starts" when the runtime
 /// already let the task go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blocked_past_batch_timeout_then_a_second_worker_joins() {
+async fn blocked_past_batch_timeout_then_a_second_runner_joins() {
     let started = Instant::now();
     let db = migrated_db().await;
     let client = db.client().await;
@@ -520,7 +520,7 @@ async fn blocked_past_batch_timeout_then_a_second_worker_joins() {
 
     let mut b = RunnerCommand::new(db.url.as_str())
         .label("joining")
-        .args(second_worker_args())
+        .args(second_runner_args())
         .keep_log(false)
         .spawn()
         .expect("spawn a runner process");
@@ -556,8 +556,8 @@ async fn blocked_past_batch_timeout_then_a_second_worker_joins() {
 
     // The blocks ended well before A's lease could run out: A kept its
     // session (the premise of this test; a lease lost mid-block is
-    // stuck_past_the_lease_never_runs_twice_at_once), and finished what it
-    // completed in the stuck batch.
+    // a_run_stuck_past_its_lease_moves_on_only_after_the_lease_ran_out), and
+    // finished what it completed in the stuck batch.
     let row = client
         .query_one(
             "SELECT reclaimed_at IS NULL AND ended_at IS NULL FROM session_lock.session WHERE id = $1",
@@ -631,13 +631,13 @@ async fn blocked_past_batch_timeout_then_a_second_worker_joins() {
     );
 }
 
-/// Worker A runs two `block:5000` tasks (a normal task behind each, in its
+/// Runner A runs two `block:5000` tasks (a normal task behind each, in its
 /// worker's slice) and gets SIGTERM as soon as they block, with a drain
 /// timeout of 300 ms: the drain gives up, stopping the runs fails (they
 /// block their threads), and STUCK_GRACE (2 s) later Stop leaves them
 /// running and replies, about 2.3 s after SIGTERM, well before the blocks
 /// end. A exits 0 naming the tasks left running, without ending its
-/// session: the lease runs out, and worker B, which joined right after the
+/// session: the lease runs out, and runner B, which joined right after the
 /// SIGTERM, takes the tasks over only then and finishes every task. No run
 /// overlaps another of its task (A's runs end with A at the latest), and
 /// A's session is never ended.
@@ -685,7 +685,7 @@ async fn sigterm_while_blocked_leaves_the_session_to_expire() {
     let term_db = db_now(&client).await;
     let mut b = RunnerCommand::new(db.url.as_str())
         .label("joining")
-        .args(second_worker_args())
+        .args(second_runner_args())
         .keep_log(false)
         .spawn()
         .expect("spawn a runner process");
@@ -723,7 +723,7 @@ async fn sigterm_while_blocked_leaves_the_session_to_expire() {
         .collect();
     assert_eq!(
         at_stop_tasks, left,
-        "the worker reports the tasks Stop left running: {at_stop}"
+        "the runner process reports the tasks Stop left running: {at_stop}"
     );
     let first_block = runs(&client)
         .await
@@ -809,7 +809,7 @@ async fn sigterm_while_blocked_leaves_the_session_to_expire() {
     );
 }
 
-/// Like [`blocked_past_batch_timeout_then_a_second_worker_joins`], but the
+/// Like [`blocked_past_batch_timeout_then_a_second_runner_joins`], but the
 /// blocks (7 s) outlast A's lease: A stops renewing at the stuck report
 /// (2.5 s into the batch), so its lease runs out while its runs still
 /// block. That is the documented limit of a run nobody can stop (README,
@@ -845,7 +845,7 @@ async fn a_run_stuck_past_its_lease_moves_on_only_after_the_lease_ran_out() {
     wait_blocked(&client, a_session, &blocked).await;
     let _b = RunnerCommand::new(db.url.as_str())
         .label("joining")
-        .args(second_worker_args())
+        .args(second_runner_args())
         .keep_log(false)
         .spawn()
         .expect("spawn a runner process");

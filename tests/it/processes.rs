@@ -1,11 +1,10 @@
-//! The `session-lock worker` binary as real OS processes against a real
-//! PostgreSQL: fair sharing, failover after SIGKILL, fencing of a frozen
-//! (SIGSTOPped) process, recovery from a database crash, and a graceful stop
-//! on SIGTERM.
+//! Runner processes (`session-lock run`) against a real PostgreSQL: fair
+//! sharing, failover after SIGKILL, fencing of a frozen (SIGSTOPped)
+//! process, recovery from a database crash, and a graceful stop on SIGTERM.
 //!
 //! Every test waits on observable conditions: rows in the database (polled
-//! every [`POLL`]) or the `session_id=` lines a worker prints on stdout, each
-//! under a generous deadline. Each worker's stderr goes to a file whose tail is
+//! every [`POLL`]) or the `session_id=` lines a runner prints on stdout, each
+//! under a generous deadline. Each runner's stderr goes to a file whose tail is
 //! printed when a test fails.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -24,7 +23,7 @@ pub(crate) const DEADLINE: Duration = Duration::from_secs(60);
 /// How often the database is polled.
 const POLL: Duration = Duration::from_millis(50);
 
-/// A worker's settings, passed as its command-line flags.
+/// A runner's settings, passed as its command-line flags.
 #[derive(Debug, Clone, Copy)]
 struct Opts {
     ttl_ms: u64,
@@ -62,11 +61,8 @@ impl Opts {
     }
 }
 
-/// A running `session-lock worker` (see [`RunnerProcess`]).
-type Worker = RunnerProcess;
-
-/// Starts a worker with `opts`.
-fn spawn(label: &str, url: &str, opts: Opts) -> Worker {
+/// Starts a runner process with `opts`.
+fn spawn(label: &str, url: &str, opts: Opts) -> RunnerProcess {
     RunnerCommand::new(url)
         .label(label)
         .args(opts.args())
@@ -298,17 +294,17 @@ async fn seed_and_check_shares(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_workers_share_slow_tasks_fairly() {
+async fn three_runners_share_slow_tasks_fairly() {
     let started = Instant::now();
     let db = migrated_db().await;
     let client = db.client().await;
     let opts = Opts::FAST.work_ms(1500);
-    let mut workers: Vec<Worker> = (0..3)
+    let mut runners: Vec<RunnerProcess> = (0..3)
         .map(|i| spawn(&format!("fair-{i}"), &db.url, opts))
         .collect();
     let mut sessions = BTreeSet::new();
-    for w in &mut workers {
-        sessions.insert(w.next_session(DEADLINE).await);
+    for runner in &mut runners {
+        sessions.insert(runner.next_session(DEADLINE).await);
     }
     assert_eq!(sessions.len(), 3, "three distinct sessions");
 
@@ -320,13 +316,17 @@ async fn three_workers_share_slow_tasks_fairly() {
     wait_all_finished(&client, DEADLINE).await;
 
     // Nobody lost a session on the way: the holders were checked against
-    // the first sessions, and no worker announced another one.
-    for w in &mut workers {
-        assert!(w.try_exit().is_none(), "worker {} exited", w.label());
+    // the first sessions, and no runner announced another one.
+    for runner in &mut runners {
         assert!(
-            !w.announced_another(),
-            "worker {} replaced its session",
-            w.label()
+            runner.try_exit().is_none(),
+            "runner {} exited",
+            runner.label()
+        );
+        assert!(
+            !runner.announced_another(),
+            "runner {} replaced its session",
+            runner.label()
         );
     }
     assert_finished_and_fenced(&client).await;
@@ -345,9 +345,9 @@ async fn three_workers_share_slow_tasks_fairly() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let worked: BTreeSet<i64> = per_session.keys().copied().collect();
-    assert_eq!(worked, sessions, "every worker did some: {per_session:?}");
+    assert_eq!(worked, sessions, "every runner did some: {per_session:?}");
     eprintln!(
-        "three_workers_share_slow_tasks_fairly: {phase1} + {phase2} settled samples, runs per session {per_session:?}, {:?}",
+        "three_runners_share_slow_tasks_fairly: {phase1} + {phase2} settled samples, runs per session {per_session:?}, {:?}",
         started.elapsed()
     );
 }
@@ -365,8 +365,8 @@ async fn kill_9_moves_the_tasks_to_the_survivors_within_the_bound() {
     // The victim's batch outlasts the test: it is surely mid-batch when killed.
     let mut victim = spawn("victim", &db.url, opts.work_ms(60_000));
     let mut survivor_sessions = BTreeSet::new();
-    for w in &mut survivors {
-        survivor_sessions.insert(w.next_session(DEADLINE).await);
+    for survivor in &mut survivors {
+        survivor_sessions.insert(survivor.next_session(DEADLINE).await);
     }
     let victim_session = victim.next_session(DEADLINE).await;
     seed(&client, 90).await;
@@ -415,8 +415,12 @@ async fn kill_9_moves_the_tasks_to_the_survivors_within_the_bound() {
     let reclaim_after_kill_db: f64 = row.get(2);
 
     wait_all_finished(&client, DEADLINE).await;
-    for w in &mut survivors {
-        assert!(w.try_exit().is_none(), "survivor {} exited", w.label());
+    for survivor in &mut survivors {
+        assert!(
+            survivor.try_exit().is_none(),
+            "survivor {} exited",
+            survivor.label()
+        );
     }
     assert_finished_and_fenced(&client).await;
     let finishers: BTreeSet<i64> = client
@@ -462,7 +466,7 @@ async fn kill_9_moves_the_tasks_to_the_survivors_within_the_bound() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_worker_is_fenced_and_its_finishes_rejected() {
+async fn a_frozen_runner_is_fenced_and_its_finishes_rejected() {
     let started = Instant::now();
     let db = migrated_db().await;
     let client = db.client().await;
@@ -475,7 +479,7 @@ async fn a_frozen_worker_is_fenced_and_its_finishes_rejected() {
     let frozen_session = frozen.next_session(DEADLINE).await;
     seed(&client, 40).await;
 
-    wait_running(&client, frozen_session, "the frozen worker runs tasks").await;
+    wait_running(&client, frozen_session, "the frozen runner runs tasks").await;
     frozen
         .signal(libc::SIGSTOP)
         .expect("signal the runner process");
@@ -491,7 +495,7 @@ async fn a_frozen_worker_is_fenced_and_its_finishes_rejected() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(!in_flight.is_empty(), "the frozen worker holds tasks");
+    assert!(!in_flight.is_empty(), "the frozen runner holds tasks");
     let finished_before = count(
         &client,
         "SELECT count(*) FROM example_task WHERE finished_by = $1",
@@ -513,7 +517,7 @@ async fn a_frozen_worker_is_fenced_and_its_finishes_rejected() {
         (row.get::<_, bool>(0) && held_by(&client, frozen_session).await == 0).then_some(())
     })
     .await;
-    poll_until("the survivor runs the frozen worker's tasks", DEADLINE, || async {
+    poll_until("the survivor runs the frozen runner's tasks", DEADLINE, || async {
         let taken = count(
             &client,
             "SELECT count(DISTINCT task_id) FROM example_task_run WHERE session_id = $1 AND task_id = ANY($2)",
@@ -533,7 +537,7 @@ async fn a_frozen_worker_is_fenced_and_its_finishes_rejected() {
     assert_ne!(new_session, frozen_session);
     let resumed_to_new_session = stopped.elapsed() - frozen_for;
     wait_all_finished(&client, DEADLINE).await;
-    assert!(frozen.try_exit().is_none(), "the frozen worker exited");
+    assert!(frozen.try_exit().is_none(), "the frozen runner exited");
     assert!(survivor.try_exit().is_none(), "the survivor exited");
 
     assert_finished_and_fenced(&client).await;
@@ -609,12 +613,12 @@ async fn postgres_restarted_mid_run_runners_recover() {
         max_tasks: 10,
         work_ms: 20,
     };
-    let mut workers = vec![
+    let mut runners = vec![
         spawn("pg-restart-0", &url, opts),
         spawn("pg-restart-1", &url, opts),
     ];
-    for w in &mut workers {
-        w.next_session(DEADLINE).await;
+    for runner in &mut runners {
+        runner.next_session(DEADLINE).await;
     }
     let before = poll_until("some tasks finished", DEADLINE, || async {
         let done = TASKS - unfinished(&client).await;
@@ -639,17 +643,17 @@ async fn postgres_restarted_mid_run_runners_recover() {
     // This connection is made after the restart and the server stays up.
     wait_all_finished(&client, Duration::from_secs(90)).await;
     let recovered = restart.elapsed();
-    for w in &mut workers {
-        let status = w.try_exit();
+    for runner in &mut runners {
+        let status = runner.try_exit();
         assert!(
             status.is_none(),
-            "worker {} exited after the restart: {status:?}",
-            w.label()
+            "runner {} exited after the restart: {status:?}",
+            runner.label()
         );
     }
     // Both hold a live session again, renewed since the restart.
-    let pids: Vec<i32> = workers.iter().map(|w| w.pid() as i32).collect();
-    poll_until("both workers hold live sessions", DEADLINE, || async {
+    let pids: Vec<i32> = runners.iter().map(|r| r.pid() as i32).collect();
+    poll_until("both runners hold live sessions", DEADLINE, || async {
         let live: BTreeSet<i32> = client
             .query(
                 "SELECT pid FROM session_lock.live_session
@@ -699,7 +703,7 @@ async fn postgres_restarted_mid_run_runners_recover() {
         "tasks first started after the restart ({restarted_at}) ran twice: {late_dups:#?}"
     );
 
-    drop(workers);
+    drop(runners);
     drop(client);
     let pg = Arc::into_inner(pg).expect("no other owner");
     tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
@@ -714,7 +718,7 @@ async fn sigterm_drains_and_ends_the_session() {
     let started = Instant::now();
     let db = migrated_db().await;
     let client = db.client().await;
-    // A lease far longer than the test: the second worker must not wait for
+    // A lease far longer than the test: the second runner must not wait for
     // it to run out.
     let opts = Opts {
         ttl_ms: 30_000,
@@ -726,7 +730,7 @@ async fn sigterm_drains_and_ends_the_session() {
     let mut first = spawn("draining", &db.url, opts);
     let first_session = first.next_session(DEADLINE).await;
     seed(&client, 25).await;
-    wait_running(&client, first_session, "the worker runs tasks").await;
+    wait_running(&client, first_session, "the runner runs tasks").await;
     first
         .signal(libc::SIGTERM)
         .expect("signal the runner process");
@@ -772,7 +776,7 @@ async fn sigterm_drains_and_ends_the_session() {
     let remaining = unfinished(&client).await;
     assert_eq!(remaining, 15);
 
-    // A new worker is alone at once: its first get_work sees one live
+    // A new runner is alone at once: its first get_work sees one live
     // session and takes its full share, min(15, 10), not ceil(15 / 2) = 8.
     let mut second = spawn("successor", &db.url, opts);
     let second_session = second.next_session(DEADLINE).await;
