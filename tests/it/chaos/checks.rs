@@ -213,8 +213,9 @@ enum Why {
     /// reports a task only once the reply to its last write (the run row's
     /// `finished_at`) has come back, and its session fenced itself while
     /// that reply was in flight, which stopped the run in between. The
-    /// runner rightly counted the task not done, and once a heartbeat
-    /// lifted the fence, the same session ran it again.
+    /// runner rightly counted the task not done: the same session ran it
+    /// again once a heartbeat lifted the fence, or, the run given back as
+    /// failed (or its lease lost), another session ran it after the fence.
     FencedBeforeReport,
     /// None of these: a bug.
     Unexplained,
@@ -344,9 +345,6 @@ fn fence_before_report(
     fences: &[Fence],
 ) -> Option<Fence> {
     let (next_session, next_started) = next?;
-    if next_session != session {
-        return None;
-    }
     let in_flight = windows
         .iter()
         .filter(|w| w.start <= written && written <= w.end)
@@ -360,7 +358,14 @@ fn fence_before_report(
         .find(|f| {
             f.session == session
                 && (from..=to).contains(&f.at)
-                && f.lifted.is_some_and(|l| l <= next_started)
+                && if next_session == session {
+                    // The same session runs it again once the fence lifts.
+                    f.lifted.is_some_and(|l| l <= next_started)
+                } else {
+                    // Given back as failed, or its lease ran out: another
+                    // session runs it, after the fence.
+                    f.at <= next_started
+                }
         })
         .copied()
 }
@@ -396,15 +401,22 @@ fn a_fence_counts_as_cutting_a_run_only_while_its_last_reply_was_in_flight() {
     // Without the latency fault, the reply is back at once.
     assert!(cut(&[], next, &[fence(40, 0.2, Some(3.67))]));
     assert!(!cut(&[], next, &[fence(40, 0.3, Some(3.67))]));
-    // Another session's fence, a fence never lifted or lifted after the next
-    // run began, a next run by another session: not this case.
+    // Another session's fence, a fence never lifted or lifted after the
+    // same session's next run began: not this case.
     assert!(!cut(&latency, next, &[fence(41, 0.22, Some(3.67))]));
     assert!(!cut(&latency, next, &[fence(40, 0.22, None)]));
     assert!(!cut(&latency, next, &[fence(40, 0.22, Some(3.9))]));
+    // The cut run given back (or its lease lost): another session runs it
+    // after the fence, lifted or not; never before it.
+    assert!(cut(
+        &latency,
+        Some((41, t0 + 1.5)),
+        &[fence(40, 0.22, None)]
+    ));
     assert!(!cut(
         &latency,
-        Some((41, t0 + 3.8)),
-        &[fence(40, 0.22, Some(3.67))]
+        Some((41, t0 + 0.1)),
+        &[fence(40, 0.22, None)]
     ));
     assert!(!cut(&latency, None, &[fence(40, 0.22, Some(3.67))]));
 }
