@@ -24,6 +24,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_REAP_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 /// Default interval between reaping runs.
 pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// Default interval between readings of the task table's gauges.
+pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(30);
 /// Default longest wait between retries after a database error.
 pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(10);
 /// The largest `max_tasks` the SQL functions accept.
@@ -136,6 +138,7 @@ pub struct RunnerConfig {
     pub(crate) listen: bool,
     pub(crate) reap_after: Duration,
     pub(crate) reap_interval: Duration,
+    pub(crate) stats_interval: Duration,
     pub(crate) retry_max: Duration,
 }
 
@@ -162,6 +165,7 @@ impl RunnerConfig {
                 listen: true,
                 reap_after: DEFAULT_REAP_AFTER,
                 reap_interval: DEFAULT_REAP_INTERVAL,
+                stats_interval: DEFAULT_STATS_INTERVAL,
                 retry_max: DEFAULT_RETRY_MAX,
             },
             margin_set: false,
@@ -357,6 +361,17 @@ impl RunnerConfigBuilder {
         self
     }
 
+    /// The interval between readings of the task table's gauges: the
+    /// session's held tasks per group (`session_lock.tasks.held_by_group`,
+    /// the 10 groups holding most, the rest as `(other)`), and the table's
+    /// quarantined and suspect tasks (`session_lock.tasks.quarantined`,
+    /// `session_lock.tasks.suspect`). One indexed query each time.
+    /// Defaults to [`DEFAULT_STATS_INTERVAL`] (30 seconds).
+    pub fn stats_interval(mut self, interval: Duration) -> Self {
+        self.config.stats_interval = interval;
+        self
+    }
+
     /// The longest wait between retries after a database error (waits grow
     /// from 100 ms, with jitter). Defaults to [`DEFAULT_RETRY_MAX`] (10 seconds).
     pub fn retry_max(mut self, max: Duration) -> Self {
@@ -387,6 +402,7 @@ impl RunnerConfigBuilder {
             ("batch_timeout", c.batch_timeout),
             ("drain_timeout", c.drain_timeout),
             ("reap_interval", c.reap_interval),
+            ("stats_interval", c.stats_interval),
             ("retry_max", c.retry_max),
         ] {
             if d.is_zero() {
@@ -403,6 +419,7 @@ impl RunnerConfigBuilder {
             ("drain_timeout", c.drain_timeout),
             ("reap_after", c.reap_after),
             ("reap_interval", c.reap_interval),
+            ("stats_interval", c.stats_interval),
             ("retry_max", c.retry_max),
         ] {
             if d > MAX_DURATION {
@@ -647,6 +664,12 @@ mod tests {
                 base().reap_interval(Duration::ZERO),
                 ConfigError::Zero("reap_interval"),
                 "reap_interval",
+            ),
+            (
+                "zero stats_interval",
+                base().stats_interval(Duration::ZERO),
+                ConfigError::Zero("stats_interval"),
+                "stats_interval",
             ),
             (
                 "zero retry_max",

@@ -7,6 +7,7 @@ mod catch;
 pub mod config;
 mod error;
 mod fetcher;
+mod gauges;
 pub mod migrate;
 mod reaper;
 mod runner;
@@ -35,7 +36,7 @@ pub use runner::{Runner, RunnerHandle, RunnerServer, Stop};
 pub use status::RunnerStatus;
 pub use store::{
     Database, DatabaseId, DbFinder, GetWork, Listener, PgStore, Session, SessionId, SessionStart,
-    SessionToken, StoreClient, StoreOptions, Work, connect_one, connect_one_with,
+    SessionToken, StoreClient, StoreOptions, TaskStats, Work, connect_one, connect_one_with,
 };
 #[doc(hidden)]
 pub use task::is_fn_prefix;

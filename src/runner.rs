@@ -7,7 +7,7 @@
 //! ```text
 //!   RunnerSupervisor (caller's arbiter)      what the application holds
 //!     ├─ control arbiter: SessionActor ──LeaseChanged──► Fetcher ──RunSlice──┐
-//!     │                   Reaper         ◄──Lost/Moved/Stuck──               │
+//!     │                   Reaper, Gauges ◄──Lost/Moved/Stuck──               │
 //!     └─ worker arbiters: Worker 0 │ Worker 1 │ … │ Worker N-1 ◄──────────────┘
 //! ```
 //!
@@ -33,6 +33,7 @@ use tokio::sync::{oneshot, watch};
 use crate::config::RunnerConfig;
 use crate::fetcher::STUCK_GRACE;
 use crate::fetcher::{Drain, Fetcher};
+use crate::gauges::Gauges;
 use crate::reaper::Reaper;
 use crate::session::{EndSession, SessionActor, Subscribe};
 use crate::status::{RunnerStatus, StatusTx};
@@ -187,6 +188,7 @@ struct Running<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     session: Addr<SessionActor<F>>,
     fetcher: Addr<Fetcher<T, K, F>>,
     _reaper: Addr<Reaper<F>>,
+    _gauges: Addr<Gauges<T, F>>,
     _workers: Arc<[Addr<Worker<T, K>>]>,
 }
 
@@ -265,6 +267,17 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
                 Reaper::new(config, finder)
             })
         };
+        let gauges = {
+            let (config, finder, status, metrics) = (
+                self.config.clone(),
+                self.finder.clone(),
+                self.status.clone(),
+                self.metrics.clone(),
+            );
+            Supervisor::start_in_arbiter(&on(control.as_ref()), move |_| {
+                Gauges::<T, F>::new(config, finder, status, metrics)
+            })
+        };
         tracing::info!(runner = %self.config.name, workers = self.config.workers, "runner started");
         self.running = Some(Running {
             control,
@@ -272,6 +285,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
             session,
             fetcher,
             _reaper: reaper,
+            _gauges: gauges,
             _workers: workers,
         });
     }

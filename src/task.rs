@@ -55,6 +55,13 @@ pub struct TaskQueries {
     /// back tasks whose run failed, each to wait out its retry backoff
     /// before it is picked up again. Parameters and result as `finish`.
     pub fail: &'static str,
+    /// Calls the table's generated `session_lock.<prefix>_stats`, what the
+    /// runner records as gauges every
+    /// [`stats_interval`](crate::RunnerConfigBuilder::stats_interval).
+    /// Parameters: `$1` session id (BIGINT), `$2` how many groups to name
+    /// (INTEGER). Returns rows of `metric` (TEXT), `task_group` (TEXT) and
+    /// `value` (BIGINT).
+    pub stats: &'static str,
     /// The channel the table notifies on when tasks are inserted, if any
     /// (a declaration's `notify`; `session_lock_<prefix>` by default).
     pub notify_channel: Option<&'static str>,
@@ -129,6 +136,11 @@ macro_rules! task_queries {
                 "SELECT * FROM session_lock.\"",
                 $prefix,
                 "_fail_tasks\"($1, $2, $3)"
+            ),
+            stats: concat!(
+                "SELECT metric, task_group, value FROM session_lock.\"",
+                $prefix,
+                "_stats\"($1, $2)"
             ),
             notify_channel: Some($channel),
         }

@@ -31,6 +31,7 @@ pub struct TaskTable {
     pub(crate) max_attempts: Option<i32>,
     pub(crate) retry_backoff: Duration,
     pub(crate) retry_backoff_max: Duration,
+    pub(crate) group_by: Option<String>,
 }
 
 /// The default [`TaskTable::lock_timeout`].
@@ -59,6 +60,7 @@ impl TaskTable {
             max_attempts: Some(DEFAULT_MAX_ATTEMPTS),
             retry_backoff: DEFAULT_RETRY_BACKOFF,
             retry_backoff_max: DEFAULT_RETRY_BACKOFF_MAX,
+            group_by: None,
         }
     }
 
@@ -154,6 +156,18 @@ impl TaskTable {
         self
     }
 
+    /// A column whose value groups the tasks (a tenant, a customer, a
+    /// queue; NULL: no group): pickup then goes round-robin across the
+    /// groups with free tasks, one task of each in turn, from where each
+    /// session's last round stopped, instead of strictly in
+    /// [`order_by`](Self::order_by) (which still orders the tasks within a
+    /// group), so that a group with ten tasks is not starved by one with a
+    /// million. Defaults to none.
+    pub fn group_by(mut self, column: impl Into<String>) -> Self {
+        self.group_by = Some(column.into());
+        self
+    }
+
     /// The table as given.
     pub fn table(&self) -> &str {
         &self.table
@@ -165,4 +179,4 @@ pub(crate) const DECLARE: &str = "SELECT session_lock.declare_task_table(\
      $1::text::regclass, open_when => $2, finish => $3, finished_by => $4::text::name, \
      order_by => $5, id_column => $6::text::name, notify => $7, fn_prefix => $8, \
      lock_timeout => $9, max_attempts => $10, retry_backoff => $11, \
-     retry_backoff_max => $12)";
+     retry_backoff_max => $12, group_by => $13::text::name)";

@@ -6,10 +6,13 @@
 //! no-op. Spans follow OpenTelemetry conventions through the special fields
 //! `tracing-opentelemetry` understands (`otel.name`, `otel.kind`,
 //! `otel.status_code`), and attributes are low-cardinality: the runner name
-//! yes, task ids no.
+//! yes, task ids no; task groups only on `session_lock.tasks.held_by_group`,
+//! at most the 10 holding most per reading plus `(other)`.
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
+
+use crate::store::TaskStats;
 
 /// The instrumentation scope name of the meter, and the prefix of every
 /// span and metric name.
@@ -51,7 +54,17 @@ pub(crate) struct Metrics {
     worker_restarts: Counter<u64>,
     stuck: Counter<u64>,
     held: Gauge<u64>,
+    held_by_group: Gauge<u64>,
+    quarantined: Gauge<u64>,
+    suspect: Gauge<u64>,
 }
+
+/// The attribute naming a task group on `session_lock.tasks.held_by_group`.
+pub const GROUP_ATTRIBUTE: &str = "session_lock.group";
+/// Its value for the tasks whose group key is NULL.
+pub const GROUP_NONE: &str = "(none)";
+/// Its value for the tasks of the groups not named.
+pub const GROUP_OTHER: &str = "(other)";
 
 impl Metrics {
     pub(crate) fn new(meter: &Meter, runner: &str) -> Self {
@@ -127,6 +140,21 @@ impl Metrics {
                 .with_description("Tasks the session held at its last tick")
                 .with_unit("{task}")
                 .build(),
+            held_by_group: meter
+                .u64_gauge("session_lock.tasks.held_by_group")
+                .with_description("Tasks the session holds per group of a grouped table: the groups holding most, the rest as (other)")
+                .with_unit("{task}")
+                .build(),
+            quarantined: meter
+                .u64_gauge("session_lock.tasks.quarantined")
+                .with_description("The task table's quarantined tasks (all sessions): picked up max_attempts times without finishing")
+                .with_unit("{task}")
+                .build(),
+            suspect: meter
+                .u64_gauge("session_lock.tasks.suspect")
+                .with_description("The task table's free open tasks (all sessions) picked up at least twice, but fewer than max_attempts times, without finishing")
+                .with_unit("{task}")
+                .build(),
         }
     }
 
@@ -166,5 +194,34 @@ impl Metrics {
     }
     pub(crate) fn held(&self, n: usize) {
         self.held.record(n as u64, &self.attrs);
+    }
+    /// Records a reading of the task table's gauges. A group named in an
+    /// earlier reading but not in this one reads 0, so that no gauge keeps a
+    /// count the session no longer holds.
+    pub(crate) fn task_stats(&self, stats: &TaskStats, earlier: &[String]) -> Vec<String> {
+        let mut held: Vec<(String, u64)> = stats
+            .held_by_group
+            .iter()
+            .map(|(group, n)| (group.as_deref().unwrap_or(GROUP_NONE).to_owned(), *n))
+            .collect();
+        if stats.held_in_other_groups > 0 {
+            held.push((GROUP_OTHER.to_owned(), stats.held_in_other_groups));
+        }
+        for (group, n) in &held {
+            self.held_by_group.record(*n, &self.group_attrs(group));
+        }
+        let named: Vec<String> = held.into_iter().map(|(group, _)| group).collect();
+        for gone in earlier.iter().filter(|g| !named.contains(g)) {
+            self.held_by_group.record(0, &self.group_attrs(gone));
+        }
+        self.quarantined.record(stats.quarantined, &self.attrs);
+        self.suspect.record(stats.suspect, &self.attrs);
+        named
+    }
+    fn group_attrs(&self, group: &str) -> [KeyValue; 2] {
+        [
+            self.attrs[0].clone(),
+            KeyValue::new(GROUP_ATTRIBUTE, group.to_owned()),
+        ]
     }
 }

@@ -1,4 +1,4 @@
-//! Load runs (BENCHMARKS.md, benchmarks 2 to 7), each against a durable
+//! Load runs (BENCHMARKS.md, benchmarks 2 to 8), each against a durable
 //! throwaway PostgreSQL on this machine, one file a measurement:
 //!
 //! * [`drain`]: 100k no-op tasks drained by 1 to 8 runners, in one process and
@@ -13,7 +13,10 @@
 //! * [`idle`]: queries per second per idle runner, PostgreSQL CPU with 50;
 //! * [`footprint`]: peak RSS and CPU per 1,000 tasks of a runner process
 //!   (from the multi-process drain runs);
-//! * [`diag`]: where the time goes (pg_stat_statements, nested statements).
+//! * [`diag`]: where the time goes (pg_stat_statements, nested statements);
+//! * [`tenants`]: what round-robin pickup across tenant groups costs at 1M
+//!   tasks over 10,000 tenants, and how long 100 small tenants wait behind a
+//!   big one.
 //!
 //! This file keeps what they share: the arguments, which measurements run
 //! and in what order, the server and the bench database ([`Ctx`]), and the
@@ -36,6 +39,7 @@ mod fairness;
 mod footprint;
 mod idle;
 mod pickup;
+mod tenants;
 
 use std::time::{Duration, Instant};
 
@@ -70,7 +74,7 @@ impl Opts {
                 "--tasks" => o.tasks = args.next().and_then(|v| v.parse().ok()).unwrap_or(100_000),
                 "--help" | "-h" => {
                     println!(
-                        "cargo bench --bench load -- [--full] [--reps N] [--tasks N] [drain|pickup|failover|fairness|idle|footprint|diag]..."
+                        "cargo bench --bench load -- [--full] [--reps N] [--tasks N] [drain|pickup|failover|fairness|idle|footprint|diag|tenants]..."
                     );
                     std::process::exit(0);
                 }
@@ -137,6 +141,9 @@ fn main() {
     }
     if ctx.opts.wants("diag") {
         diag::run(&ctx);
+    }
+    if ctx.opts.wants("tenants") {
+        tenants::run(&ctx);
     }
     eprintln!(
         "bench: load done in {:.0} s; tables in {}",

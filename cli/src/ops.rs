@@ -53,6 +53,8 @@ pub(crate) struct RetryArgs {
 
 /// How many quarantined tasks `status` lists per table.
 const QUARANTINED_SHOWN: i64 = 10;
+/// How many groups `status` lists per grouped table.
+const GROUPS_SHOWN: i32 = 10;
 
 pub(crate) fn migrate(args: MigrateArgs) -> Result<(), String> {
     let mut migrator = Migrator::new();
@@ -248,11 +250,39 @@ pub(crate) fn status(args: StatusArgs) -> Result<(), String> {
                 },
             );
             if held_fn.is_none() {
+                print_groups(&client, &t.name).await?;
                 print_quarantined(&client, &t.name).await?;
             }
         }
         Ok(())
     })
+}
+
+/// A grouped table's groups with the most open tasks, and how many of
+/// those are held: nothing for an ungrouped table.
+async fn print_groups(client: &tokio_postgres::Client, table: &str) -> Result<(), String> {
+    let rows = client
+        .query(
+            "SELECT task_group, open, held FROM session_lock.task_groups($1::text::regclass, $2)",
+            &[&table, &GROUPS_SHOWN],
+        )
+        .await
+        .map_err(|e| query_error(&e, None))?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    println!("  groups ({table}), most open tasks first:");
+    let mut shown = vec![["GROUP".to_owned(), "OPEN".to_owned(), "HELD".to_owned()]];
+    for row in &rows {
+        shown.push([
+            row.get::<_, Option<String>>(0)
+                .unwrap_or_else(|| "(none)".to_owned()),
+            row.get::<_, i64>(1).to_string(),
+            row.get::<_, i64>(2).to_string(),
+        ]);
+    }
+    print_table(&shown);
+    Ok(())
 }
 
 /// The table's quarantined tasks: how many, and the first few with their

@@ -186,7 +186,9 @@ fn config(args: &RunArgs) -> Result<RunnerConfig, String> {
 async fn migrate(args: &RunArgs) -> Result<(), String> {
     let mut migrator = Migrator::new().with_example();
     if args.max_attempts.is_some() || args.retry_backoff_ms.is_some() {
-        let mut table = TaskTable::new("public.example_task").finished_by("finished_by");
+        let mut table = TaskTable::new("public.example_task")
+            .finished_by("finished_by")
+            .group_by("tenant");
         if let Some(n) = args.max_attempts {
             table = table.max_attempts(n);
         }

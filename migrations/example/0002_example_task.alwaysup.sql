@@ -13,5 +13,6 @@ SELECT session_lock.declare_task_table(
     'public.example_task',
     open_when   => 'finished_at IS NULL',
     finish      => 'finished_at = now()',
-    finished_by => 'finished_by'
+    finished_by => 'finished_by',
+    group_by    => 'tenant'
 );

@@ -91,6 +91,7 @@ pub(super) async fn declare(client: &mut Client, table: &TaskTable) -> Result<()
             &table.max_attempts,
             &Interval(table.retry_backoff),
             &Interval(table.retry_backoff_max),
+            &table.group_by,
         ],
     )
     .await

@@ -37,6 +37,11 @@ const CORE_FILES: &[(&str, MigrationKind, &str)] = &[
         include_str!("../../migrations/0001_session_lock_v2_retries.up.sql"),
     ),
     (
+        "0001_session_lock_v2_task_groups.up.sql",
+        MigrationKind::Once,
+        include_str!("../../migrations/0001_session_lock_v2_task_groups.up.sql"),
+    ),
+    (
         "0002_session_lock.alwaysup.sql",
         MigrationKind::Always,
         include_str!("../../migrations/0002_session_lock.alwaysup.sql"),
@@ -53,6 +58,11 @@ const EXAMPLE_FILES: &[(&str, MigrationKind, &str)] = &[
         "0001_example_task.up.sql",
         MigrationKind::Once,
         include_str!("../../migrations/example/0001_example_task.up.sql"),
+    ),
+    (
+        "0001_example_task_tenant.up.sql",
+        MigrationKind::Once,
+        include_str!("../../migrations/example/0001_example_task_tenant.up.sql"),
     ),
     (
         "0002_example_task.alwaysup.sql",

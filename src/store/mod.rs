@@ -128,6 +128,27 @@ pub struct Work<T> {
     pub unreadable: Vec<ScanError>,
 }
 
+/// What the task table's `stats` reported: what no tick sees, recorded as
+/// gauges every
+/// [`stats_interval`](crate::RunnerConfigBuilder::stats_interval).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TaskStats {
+    /// The session's open tasks per group of a grouped table, the groups
+    /// holding most first, as many groups as asked for (`None`: the tasks
+    /// whose group key is NULL). Empty for an ungrouped table.
+    pub held_by_group: Vec<(Option<String>, u64)>,
+    /// The session's open tasks in the groups not named.
+    pub held_in_other_groups: u64,
+    /// The table's quarantined tasks: picked up `max_attempts` times
+    /// without finishing (`session-lock retry` releases them).
+    pub quarantined: u64,
+    /// The table's free open tasks picked up at least twice, but fewer than
+    /// `max_attempts` times, without finishing: each waits out its backoff
+    /// and is picked up alone by its session.
+    pub suspect: u64,
+}
+
 /// The calls a runner makes to the database (the seed's `Database`).
 ///
 /// [`PgStore`] implements it over Postgres; implement it yourself to wrap
@@ -178,6 +199,18 @@ pub trait Database: Send + Sync + 'static {
         session: &Session,
         ids: &[TaskId],
     ) -> impl Future<Output = Result<Vec<TaskId>>> + Send;
+    /// The task table's `stats`: the session's held tasks per group (at
+    /// most `groups` groups named) and the table's quarantined and suspect
+    /// tasks. `None` when not supported, the default: the runner then
+    /// records no such gauges.
+    fn task_stats<T: ScanTask>(
+        &self,
+        session: SessionId,
+        groups: u32,
+    ) -> impl Future<Output = Result<Option<TaskStats>>> + Send {
+        let _ = (session, groups);
+        async { Ok(None) }
+    }
     /// `session_lock.reap_sessions`: deletes sessions reclaimed longer than
     /// `older_than` ago; returns how many.
     fn reap_sessions(&self, older_than: Duration) -> impl Future<Output = Result<u64>> + Send;

@@ -16,7 +16,8 @@ use tokio_postgres::types::{ToSql, Type};
 use super::interval::Interval;
 use super::pool::{ConnectErrors, IdentityCell, Manager, bounded_connect};
 use super::{
-    Database, DatabaseId, DbFinder, GetWork, Listener, Session, SessionId, SessionStart, Work,
+    Database, DatabaseId, DbFinder, GetWork, Listener, Session, SessionId, SessionStart, TaskStats,
+    Work,
 };
 use crate::error::{Error, Result};
 use crate::task::{ScanTask, TaskId};
@@ -432,6 +433,39 @@ impl Database for PgStore {
         ids: &[TaskId],
     ) -> Result<Vec<TaskId>> {
         self.task_ids(T::QUERIES.fail, session, ids).await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), err)]
+    async fn task_stats<T: ScanTask>(
+        &self,
+        session: SessionId,
+        groups: u32,
+    ) -> Result<Option<TaskStats>> {
+        let groups = i32::try_from(groups).unwrap_or(i32::MAX);
+        let rows = self
+            .query(
+                &self.inner.work,
+                T::QUERIES.stats,
+                &[(&session, Type::INT8), (&groups, Type::INT4)],
+                None,
+            )
+            .await?;
+        let mut stats = TaskStats::default();
+        for row in &rows {
+            let metric: String = row.try_get(0).map_err(|e| Error::from_db(e, None))?;
+            let group: Option<String> = row.try_get(1).map_err(|e| Error::from_db(e, None))?;
+            let value: i64 = row.try_get(2).map_err(|e| Error::from_db(e, None))?;
+            let value = u64::try_from(value).unwrap_or(0);
+            match metric.as_str() {
+                "held" => stats.held_by_group.push((group, value)),
+                "held_other" => stats.held_in_other_groups = value,
+                "quarantined" => stats.quarantined = value,
+                "suspect" => stats.suspect = value,
+                // A later release's metric: recorded by that release.
+                _ => {}
+            }
+        }
+        Ok(Some(stats))
     }
 
     #[tracing::instrument(level = "debug", skip(self), err)]

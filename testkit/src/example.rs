@@ -28,6 +28,8 @@ pub struct ExampleTask {
     pub created_at: SystemTime,
     /// The session holding the task when it was fetched.
     pub session_id: Option<i64>,
+    /// Its tenant, the table's group key (NULL: no group).
+    pub tenant: Option<String>,
     /// Pickups so far, this one included (`sl_attempts`).
     pub attempts: i32,
     /// The fencing token of this pickup (`sl_fence`): larger than that of
@@ -51,6 +53,7 @@ impl ScanTask for ExampleTask {
             payload: column(row, Some(id), "payload")?,
             created_at: column(row, Some(id), "created_at")?,
             session_id: column(row, Some(id), "session_id")?,
+            tenant: column(row, Some(id), "tenant")?,
             attempts: column(row, Some(id), "sl_attempts")?,
             fence: column(row, Some(id), "sl_fence")?,
         })

@@ -116,7 +116,9 @@ const FOREIGN_MAX: usize = 2;
 const NO_SUCH_TASK: TaskId = 1_000_000_000_000;
 
 const EXPIRE: &str = "UPDATE session_lock.session SET expires_at = now() - interval '1 second', bumped_at = now() - interval '2 seconds' WHERE id = $1";
-const INSERT: &str = "INSERT INTO example_task (payload) SELECT 'task ' || g FROM generate_series(1, $1::int) g RETURNING id";
+/// New tasks, spread over four tenants and none (the table is grouped by
+/// tenant, so pickup goes round-robin across them).
+const INSERT: &str = "INSERT INTO example_task (payload, tenant) SELECT 'task ' || g, (ARRAY['t1', 't2', 't3', 't4', NULL])[1 + g % 5] FROM generate_series(1, $1::int) g RETURNING id";
 
 // ---------------------------------------------------------------------------
 // Seeds and the generator.
@@ -682,6 +684,7 @@ impl World {
             .task_table(
                 session_lock::TaskTable::new("public.example_task")
                     .finished_by("finished_by")
+                    .group_by("tenant")
                     .no_quarantine(),
             )
             .run_url(&db.url)

@@ -17,5 +17,6 @@ mod runner;
 mod security;
 mod service;
 mod telemetry;
+mod tenants;
 mod testkit;
 mod upgrade;

@@ -16,8 +16,8 @@ use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMe
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use session_lock::telemetry::{
-    SCOPE, SPAN_FINISH, SPAN_GET_WORK, SPAN_RUN_TASKS, SPAN_SESSION_END, SPAN_SESSION_START,
-    SPAN_TICK,
+    GROUP_ATTRIBUTE, SCOPE, SPAN_FINISH, SPAN_GET_WORK, SPAN_RUN_TASKS, SPAN_SESSION_END,
+    SPAN_SESSION_START, SPAN_TICK,
 };
 use session_lock::{PgStore, Progress, Runner, RunnerConfig, Task, TaskId, TaskerError};
 use session_lock_testkit::example::ExampleTask;
@@ -209,4 +209,127 @@ async fn one_tick_exports_one_tick_span_with_its_children() {
         counter(&exported, "session_lock.tasks.fetched", &name),
         Some(3)
     );
+}
+
+/// The u64 gauge data points of `name` for `runner` in the last export, by
+/// their `session_lock.group` attribute (`None` when there is none).
+fn gauges(metrics: &[ResourceMetrics], name: &str, runner: &str) -> Vec<(Option<String>, u64)> {
+    let Some(last) = metrics.last() else {
+        return Vec::new();
+    };
+    let mut points = Vec::new();
+    for m in last.scope_metrics().flat_map(|s| s.metrics()) {
+        if m.name() != name {
+            continue;
+        }
+        if let AggregatedMetrics::U64(MetricData::Gauge(g)) = m.data() {
+            for p in g.data_points() {
+                if !p
+                    .attributes()
+                    .any(|kv| *kv == KeyValue::new(RUNNER, runner.to_owned()))
+                {
+                    continue;
+                }
+                let group = p
+                    .attributes()
+                    .find(|kv| kv.key.as_str() == GROUP_ATTRIBUTE)
+                    .map(|kv| kv.value.as_str().into_owned());
+                points.push((group, p.value()));
+            }
+        }
+    }
+    points.sort();
+    points
+}
+
+#[actix_rt::test]
+async fn the_gauges_count_held_tasks_per_tenant_and_quarantined_tasks() {
+    let name = format!("gauges-{}", std::process::id());
+    let db = migrated_db().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO example_task (payload, tenant) VALUES ('a', 'acme'), ('a', 'acme'), ('b', 'bolt'), ('n', NULL);
+             INSERT INTO example_task (payload, tenant, sl_attempts) VALUES ('q', 'acme', 5);",
+        )
+        .await
+        .unwrap();
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let metrics = InMemoryMetricExporter::default();
+    let meters = SdkMeterProvider::builder()
+        .with_reader(PeriodicReader::builder(metrics.clone()).build())
+        .build();
+    let config = RunnerConfig::builder(name.as_str())
+        .ttl(Duration::from_secs(6))
+        .heartbeat(Duration::from_secs(1))
+        .tick(Duration::from_secs(3600))
+        .jitter(Duration::ZERO)
+        .listen(false)
+        .stats_interval(Duration::from_millis(100))
+        .workers(4)
+        .build()
+        .unwrap();
+    // The tasks stay held until the test lets them finish; each slice
+    // says how many tasks it started.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let tasker = move |tasks: Vec<ExampleTask>, _progress: Progress| {
+        let mut released = released.clone();
+        let _ = started_tx.send(tasks.len());
+        async move {
+            let _ = released.wait_for(|r| *r).await;
+            Ok::<_, TaskerError>(tasks.iter().map(Task::id).collect::<Vec<TaskId>>())
+        }
+    };
+    let runner = Runner::new(config, store, tasker)
+        .meter(meters.meter(SCOPE))
+        .start();
+    let mut rx = runner.subscribe();
+    let mut running = 0;
+    while running < 4 {
+        match tokio::time::timeout(Duration::from_secs(60), started.recv()).await {
+            Ok(Some(n)) => running += n,
+            _ => panic!("the four free tasks did not start: {:?}", runner.status()),
+        }
+    }
+
+    let expected = vec![
+        (Some("(none)".to_owned()), 1),
+        (Some("acme".to_owned()), 2),
+        (Some("bolt".to_owned()), 1),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (held, quarantined) = loop {
+        meters.force_flush().unwrap();
+        let exported = metrics.get_finished_metrics().unwrap();
+        let held = gauges(&exported, "session_lock.tasks.held_by_group", &name);
+        let quarantined = gauges(&exported, "session_lock.tasks.quarantined", &name);
+        if held == expected || tokio::time::Instant::now() > deadline {
+            break (held, quarantined);
+        }
+        metrics.reset();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(held, expected, "held per tenant, NULL as (none)");
+    assert_eq!(quarantined, vec![(None, 1)], "the task at max_attempts");
+
+    // Once finished, the tenants read 0: no gauge keeps a count that went.
+    release.send(true).unwrap();
+    wait_for_status(&mut rx, Duration::from_secs(60), |s| s.finished >= 4)
+        .await
+        .unwrap_or_else(|| panic!("the tasks did not finish: {:?}", runner.status()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let held = loop {
+        meters.force_flush().unwrap();
+        let exported = metrics.get_finished_metrics().unwrap();
+        let held = gauges(&exported, "session_lock.tasks.held_by_group", &name);
+        if held.iter().all(|(_, n)| *n == 0) || tokio::time::Instant::now() > deadline {
+            break held;
+        }
+        metrics.reset();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(held.len(), 3, "the three tenants still reported: {held:?}");
+    assert!(held.iter().all(|(_, n)| *n == 0), "all read 0: {held:?}");
+    runner.stop().await;
 }

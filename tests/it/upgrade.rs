@@ -45,9 +45,9 @@ use tokio_postgres::{Client, Row};
 use session_lock_testkit::db::{TestDb, fresh_db};
 
 /// Guards every wait against a hang; nothing here should take long.
-/// A task row `t` as text, without the columns protocol 2 keeps on it.
-const PROTOCOL_COLUMNS_DROPPED: &str =
-    "(to_jsonb(t) - 'sl_attempts' - 'sl_retry_at' - 'sl_fence' - 'sl_last_session')::text";
+/// A task row `t` as text, without the columns 0.2 adds to it: those
+/// protocol 2 keeps on every task row, and the example's `tenant`.
+const PROTOCOL_COLUMNS_DROPPED: &str = "(to_jsonb(t) - 'sl_attempts' - 'sl_retry_at' - 'sl_fence' - 'sl_last_session' - 'tenant')::text";
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -884,6 +884,8 @@ async fn upgrade_keeps_every_task_holder_and_held_counter() {
         let mut applied = vec![
             "session_lock/0001_session_lock_v2.up.sql",
             "session_lock/0001_session_lock_v2_retries.up.sql",
+            "session_lock/0001_session_lock_v2_task_groups.up.sql",
+            "example/0001_example_task_tenant.up.sql",
         ];
         if declare == Declare::InFile {
             applied.push("app/0003_declare.up.sql");
@@ -1327,7 +1329,9 @@ async fn migrating_again_changes_nothing() {
             "session_lock/0001_session_lock.up.sql",
             "session_lock/0001_session_lock_v2.up.sql",
             "session_lock/0001_session_lock_v2_retries.up.sql",
+            "session_lock/0001_session_lock_v2_task_groups.up.sql",
             "example/0001_example_task.up.sql",
+            "example/0001_example_task_tenant.up.sql",
             "app/0001_tasks.up.sql",
         ];
         if declare == Declare::InFile {
