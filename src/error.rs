@@ -115,6 +115,17 @@ pub enum Error {
     /// Any other database error.
     #[error("database error: {}", describe_db(.0))]
     Db(#[source] tokio_postgres::Error),
+    /// The URL leads to a transaction pooler (it refused the startup
+    /// parameter `options`, as PgBouncer does), and what was asked needs a
+    /// session of its own (the migrator's advisory lock): give it a URL
+    /// that reaches the database directly.
+    #[error(
+        "{what} needs a session of its own, and this URL leads to a transaction pooler (it refused the startup parameter `options`): use a URL that reaches the database directly"
+    )]
+    NeedsSession {
+        /// What needed the session.
+        what: &'static str,
+    },
     /// Applying migrations failed.
     #[error(transparent)]
     Migrate(#[from] crate::migrate::MigrateError),

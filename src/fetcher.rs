@@ -423,6 +423,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         let retry_max = self.config.retry_max;
         let seed = self.seed ^ 0x115e;
         let runner = self.config.name.clone();
+        let status = self.status.clone();
         let fut = async move {
             let mut backoff = Backoff::new(retry_max, seed);
             loop {
@@ -434,14 +435,19 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
                 match res {
                     Ok(Some(mut listener)) => {
                         backoff.reset();
+                        status.send_modify(|s| s.listening = true);
                         // Anything inserted while we were not listening.
                         addr.do_send(Wake);
                         while listener.notified().await {
                             addr.do_send(Wake);
                         }
+                        status.send_modify(|s| s.listening = false);
                         tracing::debug!(%runner, channel, "listen connection closed; reconnecting");
                     }
-                    Ok(None) => return, // this Database does not support LISTEN
+                    Ok(None) => {
+                        tracing::info!(%runner, channel, "no LISTEN here: new tasks wait for the next tick");
+                        return;
+                    }
                     Err(e) => {
                         tracing::debug!(%runner, channel, error = %e, "cannot listen; retrying")
                     }

@@ -60,6 +60,11 @@ pub struct RunnerStatus {
     /// Times the DbFinder found another database than the session's: the
     /// session was dropped there and a new one started.
     pub database_moves: u64,
+    /// Whether new tasks wake the runner through LISTEN now. False when the
+    /// task type names no channel, `listen` is off, the listen connection
+    /// is down (it is retried), or the URL leads to a transaction pooler
+    /// and the store has no direct URL: the runner then relies on its tick.
+    pub listening: bool,
     /// When the last tick completed.
     pub last_tick: Option<SystemTime>,
     /// Workers restarted after a panic or a timeout.

@@ -430,7 +430,7 @@ pub(crate) async fn drain_in_process(
 
 /// Finished tasks and tasks/s between the first and the last finish, on the
 /// database clock.
-async fn drain_rate(client: &Client) -> (i64, f64) {
+pub(crate) async fn drain_rate(client: &Client) -> (i64, f64) {
     let row = client
         .query_one(
             "SELECT count(*), coalesce(extract(epoch FROM max(finished_at) - min(finished_at))::float8, 0)

@@ -4,6 +4,7 @@
 //! * [`drain`]: 100k no-op tasks drained by 1 to 8 runners, in one process and
 //!   as separate `session-lock run --noop` processes, against the raw-SQL
 //!   limit (pgbench);
+//! * [`pooled`]: the in-process drain directly and through PgBouncer;
 //! * [`pickup`]: INSERT to execution start on an idle runner, tick alone and
 //!   with LISTEN/NOTIFY;
 //! * [`failover`]: kill -9 one of 4 runner processes; time until its tasks
@@ -39,6 +40,7 @@ mod fairness;
 mod footprint;
 mod idle;
 mod pickup;
+mod pooled;
 mod tenants;
 
 use std::time::{Duration, Instant};
@@ -74,7 +76,7 @@ impl Opts {
                 "--tasks" => o.tasks = args.next().and_then(|v| v.parse().ok()).unwrap_or(100_000),
                 "--help" | "-h" => {
                     println!(
-                        "cargo bench --bench load -- [--full] [--reps N] [--tasks N] [drain|pickup|failover|fairness|idle|footprint|diag|tenants]..."
+                        "cargo bench --bench load -- [--full] [--reps N] [--tasks N] [drain|pooled|pickup|failover|fairness|idle|footprint|diag|tenants]..."
                     );
                     std::process::exit(0);
                 }
@@ -126,6 +128,9 @@ fn main() {
     }
     if ctx.opts.wants("footprint") {
         footprint::report(&drains);
+    }
+    if ctx.opts.wants("pooled") {
+        pooled::run(&ctx);
     }
     if ctx.opts.wants("pickup") {
         pickup::run(&ctx);

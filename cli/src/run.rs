@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use clap::Args;
 use session_lock::task_table::DEFAULT_RETRY_BACKOFF_MAX;
-use session_lock::{FailedTasks, Migrator, PgStore, Runner, RunnerConfig, TaskTable};
+use session_lock::{FailedTasks, Migrator, PgStore, Runner, RunnerConfig, StoreOptions, TaskTable};
 use session_lock_testkit::example::{ExampleTask, ExampleTasker, NoopTasker};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -25,6 +25,11 @@ pub(crate) struct RunArgs {
     /// The database, as a URL or key=value string.
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
+    /// A URL that reaches the same database directly, when --database-url
+    /// leads to a transaction pooler (PgBouncer): the migrations and LISTEN
+    /// use it. Without it, behind a pooler, new tasks wait for the tick.
+    #[arg(long, env = "DIRECT_DATABASE_URL")]
+    direct_url: Option<String>,
     /// The runner name; runners of one name share the tasks.
     #[arg(long, default_value = "example")]
     name: String,
@@ -90,9 +95,7 @@ pub(crate) fn run(args: RunArgs) -> Result<(), String> {
         let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
         let started = async {
             migrate(&args).await?;
-            PgStore::connect(&args.database_url)
-                .await
-                .map_err(|e| e.to_string())
+            store(&args).await
         };
         let store = tokio::select! {
             store = started => store?,
@@ -181,6 +184,22 @@ fn config(args: &RunArgs) -> Result<RunnerConfig, String> {
     b.build().map_err(|e| e.to_string())
 }
 
+/// The store on --database-url, listening on --direct-url when given.
+async fn store(args: &RunArgs) -> Result<PgStore, String> {
+    let (config, tls) =
+        session_lock::tls::parse_url(&args.database_url).map_err(|e| e.to_string())?;
+    let mut options = StoreOptions {
+        tls,
+        ..StoreOptions::default()
+    };
+    if let Some(url) = &args.direct_url {
+        options = options.with_direct_url(url).map_err(|e| e.to_string())?;
+    }
+    PgStore::from_config(config, options)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Applies the migrations and the example, declared again with this
 /// runner's retry settings when it has any.
 async fn migrate(args: &RunArgs) -> Result<(), String> {
@@ -198,7 +217,7 @@ async fn migrate(args: &RunArgs) -> Result<(), String> {
         migrator = migrator.task_table(table);
     }
     migrator
-        .run_url(&args.database_url)
+        .run_url(args.direct_url.as_deref().unwrap_or(&args.database_url))
         .await
         .map(drop)
         .map_err(|e| e.to_string())

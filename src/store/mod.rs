@@ -8,6 +8,7 @@
 
 mod interval;
 mod pool;
+mod pooler;
 mod postgres;
 mod token;
 

@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bb8::ManageConnection as _;
 use bb8_postgres::PostgresConnectionManager;
 
+use super::pooler::{PoolerCell, refused_options, without_options};
 use crate::error::{Error, Result};
 use crate::store::DatabaseId;
 use crate::tls::Tls;
@@ -29,6 +31,13 @@ pub enum ConnectError {
     /// authentication_timeout (a minute).
     #[error("no answer while connecting within {0:?}")]
     TimedOut(Duration),
+    /// The server is a standby (in recovery), where the protocol cannot
+    /// write: list every node in the URL with
+    /// `target_session_attrs=read-write`, and the connect finds the primary.
+    #[error(
+        "the server is a standby (pg_is_in_recovery): session-lock needs the primary; list every node in the URL with target_session_attrs=read-write"
+    )]
+    Standby,
 }
 
 /// The latest identity read from a new connection, shared by a store's
@@ -67,6 +76,9 @@ impl IdentityCell {
 #[derive(Debug, Clone)]
 pub(crate) struct Manager {
     inner: Arc<PostgresConnectionManager<Tls>>,
+    /// The same without the startup parameter `options`, for a pooler.
+    bare: Arc<PostgresConnectionManager<Tls>>,
+    pooler: Arc<PoolerCell>,
     home: tokio::runtime::Handle,
     connect_timeout: Duration,
     /// Where to record the identity of each new connection's database, for
@@ -80,12 +92,35 @@ impl Manager {
         tls: Tls,
         connect_timeout: Duration,
         identity: Option<Arc<IdentityCell>>,
+        pooler: Arc<PoolerCell>,
     ) -> Self {
         Manager {
+            bare: Arc::new(PostgresConnectionManager::new(
+                without_options(&config),
+                tls.clone(),
+            )),
             inner: Arc::new(PostgresConnectionManager::new(config, tls)),
+            pooler,
             home: tokio::runtime::Handle::current(),
             connect_timeout,
             identity,
+        }
+    }
+    /// One connect, on the home runtime, with or without `options`.
+    async fn connect_once(
+        &self,
+        bare: bool,
+    ) -> std::result::Result<tokio_postgres::Client, ConnectError> {
+        let limit = self.connect_timeout;
+        let manager = if bare { &self.bare } else { &self.inner }.clone();
+        let attempt = {
+            let manager = manager.clone();
+            async move { connect_within(limit, manager.connect()).await }
+        };
+        match self.home.spawn(attempt).await {
+            Ok(res) => res,
+            // The home runtime has shut down: connect here rather than fail.
+            Err(_) => connect_within(limit, manager.connect()).await,
         }
     }
 }
@@ -96,13 +131,26 @@ impl bb8::ManageConnection for Manager {
 
     async fn connect(&self) -> std::result::Result<Self::Connection, Self::Error> {
         let limit = self.connect_timeout;
-        let inner = self.inner.clone();
-        let attempt = async move { connect_within(limit, inner.connect()).await };
-        let client = match self.home.spawn(attempt).await {
-            Ok(res) => res,
-            // The home runtime has shut down: connect here rather than fail.
-            Err(_) => connect_within(limit, self.inner.connect()).await,
+        let client = match self.connect_once(self.pooler.is_pooler()).await {
+            Err(ConnectError::Db(e)) if refused_options(&e) => {
+                self.pooler.found();
+                self.connect_once(true).await
+            }
+            other => other,
         }?;
+        if self.identity.is_some() {
+            // A standby refuses every write the protocol makes: find the
+            // primary instead (the next connect tries the URL's hosts anew).
+            let check = tokio::time::timeout(
+                limit,
+                client.query_one("SELECT pg_catalog.pg_is_in_recovery()", &[]),
+            )
+            .await
+            .map_err(|_| ConnectError::TimedOut(limit))?;
+            if check.is_ok_and(|row| row.get::<_, bool>(0)) {
+                return Err(ConnectError::Standby);
+            }
+        }
         if let Some(cell) = &self.identity {
             // Unmigrated databases have no such function: the protocol's
             // own calls report that, with the remedy.
@@ -178,6 +226,23 @@ impl PgConnection {
         in_flight.1 = true;
         out
     }
+
+    /// Throws the connection away instead of pooling it again: it reached
+    /// a server that cannot serve the protocol any more (a primary demoted
+    /// to a standby, SQLSTATE 25006), so the next connect may find the
+    /// current primary.
+    pub(crate) fn discard(&self) {
+        self.abandoned.store(true, Ordering::Relaxed);
+    }
+}
+
+/// SQLSTATE read_only_sql_transaction: the server is (now) a standby.
+const READ_ONLY: &str = "25006";
+
+/// Whether `e` says the server cannot take writes: a standby, or a primary
+/// demoted in a failover.
+pub(crate) fn is_read_only(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code() == READ_ONLY)
 }
 
 impl std::ops::Deref for PgConnection {
@@ -260,7 +325,7 @@ pub(crate) async fn bounded_connect<T>(
     connect: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
 ) -> Result<T> {
     connect_within(limit, connect).await.map_err(|e| match e {
-        ConnectError::TimedOut(limit) => Error::Connect(Arc::new(ConnectError::TimedOut(limit))),
         ConnectError::Db(e) => Error::from_db(e, None),
+        other => Error::Connect(Arc::new(other)),
     })
 }

@@ -7,6 +7,7 @@
 //! client, and a connection whose call was abandoned is never reused.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bb8::{Pool, PooledConnection};
@@ -14,7 +15,8 @@ use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
 use super::interval::Interval;
-use super::pool::{ConnectErrors, IdentityCell, Manager, bounded_connect};
+use super::pool::{ConnectErrors, IdentityCell, Manager, bounded_connect, is_read_only};
+use super::pooler::{PoolerCell, refused_options};
 use super::{
     Database, DatabaseId, DbFinder, GetWork, Listener, Session, SessionId, SessionStart, TaskStats,
     Work,
@@ -77,6 +79,22 @@ pub struct StoreOptions {
     pub keepalives_interval: Duration,
     /// TCP keepalive probes before giving up. Defaults to [`DEFAULT_KEEPALIVES_RETRIES`].
     pub keepalives_retries: u32,
+    /// Whether the URL leads to a transaction pooler (PgBouncer with
+    /// `pool_mode = transaction`), where no session state outlives a
+    /// transaction. Defaults to false; a pooler that refuses the startup
+    /// parameter `options`, as PgBouncer's default configuration does, is
+    /// recognised on the first connect anyway. Behind a pooler the store
+    /// connects without `options` (the statement timeout is then the call
+    /// timeout alone, unless the role sets one) and LISTENs only through
+    /// [`direct`](Self::direct).
+    pub pooler: bool,
+    /// A direct connection to the same database, bypassing the pooler, for
+    /// what needs a session of its own: LISTEN. Its TLS is the store's
+    /// [`tls`](Self::tls); [`with_direct_url`](Self::with_direct_url) reads
+    /// one from a URL. Defaults to none: LISTEN goes through the URL, or,
+    /// behind a pooler, not at all (the runner then relies on its tick, and
+    /// says so).
+    pub direct: Option<tokio_postgres::Config>,
 }
 
 impl Default for StoreOptions {
@@ -91,11 +109,21 @@ impl Default for StoreOptions {
             keepalives_idle: DEFAULT_KEEPALIVES_IDLE,
             keepalives_interval: DEFAULT_KEEPALIVES_INTERVAL,
             keepalives_retries: DEFAULT_KEEPALIVES_RETRIES,
+            pooler: false,
+            direct: None,
         }
     }
 }
 
 impl StoreOptions {
+    /// Sets [`direct`](Self::direct) from a URL (its `sslmode` is not
+    /// used: the store's [`tls`](Self::tls) applies).
+    pub fn with_direct_url(mut self, url: &str) -> Result<Self> {
+        let (config, _) = crate::tls::parse_url(url)?;
+        self.direct = Some(config);
+        Ok(self)
+    }
+
     /// Applies the timeouts and keepalives to a connection config, so that a
     /// partitioned database fails a call in seconds instead of hanging on the
     /// kernel's defaults (minutes). A statement timeout already present in
@@ -146,6 +174,12 @@ struct Inner {
     identity: Arc<IdentityCell>,
     /// For connections outside the pools (LISTEN needs one of its own).
     config: tokio_postgres::Config,
+    /// Where LISTEN goes when the URL leads to a pooler.
+    direct: Option<tokio_postgres::Config>,
+    /// Whether the URL leads to a transaction pooler.
+    pooler: Arc<PoolerCell>,
+    /// Whether the log said that LISTEN is off behind the pooler.
+    told_no_listen: AtomicBool,
     tls: Tls,
     connect_errors: ConnectErrors,
     call_timeout: Duration,
@@ -213,9 +247,14 @@ impl PgStore {
             ));
         }
         options.apply(&mut config);
+        let direct = options.direct.clone().map(|mut direct| {
+            options.apply(&mut direct);
+            direct
+        });
         let tls = crate::tls::connector(&options.tls)?;
         let connect_errors = ConnectErrors::default();
         let identity = Arc::new(IdentityCell::default());
+        let pooler = Arc::new(PoolerCell::declared(options.pooler));
         let pool = |size: u32, identity: Option<Arc<IdentityCell>>, test_on_check_out: bool| {
             Pool::builder()
                 .error_sink(Box::new(connect_errors.clone()))
@@ -235,6 +274,7 @@ impl PgStore {
                     tls.clone(),
                     options.connect_timeout,
                     identity,
+                    pooler.clone(),
                 ))
         };
         Ok(PgStore {
@@ -244,6 +284,9 @@ impl PgStore {
                 user: pool(options.pool_size, None, true),
                 identity,
                 config,
+                direct,
+                pooler,
+                told_no_listen: AtomicBool::new(false),
                 tls,
                 connect_errors,
                 call_timeout: options.call_timeout,
@@ -296,7 +339,13 @@ impl PgStore {
             .guarded(tokio::time::timeout(limit, conn.query_typed(sql, params)))
             .await
             .map_err(|_| Error::Timeout(limit))?;
-        rows.map_err(|e| Error::from_db(e, session))
+        rows.map_err(|e| {
+            if is_read_only(&e) {
+                tracing::warn!("the database refused a write as read-only (a standby, or a demoted primary): dropping the connection to find the primary");
+                conn.discard();
+            }
+            Error::from_db(e, session)
+        })
     }
 
     async fn checkout<'a>(&self, pool: &'a Pool<Manager>) -> Result<PooledConnection<'a, Manager>> {
@@ -488,17 +537,40 @@ impl Database for PgStore {
 }
 
 impl PgStore {
+    fn tell_no_listen(&self) {
+        if !self.inner.told_no_listen.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "LISTEN needs a session of its own, which a transaction pooler does not keep: \
+                 new tasks wait for the next tick (give the store a direct URL to LISTEN on)"
+            );
+        }
+    }
+
     async fn listen_on(&self, channel: &'static str) -> Result<Option<Listener>> {
         use futures_util::future::poll_fn;
         use tokio_postgres::AsyncMessage;
 
-        let config = &self.inner.config;
+        let config = match &self.inner.direct {
+            Some(direct) => direct,
+            None if self.inner.pooler.is_pooler() => {
+                self.tell_no_listen();
+                return Ok(None);
+            }
+            None => &self.inner.config,
+        };
         let limit = config
             .get_connect_timeout()
             .copied()
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        let (client, mut connection) =
-            bounded_connect(limit, config.connect(self.inner.tls.clone())).await?;
+        let connect = bounded_connect(limit, config.connect(self.inner.tls.clone())).await;
+        let (client, mut connection) = match connect {
+            Err(Error::Db(e)) if self.inner.direct.is_none() && refused_options(&e) => {
+                self.inner.pooler.found();
+                self.tell_no_listen();
+                return Ok(None);
+            }
+            other => other?,
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
@@ -555,7 +627,14 @@ pub async fn connect_one_with(url: &str, options: StoreOptions) -> Result<tokio_
     let options = StoreOptions { tls, ..options };
     options.apply(&mut config);
     let connect = config.connect(crate::tls::connector(&options.tls)?);
-    let (client, connection) = bounded_connect(options.connect_timeout, connect).await?;
+    let (client, connection) = match bounded_connect(options.connect_timeout, connect).await {
+        Err(Error::Db(e)) if refused_options(&e) => {
+            return Err(Error::NeedsSession {
+                what: "connect_one (the migrator takes a session-level advisory lock)",
+            });
+        }
+        other => other?,
+    };
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "connection closed");

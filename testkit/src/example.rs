@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::future::join_all;
 use tokio_postgres::Row;
+use tokio_postgres::types::Type;
 
 use session_lock::{
     PgStore, Progress, ScanError, ScanTask, Task, TaskId, TaskQueries, Tasker, TaskerError, column,
@@ -93,14 +94,20 @@ impl ExampleTasker {
 
     async fn execute(&self, task: &ExampleTask) -> Result<TaskId, TaskerError> {
         let session = task.session_id.unwrap_or(0);
+        // Unnamed statements (query_typed): they work behind a transaction
+        // pooler too, where a named prepared statement may be gone by the
+        // next transaction.
         let conn = self.store.client().await?;
-        let row = conn
-            .query_one(
+        let rows = conn
+            .query_typed(
                 "INSERT INTO example_task_run (task_id, session_id, started_at) VALUES ($1, $2, now()) RETURNING id",
-                &[&task.id, &session],
+                &[(&task.id, Type::INT8), (&session, Type::INT8)],
             )
             .await?;
-        let run: i64 = row.get(0);
+        let run: i64 = rows
+            .first()
+            .ok_or("INSERT ... RETURNING returned no row")?
+            .get(0);
         drop(conn);
         if task.payload.starts_with("fail:") {
             return Err(format!("task {}: its payload asks it to fail", task.id).into());
@@ -123,9 +130,9 @@ impl ExampleTasker {
             tokio::time::sleep(self.work).await;
         }
         let conn = self.store.client().await?;
-        conn.execute(
+        conn.query_typed(
             "UPDATE example_task_run SET finished_at = now() WHERE id = $1",
-            &[&run],
+            &[(&run, Type::INT8)],
         )
         .await?;
         Ok(task.id)

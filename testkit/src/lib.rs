@@ -7,6 +7,8 @@
 //!   embedded server, or on `DATABASE_URL`'s);
 //! - [`example`]: the worked example's task type and Taskers, over
 //!   `public.example_task` (`Migrator::with_example`);
+//! - [`pgbouncer`]: a throwaway PgBouncer in transaction mode in front of
+//!   a server;
 //! - [`process`]: `session-lock run` as child processes, one at a time or a
 //!   [`Fleet`];
 //! - [`wait_for_status`]: waiting on a runner's status instead of sleeping.
@@ -16,6 +18,7 @@
 pub mod db;
 pub mod embedded;
 pub mod example;
+pub mod pgbouncer;
 pub mod process;
 mod status;
 

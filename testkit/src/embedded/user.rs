@@ -13,14 +13,14 @@ use super::error::{EmbeddedError, io_err};
 
 /// The unprivileged user the server runs as when we are root.
 #[derive(Debug, Clone)]
-pub(super) struct RunAs {
-    pub(super) name: String,
-    pub(super) uid: libc::uid_t,
-    pub(super) gid: libc::gid_t,
+pub(crate) struct RunAs {
+    pub(crate) name: String,
+    pub(crate) uid: libc::uid_t,
+    pub(crate) gid: libc::gid_t,
 }
 
 /// The user to run the server as: `None` unless we are root.
-pub(super) fn run_as() -> Result<Option<RunAs>, EmbeddedError> {
+pub(crate) fn run_as() -> Result<Option<RunAs>, EmbeddedError> {
     if unsafe { libc::geteuid() } == 0 {
         Ok(Some(unprivileged_user()?))
     } else {
