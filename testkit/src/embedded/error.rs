@@ -57,6 +57,18 @@ pub enum EmbeddedError {
         /// What `initdb` printed.
         output: String,
     },
+    /// A server tool other than `initdb` failed (`pg_basebackup`, `pg_ctl`).
+    #[error("{tool} failed ({status}) running as {user}; it said:\n{output}")]
+    Tool {
+        /// The tool and what it was doing.
+        tool: String,
+        /// How it exited.
+        status: String,
+        /// The user it ran as.
+        user: String,
+        /// What it printed.
+        output: String,
+    },
     /// The server exited while starting up.
     #[error(
         "PostgreSQL server exited during startup ({status}) on port {port}; end of its log {}:\n{log_tail}",

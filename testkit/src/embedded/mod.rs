@@ -56,7 +56,8 @@ mod error;
 mod initdb;
 mod keeper;
 mod server;
-mod user;
+mod standby;
+pub(crate) mod user;
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -172,6 +173,16 @@ impl EmbeddedPostgres {
     /// `initdb` into a fresh directory and starts `postgres`. Blocks until the
     /// server accepts connections (at most a minute).
     pub fn start_with(opts: EmbeddedOptions) -> Result<Self, EmbeddedError> {
+        let mut pg = Self::unstarted(opts)?;
+        pg.initdb()?;
+        pg.start_on_a_port()?;
+        tracing::debug!(port = pg.port, data_dir = %pg.data_dir.display(), "embedded PostgreSQL ready");
+        Ok(pg)
+    }
+
+    /// A server not started yet, its data directory fresh, empty and its
+    /// user's; dropping it removes the directory.
+    fn unstarted(opts: EmbeddedOptions) -> Result<Self, EmbeddedError> {
         let bin_dir = binaries::find_bin_dir()?;
         let run_as = user::run_as()?;
         let data_dir = cleanup::fresh_data_dir()?;
@@ -180,7 +191,7 @@ impl EmbeddedPostgres {
         let keeper = Keeper::start().inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&data_dir);
         })?;
-        let mut pg = EmbeddedPostgres {
+        let pg = EmbeddedPostgres {
             log_path: data_dir.join("postgres.log"),
             data_dir,
             bin_dir,
@@ -193,9 +204,6 @@ impl EmbeddedPostgres {
             }),
         };
         pg.prepare_data_dir()?;
-        pg.initdb()?;
-        pg.start_on_a_port()?;
-        tracing::debug!(port = pg.port, data_dir = %pg.data_dir.display(), "embedded PostgreSQL ready");
         Ok(pg)
     }
 

@@ -1,0 +1,228 @@
+//! A primary failover under runner processes, on servers of their own: a
+//! primary and a streaming standby (`pg_basebackup -R`), runners on a
+//! multi-host URL with `target_session_attrs=read-write`; mid-drain the
+//! primary is stopped with `-m immediate` and the standby promoted. Checked:
+//! every task finished on the new primary by a session within its lease,
+//! every runner alive, tasks run twice counted; with synchronous
+//! replication no finish the old primary acknowledged is redone; and the
+//! time from the kill to the first finish on the new primary.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use session_lock::Migrator;
+use session_lock_testkit::embedded::{EmbeddedOptions, EmbeddedPostgres, ShutdownMode};
+use session_lock_testkit::{RunnerCommand, RunnerProcess};
+use tokio_postgres::{Client, NoTls};
+
+use crate::processes::{DEADLINE, assert_finished_and_fenced, count, poll_until};
+
+const TASKS: i32 = 600;
+const DB: &str = "failover";
+
+async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+async fn finished(client: &Client) -> BTreeMap<i64, i64> {
+    client
+        .query(
+            "SELECT id, finished_by FROM example_task WHERE finished_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn spawn(label: &str, url: &str) -> RunnerProcess {
+    RunnerCommand::new(url)
+        .label(label)
+        .args([
+            "--ttl-ms",
+            "2000",
+            "--heartbeat-ms",
+            "400",
+            "--tick-ms",
+            "100",
+            "--max-tasks",
+            "10",
+            "--work-ms",
+            "20",
+        ])
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {label}: {e}"))
+}
+
+/// Servers started on blocking threads: their start waits on processes.
+async fn start_servers(synchronous: bool) -> (EmbeddedPostgres, EmbeddedPostgres) {
+    let primary = tokio::task::spawn_blocking(move || {
+        let mut opts = EmbeddedOptions::default();
+        if synchronous {
+            opts.extra_settings
+                .push(("synchronous_commit".into(), "on".into()));
+        }
+        EmbeddedPostgres::start_with(opts)
+    })
+    .await
+    .unwrap()
+    .expect("start the primary");
+    let admin = connect(&primary.url("postgres")).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {DB}"))
+        .await
+        .unwrap();
+    Migrator::new()
+        .with_example()
+        .run_url(&primary.url(DB))
+        .await
+        .expect("migrate the primary");
+    let (primary, standby) = tokio::task::spawn_blocking(move || {
+        let standby = EmbeddedPostgres::standby_of(&primary, EmbeddedOptions::default());
+        (primary, standby)
+    })
+    .await
+    .unwrap();
+    let standby = standby.expect("start the standby");
+    if synchronous {
+        // ALTER SYSTEM refuses to run in a transaction block: one statement
+        // each.
+        for sql in [
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+            "SELECT pg_reload_conf()",
+        ] {
+            admin.batch_execute(sql).await.unwrap();
+        }
+        poll_until("the standby is synchronous", DEADLINE, || async {
+            let n = count(
+                &admin,
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+                &[],
+            )
+            .await;
+            (n == 1).then_some(())
+        })
+        .await;
+    }
+    (primary, standby)
+}
+
+async fn failover(synchronous: bool) {
+    let (primary, standby) = start_servers(synchronous).await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{DB}?target_session_attrs=read-write",
+        primary.port(),
+        standby.port()
+    );
+    let old = connect(&primary.url(DB)).await;
+    let mut runners: Vec<RunnerProcess> = (0..3)
+        .map(|i| spawn(&format!("failover-{i}"), &url))
+        .collect();
+    for r in &mut runners {
+        r.next_session(DEADLINE).await;
+    }
+    old.execute(
+        "INSERT INTO example_task (payload) SELECT 'failover ' || g FROM generate_series(1, $1) g",
+        &[&TASKS],
+    )
+    .await
+    .unwrap();
+    poll_until("a quarter is finished", DEADLINE, || async {
+        let n = count(
+            &old,
+            "SELECT count(*) FROM example_task WHERE finished_at IS NOT NULL",
+            &[],
+        )
+        .await;
+        (n >= i64::from(TASKS) / 4).then_some(())
+    })
+    .await;
+    // What the old primary acknowledged, read just before its death.
+    let acknowledged = finished(&old).await;
+    let killed = Instant::now();
+    let primary = tokio::task::spawn_blocking(move || {
+        primary.stop(ShutdownMode::Immediate).map(|()| primary)
+    })
+    .await
+    .unwrap()
+    .expect("stop the primary");
+    let standby = tokio::task::spawn_blocking(move || standby.promote().map(|()| standby))
+        .await
+        .unwrap()
+        .expect("promote the standby");
+    let promoted = killed.elapsed();
+    let new = connect(&standby.url(DB)).await;
+    let at_promotion = finished(&new).await.len();
+    poll_until("a finish on the new primary", DEADLINE, || async {
+        (finished(&new).await.len() > at_promotion).then_some(())
+    })
+    .await;
+    let first_finish = killed.elapsed();
+    poll_until(
+        "every task finished on the new primary",
+        DEADLINE * 2,
+        || async { (finished(&new).await.len() == TASKS as usize).then_some(()) },
+    )
+    .await;
+
+    for r in &mut runners {
+        assert!(
+            r.try_exit().is_none(),
+            "{} exited:\n{}",
+            r.label(),
+            r.log_tail(30)
+        );
+    }
+    assert_finished_and_fenced(&new).await;
+    let now = finished(&new).await;
+    let redone: Vec<i64> = acknowledged
+        .iter()
+        .filter(|(id, by)| now.get(id) != Some(by))
+        .map(|(id, _)| *id)
+        .collect();
+    let twice = count(
+        &new,
+        "SELECT count(*) FROM (SELECT task_id FROM example_task_run GROUP BY task_id HAVING count(*) > 1) d",
+        &[],
+    )
+    .await;
+    if synchronous {
+        assert!(
+            redone.is_empty(),
+            "finishes the old primary acknowledged were redone under synchronous replication: {redone:?}"
+        );
+    }
+    eprintln!(
+        "failover ({}): {} acknowledged before the kill, {} of them redone; {twice} tasks ran twice; promoted {promoted:?} after the kill, first finish on the new primary {first_finish:?} after it",
+        if synchronous {
+            "synchronous"
+        } else {
+            "asynchronous"
+        },
+        acknowledged.len(),
+        redone.len()
+    );
+    for r in &mut runners {
+        r.signal(libc::SIGTERM).expect("stop");
+        assert!(r.wait_exit(DEADLINE).await.success(), "{}", r.log_tail(30));
+    }
+    drop(primary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_with_synchronous_replication_redoes_no_acknowledged_finish() {
+    failover(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_with_asynchronous_replication_loses_no_task() {
+    failover(false).await;
+}
