@@ -1803,10 +1803,11 @@ BEGIN
 END;
 $$;
 
--- For operators: the quarantined tasks of a declared table (at most
--- p_limit, lowest ids first), through its generated *_quarantined.
-CREATE OR REPLACE FUNCTION session_lock.quarantined_tasks(p_table regclass, p_limit integer DEFAULT 100)
-RETURNS TABLE (task_id bigint, attempts integer, last_session bigint)
+-- The generated function `suffix` of a declared table, as a quoted
+-- qualified name for the operator functions below; SL005 when the table
+-- is not declared.
+CREATE OR REPLACE FUNCTION session_lock.generated_function(p_table regclass, p_suffix text)
+RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1817,7 +1818,20 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM session_lock.bad_declaration(p_table, 'it is not declared');
     END IF;
-    RETURN QUERY EXECUTE pg_catalog.format('SELECT * FROM session_lock.%I($1)', v_prefix || '_quarantined')
+    RETURN pg_catalog.format('session_lock.%I', v_prefix || '_' || p_suffix);
+END;
+$$;
+
+-- For operators: the quarantined tasks of a declared table (at most
+-- p_limit, lowest ids first), through its generated *_quarantined.
+CREATE OR REPLACE FUNCTION session_lock.quarantined_tasks(p_table regclass, p_limit integer DEFAULT 100)
+RETURNS TABLE (task_id bigint, attempts integer, last_session bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY EXECUTE pg_catalog.format('SELECT * FROM %s($1)',
+            session_lock.generated_function(p_table, 'quarantined'))
         USING p_limit;
 END;
 $$;
@@ -1829,14 +1843,9 @@ RETURNS TABLE (task_group text, open bigint, held bigint)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    v_prefix text;
 BEGIN
-    SELECT t.fn_prefix INTO v_prefix FROM session_lock.task_table t WHERE t.task_table = p_table;
-    IF NOT FOUND THEN
-        PERFORM session_lock.bad_declaration(p_table, 'it is not declared');
-    END IF;
-    RETURN QUERY EXECUTE pg_catalog.format('SELECT * FROM session_lock.%I($1)', v_prefix || '_groups')
+    RETURN QUERY EXECUTE pg_catalog.format('SELECT * FROM %s($1)',
+            session_lock.generated_function(p_table, 'groups'))
         USING p_limit;
 END;
 $$;
@@ -1849,14 +1858,9 @@ RETURNS SETOF bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    v_prefix text;
 BEGIN
-    SELECT t.fn_prefix INTO v_prefix FROM session_lock.task_table t WHERE t.task_table = p_table;
-    IF NOT FOUND THEN
-        PERFORM session_lock.bad_declaration(p_table, 'it is not declared');
-    END IF;
-    RETURN QUERY EXECUTE pg_catalog.format('SELECT * FROM session_lock.%I($1)', v_prefix || '_retry')
+    RETURN QUERY EXECUTE pg_catalog.format('SELECT * FROM %s($1)',
+            session_lock.generated_function(p_table, 'retry'))
         USING p_ids;
 END;
 $$;

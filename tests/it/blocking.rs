@@ -96,7 +96,8 @@ async fn seed(client: &Client, payloads: &[&str]) -> Vec<i64> {
 }
 
 /// The database's clock, in seconds since the epoch.
-async fn db_now(client: &Client) -> f64 {
+/// The database's clock, in seconds since the epoch.
+pub(crate) async fn db_now(client: &Client) -> f64 {
     client
         .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
         .await

@@ -20,8 +20,9 @@ use session_lock_testkit::{RunnerCommand, RunnerProcess, wait_for_status};
 use tokio_postgres::Client;
 use tokio_postgres::config::Host;
 
+use crate::blocking::db_now;
 use crate::processes::{
-    DEADLINE, assert_finished_and_fenced, count, poll_until, wait_all_finished,
+    DEADLINE, assert_finished_and_fenced, count, poll_until, unfinished, wait_all_finished,
 };
 
 /// PgBouncer in front of the test database's server.
@@ -43,23 +44,6 @@ async fn seed(client: &Client, n: i32) {
         )
         .await
         .unwrap();
-}
-
-async fn db_now(client: &Client) -> f64 {
-    client
-        .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-async fn unfinished(client: &Client) -> i64 {
-    count(
-        client,
-        "SELECT count(*) FROM example_task WHERE finished_at IS NULL",
-        &[],
-    )
-    .await
 }
 
 fn completing(

@@ -137,7 +137,7 @@ async fn held_by(client: &Client, session: i64) -> i64 {
     .await
 }
 
-async fn unfinished(client: &Client) -> i64 {
+pub(crate) async fn unfinished(client: &Client) -> i64 {
     count(
         client,
         "SELECT count(*) FROM example_task WHERE finished_at IS NULL",

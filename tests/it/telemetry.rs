@@ -46,6 +46,15 @@ fn spans() -> &'static (InMemorySpanExporter, SdkTracerProvider) {
     })
 }
 
+/// A meter provider of this test's own, exporting to memory.
+fn meters() -> (InMemoryMetricExporter, SdkMeterProvider) {
+    let metrics = InMemoryMetricExporter::default();
+    let meters = SdkMeterProvider::builder()
+        .with_reader(PeriodicReader::builder(metrics.clone()).build())
+        .build();
+    (metrics, meters)
+}
+
 fn attr<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
     span.attributes
         .iter()
@@ -100,10 +109,7 @@ async fn one_tick_exports_one_tick_span_with_its_children() {
         .await
         .unwrap();
     let store = PgStore::connect(&db.url).await.unwrap();
-    let metrics = InMemoryMetricExporter::default();
-    let meters = SdkMeterProvider::builder()
-        .with_reader(PeriodicReader::builder(metrics.clone()).build())
-        .build();
+    let (metrics, meters) = meters();
     // One tick only: an hour-long tick, no LISTEN, and 3 tasks do not fill a
     // share of 10 (no drain-mode tick).
     let config = RunnerConfig::builder(name.as_str())
@@ -255,10 +261,7 @@ async fn the_gauges_count_held_tasks_per_tenant_and_quarantined_tasks() {
         .await
         .unwrap();
     let store = PgStore::connect(&db.url).await.unwrap();
-    let metrics = InMemoryMetricExporter::default();
-    let meters = SdkMeterProvider::builder()
-        .with_reader(PeriodicReader::builder(metrics.clone()).build())
-        .build();
+    let (metrics, meters) = meters();
     let config = RunnerConfig::builder(name.as_str())
         .ttl(Duration::from_secs(6))
         .heartbeat(Duration::from_secs(1))
