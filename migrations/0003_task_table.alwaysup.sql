@@ -606,8 +606,12 @@ BEGIN
         sl_moved := true;
     END LOOP;
 
-    -- The tasks without a group, as one more group.
-    IF pg_catalog.cardinality(sl_ids) < p_want THEN
+    -- The tasks without a group, as one more group. When no round is
+    -- under way (no cursor) and no named group has a task to give, they
+    -- are the only group, and the in-order fill after the round takes
+    -- them in the same order without this probe.
+    IF pg_catalog.cardinality(sl_ids) < p_want
+       AND (sl_cursor IS NOT NULL OR pg_catalog.cardinality(sl_ids) > 0) THEN
         SELECT f.{{group}}, f.{{id}} INTO sl_g, sl_id
           FROM {{table}} f
          WHERE f.session_id IS NULL
