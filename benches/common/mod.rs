@@ -121,6 +121,12 @@ pub async fn create_db(pg: &EmbeddedPostgres, name: &str) -> String {
 /// Empties the task tables and the sessions, inserts `n` open tasks, and
 /// vacuums and analyzes, so every run starts from the same state.
 pub async fn seed(client: &Client, n: u64) {
+    seed_tenants(client, n, "NULL").await;
+}
+
+/// [`seed`], each task's `tenant` given by the SQL expression `tenant`
+/// over `g`, the task's number from 1 (`'NULL'`: no tenant).
+pub async fn seed_tenants(client: &Client, n: u64, tenant: &str) {
     client
         .batch_execute(
             "TRUNCATE public.example_task, public.example_task_run RESTART IDENTITY;
@@ -135,8 +141,10 @@ pub async fn seed(client: &Client, n: u64) {
         let k = chunk.min(n - done);
         client
             .execute(
-                "INSERT INTO public.example_task (payload) SELECT 'noop' FROM generate_series(1, $1::bigint)",
-                &[&(k as i64)],
+                &format!(
+                    "INSERT INTO public.example_task (payload, tenant) SELECT 'noop', {tenant} FROM generate_series($1::bigint, $2::bigint) g"
+                ),
+                &[&((done + 1) as i64), &((done + k) as i64)],
             )
             .await
             .expect("seed tasks");

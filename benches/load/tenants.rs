@@ -124,39 +124,9 @@ async fn declare(client: &Client, grouped: bool) {
         .expect("analyze");
 }
 
-/// Empties the tables and inserts `n` open tasks of `tenant(g)`.
-async fn seed(client: &Client, n: i64, tenant: &str) {
-    client
-        .batch_execute(
-            "TRUNCATE public.example_task, public.example_task_run RESTART IDENTITY;
-             DELETE FROM session_lock.session;",
-        )
-        .await
-        .expect("truncate");
-    let chunk = 250_000i64;
-    let mut done = 0;
-    while done < n {
-        let k = chunk.min(n - done);
-        client
-            .execute(
-                &format!(
-                    "INSERT INTO public.example_task (payload, tenant) SELECT 'noop', {tenant} FROM generate_series($1::bigint, $2::bigint) g"
-                ),
-                &[&(done + 1), &(done + k)],
-            )
-            .await
-            .expect("seed");
-        done += k;
-    }
-    client
-        .batch_execute("VACUUM ANALYZE public.example_task")
-        .await
-        .expect("vacuum");
-}
-
 async fn cost(ctx: &Ctx, calls: usize) -> Cost {
     let client = common::connect(&ctx.url).await;
-    seed(&client, BACKLOG, &format!("'t' || (g % {TENANTS})")).await;
+    common::seed_tenants(&client, BACKLOG as u64, &format!("'t' || (g % {TENANTS})")).await;
     let store = store(&ctx.url).await;
     let mut out = Cost {
         plain: Vec::new(),
@@ -211,7 +181,7 @@ struct Starvation {
 
 async fn starvation(ctx: &Ctx) -> Starvation {
     let client = common::connect(&ctx.url).await;
-    seed(&client, BACKLOG, "'big'").await;
+    common::seed_tenants(&client, BACKLOG as u64, "'big'").await;
     client
         .execute(
             &format!(
