@@ -15,7 +15,9 @@ use session_lock_testkit::embedded::{EmbeddedOptions, EmbeddedPostgres, Shutdown
 use session_lock_testkit::{RunnerCommand, RunnerProcess};
 use tokio_postgres::{Client, NoTls};
 
-use crate::processes::{DEADLINE, assert_finished_and_fenced, count, poll_until};
+use crate::processes::{
+    DEADLINE, assert_finished_and_fenced, assert_running, count, poll_until, stop_cleanly,
+};
 
 const TASKS: i32 = 600;
 const DB: &str = "failover";
@@ -173,14 +175,7 @@ async fn failover(synchronous: bool) {
     )
     .await;
 
-    for r in &mut runners {
-        assert!(
-            r.try_exit().is_none(),
-            "{} exited:\n{}",
-            r.label(),
-            r.log_tail(30)
-        );
-    }
+    assert_running(&mut runners);
     assert_finished_and_fenced(&new).await;
     let now = finished(&new).await;
     let redone: Vec<i64> = acknowledged
@@ -210,10 +205,7 @@ async fn failover(synchronous: bool) {
         acknowledged.len(),
         redone.len()
     );
-    for r in &mut runners {
-        r.signal(libc::SIGTERM).expect("stop");
-        assert!(r.wait_exit(DEADLINE).await.success(), "{}", r.log_tail(30));
-    }
+    stop_cleanly(&mut runners).await;
     drop(primary);
 }
 

@@ -22,7 +22,8 @@ use tokio_postgres::config::Host;
 
 use crate::blocking::db_now;
 use crate::processes::{
-    DEADLINE, assert_finished_and_fenced, count, poll_until, unfinished, wait_all_finished,
+    DEADLINE, assert_finished_and_fenced, assert_running, count, poll_until, stop_cleanly,
+    unfinished, wait_all_finished,
 };
 
 /// How long after PgBouncer is back a run may still be cut by it: a
@@ -204,14 +205,7 @@ async fn processes_drain_through_pgbouncer_while_one_dies_and_pgbouncer_restarts
     let restarted_to = db_now(&client).await;
 
     wait_all_finished(&client, DEADLINE).await;
-    for r in &mut survivors {
-        assert!(
-            r.try_exit().is_none(),
-            "{} exited:\n{}",
-            r.label(),
-            r.log_tail(30)
-        );
-    }
+    assert_running(&mut survivors);
     assert_finished_and_fenced(&client).await;
     assert_eq!(unfinished(&client).await, 0, "nothing lost");
     // A task ran twice only if the victim had started it, or if its first
@@ -248,8 +242,5 @@ async fn processes_drain_through_pgbouncer_while_one_dies_and_pgbouncer_restarts
         twice.len(),
         restarted_to - restarted_from
     );
-    for r in &mut survivors {
-        r.signal(libc::SIGTERM).expect("stop");
-        assert!(r.wait_exit(DEADLINE).await.success(), "{}", r.log_tail(30));
-    }
+    stop_cleanly(&mut survivors).await;
 }

@@ -127,6 +127,28 @@ pub(crate) async fn count(
     client.query_one(sql, params).await.unwrap().get(0)
 }
 
+/// Asserts that every runner process of `runners` still runs, showing the
+/// end of its log when one does not.
+pub(crate) fn assert_running(runners: &mut [RunnerProcess]) {
+    for r in runners {
+        assert!(
+            r.try_exit().is_none(),
+            "{} exited:\n{}",
+            r.label(),
+            r.log_tail(30)
+        );
+    }
+}
+
+/// Stops every runner process of `runners` with SIGTERM and asserts that
+/// each exits cleanly.
+pub(crate) async fn stop_cleanly(runners: &mut [RunnerProcess]) {
+    for r in runners {
+        r.signal(libc::SIGTERM).expect("stop");
+        assert!(r.wait_exit(DEADLINE).await.success(), "{}", r.log_tail(30));
+    }
+}
+
 /// Open tasks held by `session`.
 async fn held_by(client: &Client, session: i64) -> i64 {
     count(
@@ -415,13 +437,7 @@ async fn kill_9_moves_the_tasks_to_the_survivors_within_the_bound() {
     let reclaim_after_kill_db: f64 = row.get(2);
 
     wait_all_finished(&client, DEADLINE).await;
-    for survivor in &mut survivors {
-        assert!(
-            survivor.try_exit().is_none(),
-            "survivor {} exited",
-            survivor.label()
-        );
-    }
+    assert_running(&mut survivors);
     assert_finished_and_fenced(&client).await;
     let finishers: BTreeSet<i64> = client
         .query("SELECT DISTINCT finished_by FROM example_task", &[])
