@@ -19,10 +19,14 @@
 //!   `Stop` (drains its tasks in flight, finishes them, ends its session),
 //!   and only then does the process exit.
 //!
-//! Environment: `DATABASE_URL` (required), `PORT` (8080), `RUNNER_NAME`
-//! (example), `TTL_MS`, `HEARTBEAT_MS`, `TICK_MS`, `MAX_TASKS`, `WORKERS`,
-//! `WORK_MS` (per-task simulated work, default 100), `MIGRATE` (default 1:
-//! apply the migrations on start).
+//! Environment: `DATABASE_URL` (required; a multi-host URL with
+//! `target_session_attrs=read-write` follows a primary failover),
+//! `DIRECT_DATABASE_URL` (when `DATABASE_URL` goes through PgBouncer in
+//! transaction mode: the same database reached directly, for the
+//! migrations and for LISTEN), `PORT` (8080), `RUNNER_NAME` (example),
+//! `TTL_MS`, `HEARTBEAT_MS`, `TICK_MS`, `MAX_TASKS`, `WORKERS`, `WORK_MS`
+//! (per-task simulated work, default 100), `MIGRATE` (default 1: apply the
+//! migrations on start).
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -180,11 +184,14 @@ async fn migrate(url: &str) -> Result<(), String> {
 async fn serve() -> Result<(), String> {
     let tracer_provider = init_tracing()?;
     let url = std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set".to_owned())?;
+    let direct = std::env::var("DIRECT_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
     let port: u16 = env_num("PORT")?.unwrap_or(8080);
     let work = env_ms("WORK_MS")?.unwrap_or(Duration::from_millis(100));
     let config = runner_config()?;
     if std::env::var("MIGRATE").map_or(true, |v| v != "0") {
-        migrate(&url).await?;
+        migrate(direct.as_deref().unwrap_or(&url)).await?;
     }
 
     let registry = Registry::new();
@@ -197,7 +204,9 @@ async fn serve() -> Result<(), String> {
 
     // The store is made here, on the System's arbiter, so its connections
     // live as long as the process.
-    let store = PgStore::connect(&url).await.map_err(|e| e.to_string())?;
+    let store = PgStore::connect_with_direct(&url, direct.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
     let runner = Runner::new(config, store.clone(), ExampleTasker::new(store, work))
         .meter(meter)
         .start();

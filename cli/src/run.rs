@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use clap::Args;
 use session_lock::task_table::DEFAULT_RETRY_BACKOFF_MAX;
-use session_lock::{FailedTasks, Migrator, PgStore, Runner, RunnerConfig, StoreOptions, TaskTable};
+use session_lock::{FailedTasks, Migrator, PgStore, Runner, RunnerConfig, TaskTable};
 use session_lock_testkit::example::{ExampleTask, ExampleTasker, NoopTasker};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -186,16 +186,7 @@ fn config(args: &RunArgs) -> Result<RunnerConfig, String> {
 
 /// The store on --database-url, listening on --direct-url when given.
 async fn store(args: &RunArgs) -> Result<PgStore, String> {
-    let (config, tls) =
-        session_lock::tls::parse_url(&args.database_url).map_err(|e| e.to_string())?;
-    let mut options = StoreOptions {
-        tls,
-        ..StoreOptions::default()
-    };
-    if let Some(url) = &args.direct_url {
-        options = options.with_direct_url(url).map_err(|e| e.to_string())?;
-    }
-    PgStore::from_config(config, options)
+    PgStore::connect_with_direct(&args.database_url, args.direct_url.as_deref())
         .await
         .map_err(|e| e.to_string())
 }

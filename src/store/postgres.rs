@@ -220,15 +220,23 @@ impl PgStore {
     /// `sslmode` (see [`tls`](crate::tls): `verify-full` with `sslrootcert`
     /// checks the server).
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with_direct(url, None).await
+    }
+
+    /// [`connect`](Self::connect), and when `direct_url` is given, LISTEN
+    /// on it ([`StoreOptions::with_direct_url`]): for a `url` that goes
+    /// through PgBouncer in transaction mode, `direct_url` reaches the same
+    /// database without it.
+    pub async fn connect_with_direct(url: &str, direct_url: Option<&str>) -> Result<Self> {
         let (config, tls) = crate::tls::parse_url(url)?;
-        Self::from_config(
-            config,
-            StoreOptions {
-                tls,
-                ..StoreOptions::default()
-            },
-        )
-        .await
+        let mut options = StoreOptions {
+            tls,
+            ..StoreOptions::default()
+        };
+        if let Some(direct) = direct_url {
+            options = options.with_direct_url(direct)?;
+        }
+        Self::from_config(config, options).await
     }
 
     /// Builds the pools for `config` with the given options. They connect
