@@ -208,25 +208,35 @@ async fn processes_drain_through_pgbouncer_while_one_dies_and_pgbouncer_restarts
     assert_running(&mut survivors);
     assert_finished_and_fenced(&client).await;
     assert_eq!(unfinished(&client).await, 0, "nothing lost");
-    // A task ran twice only if the victim had started it, or if its first
-    // run began around the restart: a write or a finish cut by it may or
-    // may not have committed, and the task runs again (at least once, never
-    // lost). "Around": the pools find their connections broken only when
+    // A task ran twice only if the victim had started it, if its first
+    // run began around the restart (a write or a finish cut by it may or
+    // may not have committed, and the task runs again: at least once, never
+    // lost; "around": the pools find their connections broken only when
     // they next use them, so a cut may come a little after the pooler is
-    // back (RESTART_GRACE).
+    // back, RESTART_GRACE), or if a survivor's lease ran out (its heartbeat
+    // held up past the 2 s TTL on a loaded machine: its session was
+    // reclaimed, and its tasks moved on).
     let twice = client
         .query(
-            "SELECT task_id, array_agg(session_id), extract(epoch FROM min(started_at))::float8
-               FROM example_task_run GROUP BY task_id HAVING count(*) > 1",
+            "SELECT r.task_id, array_agg(r.session_id), extract(epoch FROM min(r.started_at))::float8,
+                    bool_or(s.reclaimed_at IS NOT NULL)
+               FROM example_task_run r
+               LEFT JOIN session_lock.session s ON s.id = r.session_id
+              GROUP BY r.task_id HAVING count(*) > 1",
             &[],
         )
         .await
         .unwrap();
     let mut cut_by_restart = 0;
+    let mut lease_lost = 0;
     for row in &twice {
         let runs: Vec<i64> = row.get(1);
         let first: f64 = row.get(2);
         if runs.contains(&victim_session) {
+            continue;
+        }
+        if row.get::<_, bool>(3) {
+            lease_lost += 1;
             continue;
         }
         assert!(
@@ -238,7 +248,7 @@ async fn processes_drain_through_pgbouncer_while_one_dies_and_pgbouncer_restarts
         cut_by_restart += 1;
     }
     eprintln!(
-        "pooler: {} tasks ran twice, {cut_by_restart} of them cut by the restart ({:.3} s)",
+        "pooler: {} tasks ran twice, {cut_by_restart} of them cut by the restart ({:.3} s), {lease_lost} after a survivor's lease ran out",
         twice.len(),
         restarted_to - restarted_from
     );
