@@ -5,7 +5,8 @@
 //! every task finished on the new primary by a session within its lease,
 //! every runner alive, tasks run twice counted; with synchronous
 //! replication no finish the old primary acknowledged is redone; and the
-//! time from the kill to the first finish on the new primary.
+//! time from the kill to the first run started (a get_work there handed it
+//! out) and to the first finish on the new primary.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -163,6 +164,15 @@ async fn failover(synchronous: bool) {
     let promoted = killed.elapsed();
     let new = connect(&standby.url(DB)).await;
     let at_promotion = finished(&new).await.len();
+    // A run recorded on the new primary: a get_work there handed it out
+    // (the first successful tick with work); then its finish.
+    let runs = "SELECT count(*) FROM example_task_run";
+    let runs_at_promotion = count(&new, runs, &[]).await;
+    poll_until("a run started on the new primary", DEADLINE, || async {
+        (count(&new, runs, &[]).await > runs_at_promotion).then_some(())
+    })
+    .await;
+    let first_start = killed.elapsed();
     poll_until("a finish on the new primary", DEADLINE, || async {
         (finished(&new).await.len() > at_promotion).then_some(())
     })
@@ -196,7 +206,7 @@ async fn failover(synchronous: bool) {
         );
     }
     eprintln!(
-        "failover ({}): {} acknowledged before the kill, {} of them redone; {twice} tasks ran twice; promoted {promoted:?} after the kill, first finish on the new primary {first_finish:?} after it",
+        "failover ({}): {} acknowledged before the kill, {} of them redone; {twice} tasks ran twice; promoted {promoted:?} after the kill, first run started on the new primary {first_start:?} and first finish {first_finish:?} after it",
         if synchronous {
             "synchronous"
         } else {
