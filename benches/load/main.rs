@@ -17,7 +17,10 @@
 //! * [`diag`]: where the time goes (pg_stat_statements, nested statements);
 //! * [`tenants`]: what round-robin pickup across tenant groups costs at 1M
 //!   tasks over 10,000 tenants, and how long 100 small tenants wait behind a
-//!   big one.
+//!   big one;
+//! * [`baseline`]: a model of the seed's design (go-session-lock's SQL)
+//!   beside session-lock's protocol at 1k, 100k and 1M open tasks (named,
+//!   or in `--full`).
 //!
 //! This file keeps what they share: the arguments, which measurements run
 //! and in what order, the server and the bench database ([`Ctx`]), and the
@@ -33,6 +36,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod baseline;
 mod diag;
 mod drain;
 mod failover;
@@ -76,7 +80,7 @@ impl Opts {
                 "--tasks" => o.tasks = args.next().and_then(|v| v.parse().ok()).unwrap_or(100_000),
                 "--help" | "-h" => {
                     println!(
-                        "cargo bench --bench load -- [--full] [--reps N] [--tasks N] [drain|pooled|pickup|failover|fairness|idle|footprint|diag|tenants]..."
+                        "cargo bench --bench load -- [--full] [--reps N] [--tasks N] [drain|pooled|pickup|failover|fairness|idle|footprint|diag|tenants|baseline]..."
                     );
                     std::process::exit(0);
                 }
@@ -89,8 +93,9 @@ impl Opts {
 
     fn wants(&self, name: &str) -> bool {
         if self.only.is_empty() {
-            // diag is for the lead's investigations, not the default run.
-            name != "diag"
+            // diag is for the lead's investigations, not the default run;
+            // the baseline (about 7 minutes) runs in the full one.
+            name != "diag" && (name != "baseline" || self.full)
         } else {
             self.only.iter().any(|o| o == name)
         }
@@ -149,6 +154,9 @@ fn main() {
     }
     if ctx.opts.wants("tenants") {
         tenants::run(&ctx);
+    }
+    if ctx.opts.wants("baseline") {
+        baseline::run(&ctx);
     }
     eprintln!(
         "bench: load done in {:.0} s; tables in {}",
