@@ -35,6 +35,12 @@
 //!   second to the next, falls on every backlog alike. p50 and p99 of the
 //!   individual calls come from this pass.
 //!
+//! The sessions are 1, 10 and 100, each at max_tasks 10 and 100, and 1,000
+//! at max_tasks 10 (a big fleet of one name: every call reads every live
+//! session's row). Beside the latencies, the PostgreSQL CPU per call: the
+//! CPU of the store's backends (which run nothing but get_work here) over
+//! the interleaved pass, per call.
+//!
 //! `cargo bench --bench get_work`; `SESSION_LOCK_BENCH_BACKLOGS=1000,1000000`
 //! narrows the backlogs, `SESSION_LOCK_BENCH_QUICK=1` shortens everything,
 //! `SESSION_LOCK_BENCH_ROUNDS=N` sets the interleaved rounds (default 400),
@@ -98,6 +104,10 @@ struct Db {
     /// The session the raw claim holds its tasks in, from [`Db::prepare`].
     raw_session: Option<Session>,
 }
+
+/// The store's application_name: its backends are the ones that run
+/// get_work (the bench's own client has none).
+const STORE_APPLICATION: &str = "session-lock";
 
 impl Db {
     /// Ends every session and frees every open task, then starts `n`
@@ -232,6 +242,21 @@ impl Db {
         elapsed
     }
 
+    /// CPU seconds so far of the backends of this database's store.
+    async fn store_cpu(&self) -> f64 {
+        self.client
+            .query(
+                "SELECT pid FROM pg_stat_activity
+                  WHERE datname = current_database() AND application_name = $1",
+                &[&STORE_APPLICATION],
+            )
+            .await
+            .expect("store backends")
+            .iter()
+            .map(|r| common::proc_cpu_secs(r.get::<_, i32>(0) as u32, false))
+            .sum()
+    }
+
     /// Finishes `ids` for `session` and inserts as many new tasks.
     async fn finish_and_replace(&self, session: &Session, ids: &[i64]) {
         common::finish_and_replace(&self.client, session, ids).await;
@@ -262,6 +287,8 @@ struct Pass {
     batches: Vec<Vec<f64>>,
     /// Per backlog: the raw claim of as many tasks, in ms.
     raw: Vec<Vec<f64>>,
+    /// Per backlog: PostgreSQL CPU per get_work, in ms.
+    cpu: Vec<f64>,
     select1: Vec<f64>,
     commit: Vec<f64>,
 }
@@ -283,7 +310,7 @@ fn main() {
     let quick = std::env::var_os("SESSION_LOCK_BENCH_QUICK").is_some();
     let rounds = env_num("SESSION_LOCK_BENCH_ROUNDS").unwrap_or(if quick { 100 } else { 400 });
     let backlogs: Vec<u64> = env_list("SESSION_LOCK_BENCH_BACKLOGS", &[1_000, 100_000, 1_000_000]);
-    let session_counts: Vec<usize> = env_list("SESSION_LOCK_BENCH_SESSIONS", &[1, 10, 100]);
+    let session_counts: Vec<usize> = env_list("SESSION_LOCK_BENCH_SESSIONS", &[1, 10, 100, 1_000]);
     let max_tasks_list: Vec<u32> = env_list("SESSION_LOCK_BENCH_MAX_TASKS", &[10, 100]);
     let turn_kinds: Vec<Turns> = std::env::var("SESSION_LOCK_BENCH_TURNS")
         .map(|s| {
@@ -363,6 +390,10 @@ fn main() {
     for &turns in &turn_kinds {
         for &n in &session_counts {
             for &max_tasks in &max_tasks_list {
+                // A thousand sessions at the default max_tasks only.
+                if n >= 1_000 && max_tasks != 10 {
+                    continue;
+                }
                 rt.block_on(async {
                     for db in dbs.iter_mut() {
                         db.prepare(n, max_tasks, turns).await;
@@ -395,10 +426,15 @@ fn main() {
                     calls: vec![Vec::with_capacity(rounds); dbs.len()],
                     batches: vec![Vec::with_capacity(rounds); dbs.len()],
                     raw: vec![Vec::with_capacity(rounds); dbs.len()],
+                    cpu: vec![0.0; dbs.len()],
                     select1: Vec::with_capacity(rounds),
                     commit: Vec::with_capacity(rounds),
                 };
                 rt.block_on(async {
+                    let mut cpu0 = Vec::new();
+                    for db in &dbs {
+                        cpu0.push(db.store_cpu().await);
+                    }
                     for r in 0..rounds {
                         for k in 0..dbs.len() {
                             // Rotate the order so no backlog always goes first.
@@ -414,6 +450,9 @@ fn main() {
                         let (a, b) = floor_calls(&floor_client).await;
                         pass.select1.push(a);
                         pass.commit.push(b);
+                    }
+                    for (j, db) in dbs.iter().enumerate() {
+                        pass.cpu[j] = (db.store_cpu().await - cpu0[j]) * 1e3 / rounds as f64;
                     }
                 });
                 eprintln!(
@@ -455,6 +494,7 @@ fn report(dbs: &[Db], passes: &[Pass], rounds: usize) {
             "p50 / p50 at 1k",
             "raw claim p50 / p99",
             "p50 / raw claim p50",
+            "PG CPU per call",
             "floor SELECT 1 p50 / p99",
             "floor commit p50 / p99",
         ],
@@ -484,6 +524,7 @@ fn report(dbs: &[Db], passes: &[Pass], rounds: usize) {
                     ms(quantile(&p.raw[k], 0.99))
                 ),
                 format!("{:.2}x", p50 / quantile(&p.raw[k], 0.5)),
+                ms(p.cpu[k]),
                 format!(
                     "{} / {}",
                     ms(quantile(&p.select1, 0.5)),

@@ -35,7 +35,8 @@ pub fn start_server() -> EmbeddedPostgres {
     }
     let opts = EmbeddedOptions {
         durable: true,
-        max_connections: 600,
+        // 200 idle runners with LISTEN hold 600 connections (benchmark 6).
+        max_connections: 1000,
         extra_settings: extra,
         ..EmbeddedOptions::default()
     };

@@ -1,15 +1,17 @@
-//! Idle cost (BENCHMARKS.md, benchmark 6): what 50 idle runners in one
-//! process, with the default configuration, cost PostgreSQL and their own
-//! process on an empty table.
+//! Idle cost (BENCHMARKS.md, benchmark 6): what a fleet of 200 idle
+//! runners in one process, with the default configuration, costs
+//! PostgreSQL and their own process on an empty table, with LISTEN on (the
+//! default) and off.
 //!
 //! Over a window: statements per second per runner from
 //! pg_stat_statements (top level, the bench's own left out), transactions
-//! from `pg_stat_database`, the CPU of the postmaster and all its children,
-//! and the bench process's own CPU.
+//! and commits that wrote (a transaction id taken) from
+//! `pg_stat_database` and the WAL, the CPU of the postmaster and all its
+//! children, and the bench process's own CPU.
 //!
-//! What limits the figure: one get_work per tick per runner (a write
-//! transaction and its commit, once a second), a heartbeat every 30 s, and
-//! one LISTEN connection each.
+//! What limits the figure: one get_work per tick per runner (once a
+//! second; an idle one reads and writes nothing), a heartbeat every 30 s,
+//! and with LISTEN one more connection each.
 
 use std::time::{Duration, Instant};
 
@@ -20,51 +22,71 @@ use tokio_postgres::Client;
 use crate::common::{self, Table, median};
 use crate::{Ctx, noop_runner, wait_live_sessions};
 
+/// Runners in the fleet.
+const FLEET: usize = 200;
+
+/// One window's figures.
+struct Idle {
+    statements: f64,
+    transactions: f64,
+    writes: f64,
+    pg_cpu: f64,
+    client_cpu: f64,
+    breakdown: String,
+}
+
 pub(crate) fn run(ctx: &Ctx) {
-    let n = 50usize;
     let window = Duration::from_secs(if ctx.opts.full { 60 } else { 15 });
-    let mut qps = Vec::new();
-    let mut xps = Vec::new();
-    let mut pg = Vec::new();
-    let mut client_cpu = Vec::new();
-    let mut breakdown = String::new();
-    for rep in 0..ctx.opts.reps {
-        let r = actix_rt::System::new().block_on(idle_once(ctx, n, window));
-        eprintln!(
-            "bench: idle rep {rep}: {:.2} statements/s per runner, PG CPU {:.1} %",
-            r.0, r.2
-        );
-        qps.push(r.0);
-        xps.push(r.1);
-        pg.push(r.2);
-        client_cpu.push(r.3);
-        breakdown = r.4;
-    }
     let mut t = Table::new(
         format!(
-            "Idle cost: {n} idle runners in one process, default config (tick 1 s, heartbeat 30 s, LISTEN on), {} s window (median of repetitions)",
+            "Idle cost: {FLEET} idle runners in one process, default config (tick 1 s, heartbeat 30 s), {} s window (median of repetitions); target: at most one statement per tick per runner, PostgreSQL under 10 % of a core",
             window.as_secs()
         ),
         &[
+            "LISTEN",
             "statements/s per runner",
             "transactions/s per runner",
+            "writing transactions/s per runner",
             "PostgreSQL CPU (% of one core)",
             "runner process CPU (% of one core)",
+            "verdict",
         ],
     );
-    t.row(vec![
-        format!("{:.2}", median(&qps)),
-        format!("{:.2}", median(&xps)),
-        format!("{:.1}", median(&pg)),
-        format!("{:.1}", median(&client_cpu)),
-    ]);
+    let mut breakdown = String::new();
+    for listen in [true, false] {
+        let mut runs = Vec::new();
+        for rep in 0..ctx.opts.reps {
+            let r = actix_rt::System::new().block_on(idle_once(ctx, FLEET, listen, window));
+            eprintln!(
+                "bench: idle rep {rep} listen={listen}: {:.2} statements/s per runner, {:.3} writing transactions/s per runner, PG CPU {:.1} %",
+                r.statements, r.writes, r.pg_cpu
+            );
+            runs.push(r);
+        }
+        let m = |f: fn(&Idle) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        let (statements, pg_cpu) = (m(|r| r.statements), m(|r| r.pg_cpu));
+        t.row(vec![
+            if listen { "on" } else { "off" }.into(),
+            format!("{statements:.2}"),
+            format!("{:.2}", m(|r| r.transactions)),
+            format!("{:.3}", m(|r| r.writes)),
+            format!("{pg_cpu:.1}"),
+            format!("{:.1}", m(|r| r.client_cpu)),
+            common::verdict(statements <= 1.05 && pg_cpu < 10.0),
+        ]);
+        if let Some(r) = runs.last() {
+            breakdown.push_str(&format!("LISTEN {listen}: {}", r.breakdown));
+        }
+    }
     t.emit("load");
     if !breakdown.is_empty() {
         println!("{breakdown}");
     }
 }
 
-async fn idle_snapshot(c: &Client, tracked: bool, calls_q: &str, xact_q: &str) -> (f64, f64) {
+/// Statements (pg_stat_statements), transactions (`pg_stat_database`) and
+/// transaction ids handed out so far.
+async fn idle_snapshot(c: &Client, tracked: bool, calls_q: &str) -> (f64, f64, f64) {
     let calls: f64 = if tracked {
         c.query_one(calls_q, &[])
             .await
@@ -76,38 +98,45 @@ async fn idle_snapshot(c: &Client, tracked: bool, calls_q: &str, xact_q: &str) -
     // pg_stat_database is updated by backends at most every 500 ms (and
     // when idle): read a fresh snapshot.
     let _ = c.batch_execute("SELECT pg_stat_clear_snapshot()").await;
-    let x: f64 = c
-        .query_one(xact_q, &[])
+    let row = c
+        .query_one(
+            "SELECT (SELECT xact_commit::float8 + xact_rollback::float8 FROM pg_stat_database
+                      WHERE datname = current_database()),
+                    pg_snapshot_xmax(pg_current_snapshot())::text::float8",
+            &[],
+        )
         .await
-        .map(|r| r.get(0))
-        .unwrap_or(0.0);
-    (calls, x)
+        .expect("transactions");
+    (calls, row.get(0), row.get(1))
 }
 
-async fn idle_once(ctx: &Ctx, n: usize, window: Duration) -> (f64, f64, f64, f64, String) {
+async fn idle_once(ctx: &Ctx, n: usize, listen: bool, window: Duration) -> Idle {
     let postmaster = ctx.pg.pid().expect("postmaster");
     let client = common::connect(&ctx.url).await;
     common::seed(&client, 0).await;
     let tracked = common::track_statements(&client, "top").await;
     let mut handles = Vec::new();
     for _ in 0..n {
-        let config = RunnerConfig::builder("idle").build().expect("config");
+        let config = RunnerConfig::builder("idle")
+            .listen(listen)
+            .build()
+            .expect("config");
         handles.push(noop_runner(&ctx.url, config).await);
     }
-    wait_live_sessions(&client, n as i64, Duration::from_secs(30)).await;
+    wait_live_sessions(&client, n as i64, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let calls_q = "SELECT coalesce(sum(calls), 0)::float8 FROM pg_stat_statements
-                    WHERE query NOT ILIKE '%pg_stat%' AND query NOT ILIKE '%live_session%'";
-    let xact_q = "SELECT xact_commit::float8 + xact_rollback::float8 FROM pg_stat_database WHERE datname = current_database()";
-    let (c0, x0) = idle_snapshot(&client, tracked, calls_q, xact_q).await;
+                    WHERE query NOT ILIKE '%pg_stat%' AND query NOT ILIKE '%live_session%'
+                      AND query NOT ILIKE '%pg_current_snapshot%'";
+    let (c0, x0, w0) = idle_snapshot(&client, tracked, calls_q).await;
     let pg0 = common::postgres_cpu_secs(postmaster);
     let self0 = common::self_cpu_secs();
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
-    let (c1, x1) = idle_snapshot(&client, tracked, calls_q, xact_q).await;
+    let (c1, x1, w1) = idle_snapshot(&client, tracked, calls_q).await;
     let secs = t0.elapsed().as_secs_f64();
     let pg_cpu = (common::postgres_cpu_secs(postmaster) - pg0) / secs * 100.0;
-    let self_cpu = (common::self_cpu_secs() - self0) / secs * 100.0;
+    let client_cpu = (common::self_cpu_secs() - self0) / secs * 100.0;
     let mut breakdown = String::new();
     if tracked {
         if let Ok(rows) = client
@@ -115,12 +144,13 @@ async fn idle_once(ctx: &Ctx, n: usize, window: Duration) -> (f64, f64, f64, f64
                 "SELECT calls::float8, left(regexp_replace(query, '\\s+', ' ', 'g'), 90)
                    FROM pg_stat_statements
                   WHERE query NOT ILIKE '%pg_stat%' AND query NOT ILIKE '%live_session%'
+                    AND query NOT ILIKE '%pg_current_snapshot%'
                   ORDER BY calls DESC LIMIT 6",
                 &[],
             )
             .await
         {
-            breakdown.push_str("idle: statements by calls since tracking started:\n");
+            breakdown.push_str("statements by calls since tracking started:\n");
             for r in rows {
                 let calls: f64 = r.get(0);
                 let q: String = r.get(1);
@@ -130,12 +160,18 @@ async fn idle_once(ctx: &Ctx, n: usize, window: Duration) -> (f64, f64, f64, f64
     }
     join_all(handles.iter().map(|h| h.stop())).await;
     common::track_statements(&client, "none").await;
-    let qps = if tracked {
-        (c1 - c0) / n as f64 / secs
-    } else {
-        f64::NAN
-    };
-    // The two snapshot reads are themselves transactions; negligible.
-    let xps = (x1 - x0) / n as f64 / secs;
-    (qps, xps, pg_cpu, self_cpu, breakdown)
+    let per_runner = |d: f64| d / n as f64 / secs;
+    Idle {
+        statements: if tracked {
+            per_runner(c1 - c0)
+        } else {
+            f64::NAN
+        },
+        // The snapshot reads are themselves transactions; negligible.
+        transactions: per_runner(x1 - x0),
+        writes: per_runner(w1 - w0),
+        pg_cpu,
+        client_cpu,
+        breakdown,
+    }
 }

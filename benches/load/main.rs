@@ -11,13 +11,16 @@
 //!   run again elsewhere and are finished;
 //! * [`fairness`]: spread of tasks held across 2 to 16 sessions, and ticks
 //!   until a joining session holds its share;
-//! * [`idle`]: queries per second per idle runner, PostgreSQL CPU with 50;
+//! * [`idle`]: statements per second per idle runner and PostgreSQL CPU,
+//!   200 runners, LISTEN on and off;
 //! * [`footprint`]: peak RSS and CPU per 1,000 tasks of a runner process
 //!   (from the multi-process drain runs);
 //! * [`diag`]: where the time goes (pg_stat_statements, nested statements);
 //! * [`tenants`]: what round-robin pickup across tenant groups costs at 1M
 //!   tasks over 10,000 tenants, and how long 100 small tenants wait behind a
 //!   big one;
+//! * [`bloat`]: a deep queue drained for 10 minutes under a snapshot held
+//!   open elsewhere, and after (named only: about 16 minutes);
 //! * [`baseline`]: a model of the seed's design (go-session-lock's SQL)
 //!   beside session-lock's protocol at 1k, 100k and 1M open tasks (named,
 //!   or in `--full`).
@@ -31,12 +34,14 @@
 //! `cargo bench --bench load -- --full` the whole matrix; name benchmarks to
 //! run only those: `cargo bench --bench load -- drain pickup`. `--reps N`
 //! repeats each measurement N times (default 3), `--tasks N` sets the drain
-//! size (default 100000). `SESSION_LOCK_BENCH_FULL=1` is `--full`.
+//! size (default 100000), `--minutes N` how long bloat holds its snapshot
+//! (default 10). `SESSION_LOCK_BENCH_FULL=1` is `--full`.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod baseline;
+mod bloat;
 mod diag;
 mod drain;
 mod failover;
@@ -60,6 +65,8 @@ struct Opts {
     full: bool,
     reps: usize,
     tasks: u64,
+    /// Minutes the bloat benchmark holds its snapshot.
+    minutes: u64,
     only: Vec<String>,
 }
 
@@ -69,6 +76,7 @@ impl Opts {
             full: std::env::var("SESSION_LOCK_BENCH_FULL").is_ok_and(|v| v != "0" && !v.is_empty()),
             reps: 3,
             tasks: 100_000,
+            minutes: 10,
             only: Vec::new(),
         };
         let mut args = std::env::args().skip(1);
@@ -78,9 +86,10 @@ impl Opts {
                 "--full" => o.full = true,
                 "--reps" => o.reps = args.next().and_then(|v| v.parse().ok()).unwrap_or(3),
                 "--tasks" => o.tasks = args.next().and_then(|v| v.parse().ok()).unwrap_or(100_000),
+                "--minutes" => o.minutes = args.next().and_then(|v| v.parse().ok()).unwrap_or(10),
                 "--help" | "-h" => {
                     println!(
-                        "cargo bench --bench load -- [--full] [--reps N] [--tasks N] [drain|pooled|pickup|failover|fairness|idle|footprint|diag|tenants|baseline]..."
+                        "cargo bench --bench load -- [--full] [--reps N] [--tasks N] [--minutes N] [drain|pooled|pickup|failover|fairness|idle|footprint|diag|tenants|baseline|bloat]..."
                     );
                     std::process::exit(0);
                 }
@@ -94,8 +103,9 @@ impl Opts {
     fn wants(&self, name: &str) -> bool {
         if self.only.is_empty() {
             // diag is for the lead's investigations, not the default run;
-            // the baseline (about 7 minutes) runs in the full one.
-            name != "diag" && (name != "baseline" || self.full)
+            // the baseline (about 7 minutes) runs in the full one, bloat
+            // (16 minutes) only when named.
+            name != "diag" && name != "bloat" && (name != "baseline" || self.full)
         } else {
             self.only.iter().any(|o| o == name)
         }
@@ -157,6 +167,9 @@ fn main() {
     }
     if ctx.opts.wants("baseline") {
         baseline::run(&ctx);
+    }
+    if ctx.opts.wants("bloat") {
+        bloat::run(&ctx);
     }
     eprintln!(
         "bench: load done in {:.0} s; tables in {}",
