@@ -45,9 +45,11 @@
 -- declarer and pin its own search_path (checked at every generation).
 --
 -- The protocol, per get_work call of session S (name N, capacity C, table T):
---   1. lock S's row FOR KEY SHARE and check it is live and S's (its token),
---      and that S works T (a session works one task table, bound by its
---      first get_work);
+--   1. check S's row is live and S's (its token), and that S works T (a
+--      session works one task table, bound by its first get_work); before
+--      its first write (at once when it has finishes to commit) the call
+--      locks that row FOR KEY SHARE until commit, so an idle call writes
+--      and commits nothing;
 --   2. finish the previous batch's completed tasks (those S still holds);
 --   3. read the live sessions of N that work T (or have not ticked yet):
 --      total capacity W, the capacity of those before S (by id), the
@@ -130,7 +132,7 @@ BEGIN
                  'sl_from', 'sl_to', 'sl_i', 'sl_at', 'sl_orphan', 'sl_live', 'sl_freed',
                  'sl_n', 'sl_steps', 'sl_due', 'sl_round', 'sl_suspects', 'sl_suspect', 'sl_rr',
                  'sl_cursor', 'sl_moved', 'sl_text', 'sl_prev', 'sl_g', 'sl_id', 'p_want', 'sl_ids',
-                 'sl_stop', 'sl_timeout'];
+                 'sl_stop', 'sl_held_was', 'sl_leased', 'sl_timeout'];
 END;
 $$;
 
@@ -275,6 +277,8 @@ $$;
 --   {{plans}}        the SET clauses of the functions on the hot path, which
 --                    plan every statement once per connection (see
 --                    generate_task_table)
+--   {{lease}}        get_work's session lock, taken before its first write
+--                    (once: later ones see it held)
 --   {{table}}        the table, schema-qualified and quoted
 --   {{regclass}}     the table as a regclass constant
 --   {{id}}           the primary key column, quoted
@@ -732,6 +736,8 @@ DECLARE
     sl_due      bigint;
     sl_round    text;
     sl_suspects bigint;
+    sl_held_was integer;
+    sl_leased   boolean := false;
 BEGIN
     IF p_finished IS NULL OR p_running IS NULL OR p_sweep IS NULL THEN
         RAISE EXCEPTION 'get_work of %: finished, running and sweep must not be NULL', {{name}}
@@ -743,20 +749,25 @@ BEGIN
     -- written and its heartbeat would wait for them.
     SET CONSTRAINTS ALL IMMEDIATE;
 
-    -- 1. The lease: live and the caller's, kept from reclaimers until
-    -- commit. FOR KEY SHARE conflicts with their FOR UPDATE but not with
-    -- the heartbeat's UPDATE: this call never delays its own session's
-    -- renewal.
-    SELECT s.name, s.capacity, s.task_table, s.group_cursor
-      INTO sl_name, sl_capacity, sl_bound, sl_round
+    -- 1. The lease: live and the caller's. Before its first write the call
+    -- locks its session row FOR KEY SHARE (the lease placeholder: it
+    -- conflicts with a reclaimer's FOR UPDATE but not with the heartbeat's
+    -- UPDATE, so this call never delays its own session's renewal) and
+    -- keeps it from reclaimers until commit. A call with finishes takes it
+    -- here; an idle one may never need it: it writes nothing, and commits
+    -- nothing.
+    IF pg_catalog.cardinality(p_finished) > 0 THEN
+{{lease}}
+    END IF;
+    SELECT s.name, s.capacity, s.task_table, s.group_cursor, s.held
+      INTO sl_name, sl_capacity, sl_bound, sl_round, sl_held_was
       FROM session_lock.session s
      WHERE s.id = p_session
        AND s.token = p_token
        AND s.protocol = 2
        AND s.ended_at IS NULL
        AND s.reclaimed_at IS NULL
-       AND s.expires_at > pg_catalog.clock_timestamp()
-       FOR KEY SHARE;
+       AND s.expires_at > pg_catalog.clock_timestamp();
     IF NOT FOUND THEN
         PERFORM session_lock.raise_not_live(p_session);
     END IF;
@@ -797,6 +808,7 @@ BEGIN
     -- here. Never this session itself, whatever its lease says by now
     -- (step 7 decides that).
     IF sl_due > 0 THEN
+{{lease}}
         WITH dead AS (
             SELECT s.id
               FROM session_lock.session s
@@ -839,6 +851,7 @@ BEGIN
                                AND (
 {{open}}
                                    )))) THEN
+{{lease}}
         PERFORM {{fn:sweep}}(p_session, sl_next, (sl_lowest = p_session)::boolean);
     END IF;
 
@@ -865,6 +878,7 @@ BEGIN
         sl_pick := greatest(sl_share - sl_held, 0);
     END IF;
     IF sl_pick > 0 THEN
+{{lease}}
         -- A task whose holders died twice (sl_attempts >= 2) may be what
         -- kills them: a session takes at most one such task at a time, so
         -- that it cannot take the same other tasks down with it again
@@ -944,6 +958,7 @@ BEGIN
         -- in the caller's process: a task not running here was not
         -- attempted (a failed run was given back already), so its pickup
         -- is not counted.
+{{lease}}
         UPDATE {{table}} t
            SET session_id = NULL,
                sl_attempts = greatest(t.sl_attempts - 1, 0)
@@ -974,13 +989,15 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM session_lock.raise_not_live(p_session);
     END IF;
-    UPDATE session_lock.session s
-       SET held = sl_held,
-           task_table = {{regclass}},
-           group_cursor = CASE WHEN sl_moved THEN sl_cursor ELSE s.group_cursor END
-     WHERE s.id = p_session
-       AND (s.held IS DISTINCT FROM sl_held OR s.task_table IS NULL
-            OR (sl_moved AND sl_cursor IS DISTINCT FROM s.group_cursor));
+    IF sl_held IS DISTINCT FROM sl_held_was OR sl_bound IS NULL
+       OR (sl_moved AND sl_cursor IS DISTINCT FROM sl_round) THEN
+{{lease}}
+        UPDATE session_lock.session s
+           SET held = sl_held,
+               task_table = {{regclass}},
+               group_cursor = CASE WHEN sl_moved THEN sl_cursor ELSE s.group_cursor END
+         WHERE s.id = p_session;
+    END IF;
     RETURN QUERY
         SELECT d.id, NULL::{{table}}
           FROM pg_catalog.unnest(sl_done) AS d(id)
@@ -1329,6 +1346,7 @@ DECLARE
     v_finish   text;
     v_settings text;
     v_plans    text;
+    v_lease    text;
     v_fn       record;
     v_foreign  text;
     v_col      record;
@@ -1431,6 +1449,24 @@ BEGIN
     -- can look cheaper than walking the open-task index: with neither
     -- offered, every statement takes the index the declaration made for
     -- it, whatever the statistics say.
+    -- get_work's lease, at each place that writes: the first one locks
+    -- the caller's session row (live, and its own) until commit.
+    v_lease := pg_catalog.ltrim($lease$
+    IF NOT sl_leased THEN
+        PERFORM 1
+           FROM session_lock.session s
+          WHERE s.id = p_session
+            AND s.token = p_token
+            AND s.protocol = 2
+            AND s.ended_at IS NULL
+            AND s.reclaimed_at IS NULL
+            AND s.expires_at > pg_catalog.clock_timestamp()
+            FOR KEY SHARE;
+        IF NOT FOUND THEN
+            PERFORM session_lock.raise_not_live(p_session);
+        END IF;
+        sl_leased := true;
+    END IF;$lease$, E'\n');
     v_plans := 'SET plan_cache_mode = force_generic_plan' || E'\n'
         || 'SET enable_seqscan = off' || E'\n'
         || 'SET enable_bitmapscan = off';
@@ -1440,6 +1476,7 @@ BEGIN
                 '{{fn:' || pg_catalog.substr(v_fn.name, pg_catalog.length(d.fn_prefix) + 2) || '}}',
                 pg_catalog.format('session_lock.%I', v_fn.name));
         END LOOP;
+        v_sql := pg_catalog.replace(v_sql, '{{lease}}', v_lease);
         v_sql := pg_catalog.replace(v_sql, '{{settings}}', v_settings);
         v_sql := pg_catalog.replace(v_sql, '{{plans}}', v_plans);
         v_sql := pg_catalog.replace(v_sql, '{{table}}', v_table);

@@ -1045,6 +1045,78 @@ async fn a_task_still_running_is_never_given_back_as_surplus() {
     assert_eq!(work(&s.store, &a).await.len(), 6);
 }
 
+/// Whether a get_work of `session`, with `finished` and `running`, wrote
+/// anything (took a transaction id): in a transaction of its own, rolled
+/// back.
+async fn get_work_writes(
+    client: &mut tokio_postgres::Client,
+    session: &Session,
+    finished: &[TaskId],
+    running: &[TaskId],
+) -> bool {
+    let tx = client.transaction().await.unwrap();
+    tx.query(
+        "SELECT * FROM session_lock.example_task_get_work($1, $2, $3, $4, true)",
+        &[&session.id, &session.token, &finished, &running],
+    )
+    .await
+    .expect("get_work");
+    let xid: Option<String> = tx
+        .query_one("SELECT pg_current_xact_id_if_assigned()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tx.rollback().await.unwrap();
+    xid.is_some()
+}
+
+#[tokio::test]
+async fn an_idle_get_work_writes_nothing_and_a_busy_one_holds_its_lease() {
+    let mut s = setup(4).await;
+    let a = start(&s.store, "idle").await;
+    let b = start(&s.store, "idle").await;
+    let mine = work(&s.store, &a).await;
+    work(&s.store, &b).await;
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    // Settled: every task held, each session at its share.
+    assert!(
+        !get_work_writes(&mut s.client, &a, &[], &mine).await,
+        "a settled get_work with nothing to finish takes no transaction id"
+    );
+    // An idle fleet: nothing open at all.
+    s.client
+        .batch_execute("UPDATE example_task SET finished_at = now()")
+        .await
+        .unwrap();
+    work(&s.store, &a).await;
+    work(&s.store, &b).await;
+    assert!(!get_work_writes(&mut s.client, &b, &[], &[]).await);
+    // Work to do (b's share of one task, the later session's): the lease
+    // is held, against reclaimers, until commit.
+    seed(&s.client, 1).await;
+    assert!(!get_work_writes(&mut s.client, &a, &[], &[]).await);
+    assert!(get_work_writes(&mut s.client, &b, &[], &[]).await);
+    let tx = s.client.transaction().await.unwrap();
+    let rows = tx
+        .query(
+            "SELECT (w.sl_task).id FROM session_lock.example_task_get_work($1, $2, '{}', '{}', true) w",
+            &[&b.id, &b.token],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "b picked the task up");
+    let reclaimer = s.db.client().await;
+    let locked = reclaimer
+        .query(
+            "SELECT id FROM session_lock.session WHERE id = $1 FOR UPDATE SKIP LOCKED",
+            &[&b.id],
+        )
+        .await
+        .unwrap();
+    assert!(locked.is_empty(), "a reclaimer skips a session at work");
+    tx.rollback().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_completed_task_someone_else_has_locked_stays_held_until_it_can_be_finished() {
     let s = setup(4).await;
