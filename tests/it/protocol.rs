@@ -1091,6 +1091,25 @@ async fn an_idle_get_work_writes_nothing_and_a_busy_one_holds_its_lease() {
     work(&s.store, &a).await;
     work(&s.store, &b).await;
     assert!(!get_work_writes(&mut s.client, &b, &[], &[]).await);
+    // On an empty queue a session of the name that ended is still
+    // reclaimed by the next idle call.
+    let c = start(&s.store, "idle").await;
+    assert!(s.store.end_session(&c).await.unwrap());
+    work(&s.store, &b).await;
+    let reclaimed: bool = s
+        .client
+        .query_one(
+            "SELECT reclaimed_at IS NOT NULL FROM session_lock.session WHERE id = $1",
+            &[&c.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        reclaimed,
+        "the ended session is reclaimed on an empty queue"
+    );
+    assert!(!get_work_writes(&mut s.client, &b, &[], &[]).await);
     // Work to do (b's share of one task, the later session's): the lease
     // is held, against reclaimers, until commit.
     seed(&s.client, 1).await;
