@@ -215,13 +215,7 @@ impl Db {
     /// there.
     async fn raw_claim(&self, n: usize) -> f64 {
         let session = self.raw_session.as_ref().expect("prepared").id;
-        self.client
-            .execute(
-                "INSERT INTO public.example_task (payload) SELECT 'noop' FROM generate_series(1, $1::bigint)",
-                &[&(n as i64)],
-            )
-            .await
-            .expect("insert for the raw claim");
+        common::insert_tasks(&self.client, n as u64).await;
         let t0 = Instant::now();
         let row = self
             .client

@@ -125,6 +125,17 @@ pub async fn seed(client: &Client, n: u64) {
     seed_tenants(client, n, "NULL").await;
 }
 
+/// Inserts `n` more no-op tasks (as a producer keeping a backlog steady).
+pub async fn insert_tasks(client: &Client, n: u64) {
+    client
+        .execute(
+            "INSERT INTO public.example_task (payload) SELECT 'noop' FROM generate_series(1, $1::bigint)",
+            &[&(n as i64)],
+        )
+        .await
+        .expect("insert tasks");
+}
+
 /// [`seed`], each task's `tenant` given by the SQL expression `tenant`
 /// over `g`, the task's number from 1 (`'NULL'`: no tenant).
 pub async fn seed_tenants(client: &Client, n: u64, tenant: &str) {

@@ -241,16 +241,10 @@ async fn our_client(url: &str, stop: &AtomicBool, finished: &AtomicU64) {
             })
             .await
             .expect("get_work");
-        let n = work.finished.len() as i64;
+        let n = work.finished.len() as u64;
         if n > 0 {
-            client
-                .execute(
-                    "INSERT INTO public.example_task (payload) SELECT 'noop' FROM generate_series(1, $1::bigint)",
-                    &[&n],
-                )
-                .await
-                .expect("replace finished tasks");
-            finished.fetch_add(n as u64, Ordering::Relaxed);
+            common::insert_tasks(&client, n).await;
+            finished.fetch_add(n, Ordering::Relaxed);
         }
         // Completed at once (a no-op Tasker): finished by the next call.
         done = work.tasks.iter().map(|t| t.id).collect();

@@ -123,13 +123,7 @@ async fn client(url: &str, stop: &AtomicBool, t0: Instant) -> Vec<Call> {
         let n = work.finished.len();
         calls.push(((started - t0).as_secs_f64(), ms, n as u32));
         if n > 0 {
-            producer
-                .execute(
-                    "INSERT INTO public.example_task (payload) SELECT 'noop' FROM generate_series(1, $1::bigint)",
-                    &[&(n as i64)],
-                )
-                .await
-                .expect("replace finished tasks");
+            common::insert_tasks(&producer, n as u64).await;
         }
         done = work.tasks.iter().map(|t| t.id).collect();
     }
