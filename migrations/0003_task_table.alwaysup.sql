@@ -132,7 +132,7 @@ BEGIN
                  'sl_from', 'sl_to', 'sl_i', 'sl_at', 'sl_orphan', 'sl_live', 'sl_freed',
                  'sl_n', 'sl_steps', 'sl_due', 'sl_round', 'sl_suspects', 'sl_suspect', 'sl_rr',
                  'sl_cursor', 'sl_moved', 'sl_text', 'sl_prev', 'sl_g', 'sl_id', 'p_want', 'sl_ids',
-                 'sl_stop', 'sl_held_was', 'sl_leased', 'sl_timeout'];
+                 'sl_stop', 'sl_held_was', 'sl_leased'];
 END;
 $$;
 
@@ -317,7 +317,6 @@ AS $sl_fn$
 DECLARE
     sl_done     bigint[];
     sl_reopened bigint[];
-    sl_timeout  text := pg_catalog.current_setting('lock_timeout');
 BEGIN
     BEGIN
         PERFORM pg_catalog.set_config('lock_timeout', '100ms', true);
@@ -339,9 +338,9 @@ BEGIN
           INTO sl_done, sl_reopened
           FROM done;
     EXCEPTION WHEN lock_not_available THEN
-        -- The declaration's lock_timeout again: a wait for the table
-        -- itself (behind DDL) is bounded by it, as everywhere else.
-        PERFORM pg_catalog.set_config('lock_timeout', sl_timeout, true);
+        -- The subtransaction's rollback has put the declaration's
+        -- lock_timeout back: a wait for the table itself (behind DDL) is
+        -- bounded by it, as everywhere else.
         WITH done AS (
             UPDATE {{table}} t
                SET
