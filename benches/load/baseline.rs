@@ -28,8 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use session_lock::{Database, GetWork, PgStore, SessionStart};
-use session_lock_testkit::example::ExampleTask;
+use session_lock::SessionStart;
 use tokio_postgres::Client;
 
 use crate::Ctx;
@@ -221,33 +220,9 @@ async fn seed_client(url: &str, stop: &AtomicBool, finished: &AtomicU64) {
 }
 
 async fn our_client(url: &str, stop: &AtomicBool, finished: &AtomicU64) {
-    let store = PgStore::connect(url).await.expect("store");
-    let client = common::connect(url).await;
-    let session = store
-        .start_session(&SessionStart::new(
-            "baseline",
-            Duration::from_secs(120),
-            BATCH,
-        ))
-        .await
-        .expect("session");
-    let mut done: Vec<i64> = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let work = store
-            .get_work::<ExampleTask>(GetWork {
-                finished: &done,
-                sweep: false,
-                ..GetWork::new(&session)
-            })
-            .await
-            .expect("get_work");
-        let n = work.finished.len() as u64;
-        if n > 0 {
-            common::insert_tasks(&client, n).await;
-            finished.fetch_add(n, Ordering::Relaxed);
-        }
-        // Completed at once (a no-op Tasker): finished by the next call.
-        done = work.tasks.iter().map(|t| t.id).collect();
-    }
-    let _ = store.end_session(&session).await;
+    let start = SessionStart::new("baseline", Duration::from_secs(120), BATCH);
+    crate::steady_drain(url, start, None, stop, |_, _, n| {
+        finished.fetch_add(n, Ordering::Relaxed);
+    })
+    .await;
 }

@@ -24,8 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use session_lock::{Database, GetWork, PgStore, SessionStart};
-use session_lock_testkit::example::ExampleTask;
+use session_lock::SessionStart;
 
 use crate::Ctx;
 use crate::common::{self, Table, quantile};
@@ -89,45 +88,25 @@ async fn drain(ctx: &Ctx, held: Duration) -> Vec<Call> {
     calls
 }
 
-/// A drain-mode runner's loop with a no-op Tasker, and the producer that
-/// keeps the backlog where it is.
+/// A drain-mode runner's loop (a sweep once a second), recording every
+/// call.
 async fn client(url: &str, stop: &AtomicBool, t0: Instant) -> Vec<Call> {
-    let store = PgStore::connect(url).await.expect("store");
-    let producer = common::connect(url).await;
-    let session = store
-        .start_session(&SessionStart::new(
-            "bloat",
-            Duration::from_secs(3600),
-            BATCH,
-        ))
-        .await
-        .expect("session");
+    let start = SessionStart::new("bloat", Duration::from_secs(3600), BATCH);
     let mut calls = Vec::new();
-    let mut done: Vec<i64> = Vec::new();
-    let mut swept = Instant::now() - Duration::from_secs(1);
-    while !stop.load(Ordering::Relaxed) {
-        let sweep = swept.elapsed() >= Duration::from_secs(1);
-        if sweep {
-            swept = Instant::now();
-        }
-        let started = Instant::now();
-        let work = store
-            .get_work::<ExampleTask>(GetWork {
-                finished: &done,
-                sweep,
-                ..GetWork::new(&session)
-            })
-            .await
-            .expect("get_work");
-        let ms = started.elapsed().as_secs_f64() * 1e3;
-        let n = work.finished.len();
-        calls.push(((started - t0).as_secs_f64(), ms, n as u32));
-        if n > 0 {
-            common::insert_tasks(&producer, n as u64).await;
-        }
-        done = work.tasks.iter().map(|t| t.id).collect();
-    }
-    let _ = store.end_session(&session).await;
+    crate::steady_drain(
+        url,
+        start,
+        Some(Duration::from_secs(1)),
+        stop,
+        |started, took, n| {
+            calls.push((
+                (started - t0).as_secs_f64(),
+                took.as_secs_f64() * 1e3,
+                n as u32,
+            ))
+        },
+    )
+    .await;
     calls
 }
 

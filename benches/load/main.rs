@@ -52,9 +52,10 @@ mod pickup;
 mod pooled;
 mod tenants;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use session_lock::{PgStore, Runner, RunnerConfig, RunnerHandle};
+use session_lock::{Database, GetWork, PgStore, Runner, RunnerConfig, RunnerHandle, SessionStart};
 use session_lock_testkit::embedded::EmbeddedPostgres;
 use session_lock_testkit::example::{ExampleTask, NoopTasker};
 use session_lock_testkit::{Fleet, RunnerCommand};
@@ -181,6 +182,48 @@ fn main() {
 /// A store on a pool of its own, as each runner has.
 async fn store(url: &str) -> PgStore {
     PgStore::connect(url).await.expect("store")
+}
+
+/// One session of `start` ticking as a drain-mode runner with a no-op
+/// Tasker does (each get_work finishes the previous batch; a sweep at most
+/// every `sweep_every`, never when None), inserting as many new tasks as
+/// each call finished so the backlog stays where it is, until `stop`.
+/// `on_call` sees each call's start, its latency and how many it finished.
+async fn steady_drain(
+    url: &str,
+    start: SessionStart,
+    sweep_every: Option<Duration>,
+    stop: &AtomicBool,
+    mut on_call: impl FnMut(Instant, Duration, u64),
+) {
+    let store = store(url).await;
+    let producer = common::connect(url).await;
+    let session = store.start_session(&start).await.expect("session");
+    let mut done: Vec<i64> = Vec::new();
+    let mut swept: Option<Instant> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let sweep = sweep_every.is_some_and(|every| swept.is_none_or(|at| at.elapsed() >= every));
+        if sweep {
+            swept = Some(Instant::now());
+        }
+        let started = Instant::now();
+        let work = store
+            .get_work::<ExampleTask>(GetWork {
+                finished: &done,
+                sweep,
+                ..GetWork::new(&session)
+            })
+            .await
+            .expect("get_work");
+        let n = work.finished.len() as u64;
+        on_call(started, started.elapsed(), n);
+        if n > 0 {
+            common::insert_tasks(&producer, n).await;
+        }
+        // Completed at once (a no-op Tasker): finished by the next call.
+        done = work.tasks.iter().map(|t| t.id).collect();
+    }
+    let _ = store.end_session(&session).await;
 }
 
 /// A runner of `ExampleTask`s in this process that completes every task at
