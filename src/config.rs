@@ -14,6 +14,9 @@ pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_TASKS: u32 = 10;
 /// Default interval between ticks when there is no more work to drain.
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
+/// Default wait between ticks of a listening runner once its task table
+/// has no open task: new tasks still wake it at once.
+pub const DEFAULT_QUIET_TICK: Duration = Duration::from_secs(10);
 /// Default number of tasker workers.
 pub const DEFAULT_WORKERS: usize = 4;
 /// Default time one batch may run before it is stopped.
@@ -85,6 +88,16 @@ pub enum ConfigError {
         /// ttl - safety_margin.
         fence: Duration,
     },
+    /// Quiet ticks would come more often than ticks.
+    #[error(
+        "quiet_tick {quiet_tick:?} is shorter than tick {tick:?}: a quiet runner waits longer than a busy one; lengthen it, or set it to zero to turn quiet ticks off"
+    )]
+    QuietTickTooShort {
+        /// The quiet tick.
+        quiet_tick: Duration,
+        /// The tick interval.
+        tick: Duration,
+    },
     /// The safety margin leaves no time between a heartbeat and the fence.
     #[error(
         "safety margin {margin:?} is too large for ttl {ttl:?} and heartbeat {heartbeat:?}: it must be less than ttl - heartbeat, or the runner would fence itself between two healthy heartbeats"
@@ -128,6 +141,7 @@ pub struct RunnerConfig {
     pub(crate) safety_margin: Duration,
     pub(crate) max_tasks: u32,
     pub(crate) tick: Duration,
+    pub(crate) quiet_tick: Duration,
     pub(crate) jitter: Duration,
     pub(crate) jitter_seed: Option<u64>,
     pub(crate) workers: usize,
@@ -155,6 +169,7 @@ impl RunnerConfig {
                 safety_margin: DEFAULT_TTL / 5,
                 max_tasks: DEFAULT_MAX_TASKS,
                 tick: DEFAULT_TICK,
+                quiet_tick: DEFAULT_QUIET_TICK,
                 jitter: DEFAULT_TICK,
                 jitter_seed: None,
                 workers: DEFAULT_WORKERS,
@@ -170,6 +185,7 @@ impl RunnerConfig {
             },
             margin_set: false,
             jitter_set: false,
+            quiet_tick_set: false,
             heartbeat_timeout_set: false,
         }
     }
@@ -193,6 +209,11 @@ impl RunnerConfig {
     /// How long before the lease runs out the runner stops using its session.
     pub fn safety_margin(&self) -> Duration {
         self.safety_margin
+    }
+    /// The wait between ticks once the task table has no open task, while
+    /// the runner listens; zero when quiet ticks are off.
+    pub fn quiet_tick(&self) -> Duration {
+        self.quiet_tick
     }
     /// The most tasks one session holds.
     pub fn max_tasks(&self) -> u32 {
@@ -230,6 +251,7 @@ pub struct RunnerConfigBuilder {
     config: RunnerConfig,
     margin_set: bool,
     jitter_set: bool,
+    quiet_tick_set: bool,
     heartbeat_timeout_set: bool,
 }
 
@@ -282,6 +304,24 @@ impl RunnerConfigBuilder {
     /// Defaults to [`DEFAULT_TICK`] (1 second).
     pub fn tick(mut self, tick: Duration) -> Self {
         self.config.tick = tick;
+        self
+    }
+
+    /// How long a listening runner waits between ticks once its task table
+    /// has no open task at all (none free, held by any session, or waiting
+    /// out a retry backoff): an INSERT, and a `retry` of quarantined tasks,
+    /// notify and wake it at once, so only tasks that become open some
+    /// other way (an UPDATE reopening a finished row, a table filled
+    /// without triggers) wait up to this long. While any task is open the
+    /// runner ticks every `tick`, so a dead session's tasks still move
+    /// within its TTL and a tick. An idle fleet then costs the database a
+    /// heartbeat and a call per runner per quiet tick instead of a call
+    /// per tick. Zero turns quiet ticks off; without LISTEN they never
+    /// start. Defaults to [`DEFAULT_QUIET_TICK`] (10 seconds), or the tick
+    /// interval when that is longer.
+    pub fn quiet_tick(mut self, quiet_tick: Duration) -> Self {
+        self.config.quiet_tick = quiet_tick;
+        self.quiet_tick_set = true;
         self
     }
 
@@ -388,6 +428,9 @@ impl RunnerConfigBuilder {
         if !self.jitter_set {
             c.jitter = c.tick;
         }
+        if !self.quiet_tick_set {
+            c.quiet_tick = DEFAULT_QUIET_TICK.max(c.tick);
+        }
         if !self.heartbeat_timeout_set {
             c.heartbeat_timeout = c.heartbeat.min(DEFAULT_HEARTBEAT_TIMEOUT);
         }
@@ -414,6 +457,7 @@ impl RunnerConfigBuilder {
             ("heartbeat_timeout", c.heartbeat_timeout),
             ("safety_margin", c.safety_margin),
             ("tick", c.tick),
+            ("quiet_tick", c.quiet_tick),
             ("jitter", c.jitter),
             ("batch_timeout", c.batch_timeout),
             ("drain_timeout", c.drain_timeout),
@@ -429,6 +473,12 @@ impl RunnerConfigBuilder {
                     limit: format!("{MAX_DURATION:?}"),
                 });
             }
+        }
+        if !c.quiet_tick.is_zero() && c.quiet_tick < c.tick {
+            return Err(ConfigError::QuietTickTooShort {
+                quiet_tick: c.quiet_tick,
+                tick: c.tick,
+            });
         }
         if c.max_tasks == 0 {
             return Err(ConfigError::Zero("max_tasks"));
@@ -495,6 +545,22 @@ mod tests {
         assert_eq!(c.heartbeat(), Duration::from_secs(30));
         assert_eq!(c.max_tasks(), 10);
         assert_eq!(c.safety_margin(), Duration::from_secs(24));
+    }
+
+    #[test]
+    fn the_quiet_tick_is_never_shorter_than_the_tick_unless_off() {
+        let quiet = |b: RunnerConfigBuilder| b.build().unwrap().quiet_tick();
+        let r = || RunnerConfig::builder("r");
+        assert_eq!(quiet(r()), DEFAULT_QUIET_TICK);
+        assert_eq!(
+            quiet(r().tick(Duration::from_secs(60))),
+            Duration::from_secs(60)
+        );
+        assert_eq!(quiet(r().quiet_tick(Duration::ZERO)), Duration::ZERO);
+        assert_eq!(
+            quiet(r().tick(Duration::from_secs(60)).quiet_tick(Duration::ZERO)),
+            Duration::ZERO
+        );
     }
 
     #[test]
@@ -703,6 +769,15 @@ mod tests {
                     fence: s(8),
                 },
                 "heartbeat_timeout 6s is too long for ttl 10s",
+            ),
+            (
+                "a quiet tick shorter than the tick",
+                base().tick(s(5)).quiet_tick(s(2)),
+                ConfigError::QuietTickTooShort {
+                    quiet_tick: s(2),
+                    tick: s(5),
+                },
+                "quiet_tick 2s is shorter than tick 5s",
             ),
             (
                 "safety margin above the ttl",

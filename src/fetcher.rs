@@ -17,6 +17,11 @@
 //!   stops renewing the session, so its lease expires and the tasks move
 //!   on, instead of being held for ever; the tick keeps waiting for them.
 //! - A failed tick backs off; a notification does not cut the wait short.
+//! - A tick waits `quiet_tick` instead of `tick` only when the database
+//!   said, after a tick that found and held nothing, that no open task
+//!   could be picked up without an INSERT first, and LISTEN was up, the
+//!   same connection, from before that tick's get_work until the answer:
+//!   every task that appears after it notifies and wakes the runner.
 //! - When the session is fenced or lost, the batch in flight is stopped.
 //!   When the runner stops, no new tick starts, a batch fetched meanwhile is
 //!   not started, and the tick in flight is waited for, then stopped, then
@@ -83,6 +88,11 @@ struct Gate {
     /// Bumped on every lease change: a tick that sees it move does not
     /// start the batch it fetched.
     epoch: AtomicU64,
+    /// Bumped when a LISTEN connection is up and again when it is down:
+    /// odd while listening. A tick that reads the same odd value before
+    /// its get_work and after asking whether it may be quiet listened
+    /// throughout.
+    listen_gen: AtomicU64,
 }
 
 /// Completed tasks the database has not confirmed finished yet, with the
@@ -111,6 +121,10 @@ pub(crate) struct Fetcher<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     in_flight: Option<Aborts>,
     carried: Option<Carried>,
     last_sweep: Option<Instant>,
+    /// Empty ticks still to go before asking again whether the runner may
+    /// be quiet, and how many to wait after the next "no".
+    quiet_skip: u32,
+    quiet_backoff: u32,
     drain_waiters: Vec<oneshot::Sender<()>>,
     /// A finish of the carried tasks is in flight (on stop).
     flushing: bool,
@@ -149,6 +163,8 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             in_flight: None,
             carried: None,
             last_sweep: None,
+            quiet_skip: 0,
+            quiet_backoff: 1,
             drain_waiters: Vec::new(),
             flushing: false,
         }
@@ -277,6 +293,11 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         let sweep = self
             .last_sweep
             .is_none_or(|at| at.elapsed() >= self.config.tick);
+        let ask_quiet = self.config.quiet_tick > self.config.tick
+            && self.config.listen
+            && T::QUERIES.notify_channel.is_some()
+            && self.quiet_skip == 0;
+        self.quiet_skip = self.quiet_skip.saturating_sub(1);
         let span = tracing::info_span!(
             SPAN_TICK,
             otel.name = SPAN_TICK,
@@ -303,6 +324,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             aborts,
             carried,
             sweep,
+            ask_quiet,
         };
         let started = Instant::now();
         let fut = AssertUnwindSafe(tick.run().instrument(span.clone())).catch_unwind();
@@ -360,6 +382,23 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         if report.swept {
             self.last_sweep = Some(started);
         }
+        let quiet = report.quiet == Some(true);
+        match report.quiet {
+            Some(true) => self.quiet_backoff = 1,
+            Some(false) => {
+                // Tasks are open somewhere: ask again after 1, 2, 4, ...
+                // empty ticks, at most one in quiet_tick / tick.
+                let most = (self.config.quiet_tick.as_secs_f64() / self.config.tick.as_secs_f64())
+                    .clamp(1.0, 1_000.0) as u32;
+                self.quiet_skip = self.quiet_backoff.min(most);
+                self.quiet_backoff = self.quiet_backoff.saturating_mul(2).min(most);
+            }
+            None if report.fetched > 0 => {
+                self.quiet_skip = 0;
+                self.quiet_backoff = 1;
+            }
+            None => {}
+        }
         if let Some(lease) = report.lease.clone() {
             if !report.carry.is_empty() {
                 self.carried = Some(Carried {
@@ -379,6 +418,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
                 s.tasks_held = held;
             }
             s.last_tick = Some(SystemTime::now());
+            s.quiet = quiet;
             if let Some(e) = report.error.as_ref() {
                 s.last_error = Some(e.to_string());
             } else if let Some(e) = report.task_error.as_ref() {
@@ -403,6 +443,8 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
                 self.backoff.reset();
                 if self.wake_pending || report.drain_next {
                     Duration::ZERO
+                } else if quiet {
+                    self.config.quiet_tick.saturating_sub(elapsed)
                 } else {
                     self.config.tick.saturating_sub(elapsed)
                 }
@@ -424,6 +466,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         let seed = self.seed ^ 0x115e;
         let runner = self.config.name.clone();
         let status = self.status.clone();
+        let gate = self.gate.clone();
         let fut = async move {
             let mut backoff = Backoff::new(retry_max, seed);
             loop {
@@ -435,12 +478,14 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
                 match res {
                     Ok(Some(mut listener)) => {
                         backoff.reset();
+                        gate.listen_gen.fetch_add(1, Ordering::SeqCst);
                         status.send_modify(|s| s.listening = true);
                         // Anything inserted while we were not listening.
                         addr.do_send(Wake);
                         while listener.notified().await {
                             addr.do_send(Wake);
                         }
+                        gate.listen_gen.fetch_add(1, Ordering::SeqCst);
                         status.send_modify(|s| s.listening = false);
                         tracing::debug!(%runner, channel, "listen connection closed; reconnecting");
                     }
@@ -599,6 +644,8 @@ struct TickReport {
     drain_next: bool,
     /// Whether get_work swept for orphans.
     swept: bool,
+    /// The answer to "may the runner be quiet?", when the tick asked.
+    quiet: Option<bool>,
     /// The session is gone (lost, refused, or its database moved).
     lease_gone: bool,
     /// A failure of the tick itself.
@@ -624,6 +671,9 @@ struct TickRun<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     /// Completed tasks of this lease not yet confirmed finished.
     carried: Vec<TaskId>,
     sweep: bool,
+    /// Ask, if the tick finds and holds nothing, whether the runner may be
+    /// quiet.
+    ask_quiet: bool,
 }
 
 impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
@@ -665,6 +715,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             }
         };
 
+        let listen_gen = self.gate.listen_gen.load(Ordering::SeqCst);
         // One call: finish what completed, then get work.
         let running: Vec<TaskId> = {
             let mut ids: Vec<TaskId> = self
@@ -756,6 +807,10 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
         let skip: HashSet<TaskId> = report.carry.iter().chain(running.iter()).copied().collect();
         tasks.retain(|(id, _)| !skip.contains(id));
 
+        if report.held == Some(0) && report.carry.is_empty() && running.is_empty() && self.ask_quiet
+        {
+            report.quiet = Some(self.quiet(&db, listen_gen).await);
+        }
         if tasks.is_empty() {
             return report;
         }
@@ -804,6 +859,24 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             self.finish(&db, ids, &mut report).await;
         }
         report
+    }
+
+    /// Whether the runner may wait `quiet_tick` for a notification instead
+    /// of ticking: the database says no open task could be picked up
+    /// without an INSERT first, and LISTEN was up on one connection since
+    /// before get_work (`listen_gen`). An error is a "no": the next ask
+    /// comes later (an older release's database has no `quiet` at all).
+    async fn quiet(&self, db: &F::Db, listen_gen: u64) -> bool {
+        if listen_gen % 2 == 0 {
+            return false;
+        }
+        match bounded(self.config.ttl, db.quiet::<T>(&self.lease.session)).await {
+            Ok(quiet) => quiet && self.gate.listen_gen.load(Ordering::SeqCst) == listen_gen,
+            Err(e) => {
+                tracing::debug!(runner = %self.config.name, error = %e, "cannot ask whether the table is quiet; ticking as usual");
+                false
+            }
+        }
     }
 
     /// Runs the tasks on the workers, a slice each, and waits until every

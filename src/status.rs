@@ -65,6 +65,9 @@ pub struct RunnerStatus {
     /// is down (it is retried), or the URL leads to a transaction pooler
     /// and the store has no direct URL: the runner then relies on its tick.
     pub listening: bool,
+    /// Whether the runner waits `quiet_tick` between ticks: at its last
+    /// tick the task table had no open task, and it listens for new ones.
+    pub quiet: bool,
     /// When the last tick completed.
     pub last_tick: Option<SystemTime>,
     /// Workers restarted after a panic or a timeout.

@@ -62,6 +62,12 @@ pub struct TaskQueries {
     /// (INTEGER). Returns rows of `metric` (TEXT), `task_group` (TEXT) and
     /// `value` (BIGINT).
     pub stats: &'static str,
+    /// Calls the table's generated `session_lock.<prefix>_quiet`: whether
+    /// a listening runner may wait for a notification instead of its next
+    /// tick (the lease is live and no open task could be picked up without
+    /// an INSERT first). Parameters: `$1` session id (BIGINT), `$2` its
+    /// token (UUID). Returns one BOOLEAN.
+    pub quiet: &'static str,
     /// The channel the table notifies on when tasks are inserted, if any
     /// (a declaration's `notify`; `session_lock_<prefix>` by default).
     pub notify_channel: Option<&'static str>,
@@ -142,6 +148,7 @@ macro_rules! task_queries {
                 $prefix,
                 "_stats\"($1, $2)"
             ),
+            quiet: concat!("SELECT session_lock.\"", $prefix, "_quiet\"($1, $2)"),
             notify_channel: Some($channel),
         }
     }};

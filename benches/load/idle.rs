@@ -1,7 +1,9 @@
 //! Idle cost (BENCHMARKS.md, benchmark 6): what a fleet of 200 idle
-//! runners in one process, with the default configuration, costs
-//! PostgreSQL and their own process on an empty table, with LISTEN on (the
-//! default) and off.
+//! runners in one process costs PostgreSQL and their own process on an
+//! empty table: with LISTEN and quiet ticks (the default), with LISTEN and
+//! quiet ticks off, and without LISTEN; beside the floor, 200 connections
+//! each sending `SELECT 1` once a second (what waking 200 backends once a
+//! second costs on this machine, whatever they run).
 //!
 //! Over a window: statements per second per runner from
 //! pg_stat_statements (top level, the bench's own left out), transactions
@@ -10,8 +12,9 @@
 //! children, and the bench process's own CPU.
 //!
 //! What limits the figure: one get_work per tick per runner (once a
-//! second; an idle one reads and writes nothing), a heartbeat every 30 s,
-//! and with LISTEN one more connection each.
+//! second; an idle one reads and writes nothing; once per quiet tick, with
+//! the question whether it may stay quiet, when quiet), a heartbeat every
+//! 30 s, and with LISTEN one more connection each.
 
 use std::time::{Duration, Instant};
 
@@ -39,7 +42,7 @@ pub(crate) fn run(ctx: &Ctx) {
     let window = Duration::from_secs(if ctx.opts.full { 60 } else { 15 });
     let mut t = Table::new(
         format!(
-            "Idle cost: {FLEET} idle runners in one process, default config (tick 1 s, heartbeat 30 s), {} s window (median of repetitions); target: at most one statement per tick per runner, PostgreSQL under 10 % of a core",
+            "Idle cost: {FLEET} idle runners in one process, default config (tick 1 s, quiet tick 10 s, heartbeat 30 s), {} s window (median of repetitions); target: at most one statement per tick per runner, PostgreSQL under 10 % of a core",
             window.as_secs()
         ),
         &[
@@ -53,12 +56,18 @@ pub(crate) fn run(ctx: &Ctx) {
         ],
     );
     let mut breakdown = String::new();
-    for listen in [true, false] {
+    let modes = [
+        ("on, quiet ticks (default)", true, None),
+        ("on, quiet ticks off", true, Some(Duration::ZERO)),
+        ("off", false, None),
+    ];
+    for (label, listen, quiet_tick) in modes {
         let mut runs = Vec::new();
         for rep in 0..ctx.opts.reps {
-            let r = actix_rt::System::new().block_on(idle_once(ctx, FLEET, listen, window));
+            let r =
+                actix_rt::System::new().block_on(idle_once(ctx, FLEET, listen, quiet_tick, window));
             eprintln!(
-                "bench: idle rep {rep} listen={listen}: {:.2} statements/s per runner, {:.3} writing transactions/s per runner, PG CPU {:.1} %",
+                "bench: idle rep {rep} listen {label}: {:.2} statements/s per runner, {:.3} writing transactions/s per runner, PG CPU {:.1} %",
                 r.statements, r.writes, r.pg_cpu
             );
             runs.push(r);
@@ -66,7 +75,7 @@ pub(crate) fn run(ctx: &Ctx) {
         let m = |f: fn(&Idle) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
         let (statements, pg_cpu) = (m(|r| r.statements), m(|r| r.pg_cpu));
         t.row(vec![
-            if listen { "on" } else { "off" }.into(),
+            label.into(),
             format!("{statements:.2}"),
             format!("{:.2}", m(|r| r.transactions)),
             format!("{:.3}", m(|r| r.writes)),
@@ -75,9 +84,24 @@ pub(crate) fn run(ctx: &Ctx) {
             common::verdict(statements <= 1.05 && pg_cpu < 10.0),
         ]);
         if let Some(r) = runs.last() {
-            breakdown.push_str(&format!("LISTEN {listen}: {}", r.breakdown));
+            breakdown.push_str(&format!("LISTEN {label}: {}", r.breakdown));
         }
     }
+    let floor: Vec<f64> = (0..ctx.opts.reps)
+        .map(|_| actix_rt::System::new().block_on(floor_once(ctx, FLEET, window)))
+        .collect();
+    eprintln!(
+        "bench: idle floor (SELECT 1 once a second on {FLEET} connections): PG CPU {floor:.1?} %"
+    );
+    t.row(vec![
+        format!("floor: {FLEET} connections, SELECT 1 once a second each"),
+        "1.00".into(),
+        "1.00".into(),
+        "0.000".into(),
+        format!("{:.1}", median(&floor)),
+        "-".into(),
+        "-".into(),
+    ]);
     t.emit("load");
     if !breakdown.is_empty() {
         println!("{breakdown}");
@@ -110,17 +134,58 @@ async fn idle_snapshot(c: &Client, tracked: bool, calls_q: &str) -> (f64, f64, f
     (calls, row.get(0), row.get(1))
 }
 
-async fn idle_once(ctx: &Ctx, n: usize, listen: bool, window: Duration) -> Idle {
+/// PostgreSQL's CPU (% of one core) while `n` connections each send
+/// `SELECT 1` once a second, spread over the second.
+async fn floor_once(ctx: &Ctx, n: usize, window: Duration) -> f64 {
+    let postmaster = ctx.pg.pid().expect("postmaster");
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(common::connect(&ctx.url).await);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loops: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1).mul_f64(i as f64 / n as f64)).await;
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    every.tick().await;
+                    let _ = c.simple_query("SELECT 1").await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pg0 = common::postgres_cpu_secs(postmaster);
+    let t0 = Instant::now();
+    tokio::time::sleep(window).await;
+    let pg_cpu = (common::postgres_cpu_secs(postmaster) - pg0) / t0.elapsed().as_secs_f64() * 100.0;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    join_all(loops).await;
+    pg_cpu
+}
+
+async fn idle_once(
+    ctx: &Ctx,
+    n: usize,
+    listen: bool,
+    quiet_tick: Option<Duration>,
+    window: Duration,
+) -> Idle {
     let postmaster = ctx.pg.pid().expect("postmaster");
     let client = common::connect(&ctx.url).await;
     common::seed(&client, 0).await;
     let tracked = common::track_statements(&client, "top").await;
     let mut handles = Vec::new();
     for _ in 0..n {
-        let config = RunnerConfig::builder("idle")
-            .listen(listen)
-            .build()
-            .expect("config");
+        let mut config = RunnerConfig::builder("idle").listen(listen);
+        if let Some(q) = quiet_tick {
+            config = config.quiet_tick(q);
+        }
+        let config = config.build().expect("config");
         handles.push(noop_runner(&ctx.url, config).await);
     }
     wait_live_sessions(&client, n as i64, Duration::from_secs(60)).await;

@@ -36,6 +36,11 @@ pub(crate) struct RunArgs {
     /// Tick interval in milliseconds.
     #[arg(long)]
     tick_ms: Option<u64>,
+    /// Wait between ticks in milliseconds once the task table has no open
+    /// task, while listening (new tasks still wake the runner at once); 0
+    /// ticks every tick regardless (default: 10 s, or the tick if longer).
+    #[arg(long)]
+    quiet_tick_ms: Option<u64>,
     /// Heartbeat interval in milliseconds.
     #[arg(long)]
     heartbeat_ms: Option<u64>,
@@ -162,6 +167,9 @@ fn config(args: &RunArgs) -> Result<RunnerConfig, String> {
     }
     if let Some(v) = args.tick_ms {
         b = b.tick(ms(v)).jitter(ms(v));
+    }
+    if let Some(v) = args.quiet_tick_ms {
+        b = b.quiet_tick(ms(v));
     }
     if let Some(v) = args.jitter_ms {
         b = b.jitter(ms(v));

@@ -212,6 +212,15 @@ pub trait Database: Send + Sync + 'static {
         let _ = (session, groups);
         async { Ok(None) }
     }
+    /// The task table's `quiet`: whether the session's runner, listening
+    /// since before it asked, may wait for a notification instead of its
+    /// next tick (the lease is live and no open task could be picked up
+    /// without an INSERT first). `false` when not supported, the default:
+    /// the runner then ticks as usual.
+    fn quiet<T: ScanTask>(&self, session: &Session) -> impl Future<Output = Result<bool>> + Send {
+        let _ = session;
+        async { Ok(false) }
+    }
     /// `session_lock.reap_sessions`: deletes sessions reclaimed longer than
     /// `older_than` ago; returns how many.
     fn reap_sessions(&self, older_than: Duration) -> impl Future<Output = Result<u64>> + Send;

@@ -525,6 +525,18 @@ impl Database for PgStore {
         Ok(Some(stats))
     }
 
+    async fn quiet<T: ScanTask>(&self, session: &Session) -> Result<bool> {
+        let rows = self
+            .query(
+                &self.inner.work,
+                T::QUERIES.quiet,
+                &[(&session.id, Type::INT8), (&session.token, Type::UUID)],
+                Some(session.id),
+            )
+            .await?;
+        first(&rows, Some(session.id))
+    }
+
     #[tracing::instrument(level = "debug", skip(self), err)]
     async fn reap_sessions(&self, older_than: Duration) -> Result<u64> {
         let rows = self

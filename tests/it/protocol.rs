@@ -1276,3 +1276,92 @@ async fn a_session_answers_only_to_its_token() {
         "a after the operator ended it",
     );
 }
+
+/// `quiet` says yes only when no open task could be picked up without an
+/// INSERT first, and only to a live session: a task free, held by anyone,
+/// or waiting out its retry backoff keeps every runner ticking; a
+/// quarantined one does not, and releasing it notifies like an INSERT.
+#[actix_rt::test]
+async fn quiet_only_when_nothing_open_could_be_picked_up_without_an_insert() {
+    let s = setup(0).await;
+    let quiet = |session: &Session| {
+        let store = s.store.clone();
+        let session = session.clone();
+        async move {
+            store
+                .quiet::<ExampleTask>(&session)
+                .await
+                .expect("quiet answers")
+        }
+    };
+    let a = start(&s.store, "quiet").await;
+    let b = start(&s.store, "quiet").await;
+    assert!(quiet(&a).await, "an empty table is quiet");
+
+    let ids = seed(&s.client, 1).await;
+    assert!(!quiet(&a).await, "a free task is not quiet");
+    assert_eq!(work(&s.store, &b).await, ids);
+    assert!(
+        !quiet(&a).await,
+        "a task another session holds is not quiet: it may die"
+    );
+
+    // Failed: back with a backoff, open, not free yet.
+    let failed = s
+        .store
+        .fail_tasks::<ExampleTask>(&b, &ids)
+        .await
+        .expect("fail_tasks");
+    assert_eq!(failed, ids);
+    assert!(
+        !quiet(&a).await,
+        "a task waiting out its backoff is not quiet"
+    );
+
+    // Quarantined: picked up max_attempts times; only a retry brings it back.
+    s.client
+        .execute(
+            "UPDATE example_task SET sl_attempts = 5, sl_retry_at = NULL WHERE id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .expect("quarantine");
+    assert!(quiet(&a).await, "a quarantined task alone is quiet");
+
+    let mut listener = s
+        .store
+        .listen("session_lock_example_task")
+        .await
+        .expect("listen")
+        .expect("a listener");
+    let released: Vec<i64> = s
+        .client
+        .query("SELECT * FROM session_lock.example_task_retry(NULL)", &[])
+        .await
+        .expect("retry")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(released, ids);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(30), listener.notified()).await == Ok(true),
+        "the release notified"
+    );
+    assert!(!quiet(&a).await, "a released task is not quiet");
+
+    s.client
+        .batch_execute("UPDATE example_task SET finished_at = now()")
+        .await
+        .expect("finish all");
+    assert!(quiet(&a).await, "all finished: quiet again");
+    expire(&s.client, a.id).await;
+    assert!(!quiet(&a).await, "never to a session that is not live");
+    let forged = Session {
+        token: SessionToken([0x5a; 16]),
+        ..b.clone()
+    };
+    assert!(
+        !quiet(&forged).await,
+        "never to a session without its token"
+    );
+}

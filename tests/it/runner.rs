@@ -772,6 +772,88 @@ async fn notify_wakes_an_idle_runner() {
     runner.stop().await;
 }
 
+/// On an empty table a listening runner stops ticking every tick (a
+/// quiet tick no test lives to see) and is still woken by a new task at
+/// once.
+#[actix_rt::test]
+async fn a_listening_runner_on_an_empty_table_goes_quiet_and_a_new_task_wakes_it() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let config = fast_config("quiet").quiet_tick(NEVER).build().unwrap();
+    let runner = Runner::new(config, store, completing(Runs::default())).start();
+    let quiet = status_until(&runner, "a quiet runner", DEADLINE, |s| {
+        s.quiet && s.listening
+    })
+    .await;
+    // Two heartbeats (a second apart) would have seen some 40 ticks of
+    // 50 ms; a quiet runner makes none.
+    let calm = status_until(&runner, "two more heartbeats", DEADLINE, |s| {
+        s.heartbeats >= quiet.heartbeats + 2
+    })
+    .await;
+    assert!(
+        calm.ticks <= quiet.ticks + 1,
+        "a quiet runner ticked {} times in two heartbeats",
+        calm.ticks - quiet.ticks
+    );
+    assert!(calm.quiet);
+
+    let id = insert(&client, &["wake up"]).await[0];
+    let status = status_until(&runner, "the notified task finished", DEADLINE, |s| {
+        s.finished >= 1
+    })
+    .await;
+    let session = status.session.unwrap();
+    assert_eq!(
+        task_row(&client, id).await,
+        (Some(session), Some(session), true)
+    );
+    runner.stop().await;
+}
+
+/// A runner never goes quiet while tasks are open elsewhere: when their
+/// holder dies without a word, the runner takes them over on its tick.
+#[actix_rt::test]
+async fn a_runner_does_not_go_quiet_while_another_session_holds_tasks() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    seed(&client, 5).await;
+    // A session that takes every task and is then never heard of again.
+    let row = client
+        .query_one(
+            "SELECT session_id, session_token FROM session_lock.start_session('quiet-holder', interval '2 seconds', 10, 'h', 0)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (holder, token): (i64, session_lock::SessionToken) = (row.get(0), row.get(1));
+    let taken = client
+        .query(
+            "SELECT 1 FROM session_lock.example_task_get_work($1, $2) w WHERE w.sl_finished IS NULL",
+            &[&holder, &token],
+        )
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 5);
+
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let config = fast_config("quiet-holder")
+        .quiet_tick(NEVER)
+        .build()
+        .unwrap();
+    let runner = Runner::new(config, store, completing(Runs::default())).start();
+    // Only ticks can find the holder dead: a quiet runner would wait for
+    // ever, as no INSERT comes.
+    let status = status_until(&runner, "the dead holder's tasks finished", DEADLINE, |s| {
+        s.finished >= 5
+    })
+    .await;
+    assert_eq!(open_count(&client).await, 0);
+    assert!(status.listening);
+    runner.stop().await;
+}
+
 #[actix_rt::test]
 async fn drain_mode_ticks_again_after_a_full_share() {
     let db = migrated_db().await;
