@@ -96,8 +96,8 @@ pub(crate) fn run(ctx: &Ctx) {
     t.row(vec![
         format!("floor: {FLEET} connections, SELECT 1 once a second each"),
         "1.00".into(),
-        "1.00".into(),
-        "0.000".into(),
+        "-".into(),
+        "-".into(),
         format!("{:.1}", median(&floor)),
         "-".into(),
         "-".into(),
