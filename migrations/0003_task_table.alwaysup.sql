@@ -133,7 +133,7 @@ BEGIN
                  'sl_from', 'sl_to', 'sl_i', 'sl_at', 'sl_orphan', 'sl_live', 'sl_freed',
                  'sl_n', 'sl_steps', 'sl_due', 'sl_round', 'sl_suspects', 'sl_suspect', 'sl_rr',
                  'sl_cursor', 'sl_moved', 'sl_text', 'sl_prev', 'sl_g', 'sl_id', 'p_want', 'sl_ids',
-                 'sl_stop', 'sl_held_was', 'sl_leased'];
+                 'sl_stop', 'sl_held_was', 'sl_leased', 'sl_elsewhere'];
 END;
 $$;
 
@@ -306,7 +306,11 @@ BEGIN
 -- before updating it, every time, would write each finished row twice.
 -- A row the finish leaves open (reopened by the application, or a finish
 -- that does not close it) is given back: it is not finished, and another
--- run will do it.
+-- run will do it. Only the server that handed a task out finishes it
+-- (sl_server, its postmaster's start time, kept at pickup): after a
+-- failover to an asynchronous standby, the run's own writes may have been
+-- lost with the old primary, so the task must run again, not be marked
+-- finished on the new one (get_work gives such tasks back).
 $tmpl$
 CREATE OR REPLACE FUNCTION {{fn:finish_ids}}(p_session bigint, p_ids bigint[])
 RETURNS bigint[]
@@ -327,6 +331,7 @@ BEGIN
 {{finish}}
              WHERE t.{{id}} = ANY (p_ids)
                AND t.session_id = p_session
+               AND (t.sl_server IS NULL OR t.sl_server = pg_catalog.pg_postmaster_start_time())
                AND (
 {{open}}
                    )
@@ -351,6 +356,8 @@ BEGIN
                          FROM {{table}} f
                         WHERE f.{{id}} = ANY (p_ids)
                           AND f.session_id = p_session
+                          AND (f.sl_server IS NULL
+                               OR f.sl_server = pg_catalog.pg_postmaster_start_time())
                           AND (
 {{open}}
                               )
@@ -736,6 +743,7 @@ DECLARE
     sl_due      bigint;
     sl_round    text;
     sl_suspects bigint;
+    sl_elsewhere bigint;
     sl_held_was integer;
     sl_leased   boolean := false;
 BEGIN
@@ -859,13 +867,39 @@ BEGIN
     -- counters leave no more to find than it still lacks, a pickup of all
     -- it lacks stands in for the count: if it gets them all, the open
     -- tasks reach W and the share is the capacity (every draining call).
-    SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE h.sl_attempts > {{suspect_from}})
-      INTO sl_held, sl_suspects
+    SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE h.sl_attempts > {{suspect_from}}),
+           pg_catalog.count(*) FILTER (WHERE h.sl_server <> pg_catalog.pg_postmaster_start_time())
+      INTO sl_held, sl_suspects, sl_elsewhere
       FROM {{table}} h
      WHERE h.session_id = p_session
        AND (
 {{open}}
            );
+    IF sl_elsewhere > 0 THEN
+        -- Handed out by another server (a failover since: the session came
+        -- over with the standby): their runs' writes may be lost with the
+        -- old primary, and only the server that handed a task out finishes
+        -- it. Given back to run again, except those still running here,
+        -- which go back when they return; and this call picks up nothing,
+        -- so that none comes straight back to the caller, which would
+        -- take it for a completed task it still holds and finish it.
+{{lease}}
+        UPDATE {{table}} t
+           SET session_id = NULL
+         WHERE t.{{id}} = ANY (ARRAY(
+                   SELECT r.{{id}}
+                     FROM {{table}} r
+                    WHERE r.session_id = p_session
+                      AND (
+{{open}}
+                          )
+                      AND r.sl_server <> pg_catalog.pg_postmaster_start_time()
+                      AND NOT (r.{{id}} = ANY (p_running))
+                      FOR NO KEY UPDATE SKIP LOCKED));
+        GET DIAGNOSTICS sl_n = ROW_COUNT;
+        sl_held := sl_held - sl_n;
+        sl_elsewhere := sl_n;
+    END IF;
     sl_want := sl_capacity - sl_held;
     sl_fast := sl_want > 0 AND sl_weight - sl_held - sl_others <= sl_want;
     IF sl_fast THEN
@@ -877,7 +911,7 @@ BEGIN
             sl_capacity);
         sl_pick := greatest(sl_share - sl_held, 0);
     END IF;
-    IF sl_pick > 0 THEN
+    IF sl_pick > 0 AND sl_elsewhere = 0 THEN
 {{lease}}
         -- A task whose holders died twice (sl_attempts >= 2) may be what
         -- kills them: a session takes at most one such task at a time, so
@@ -926,7 +960,8 @@ BEGIN
            SET session_id = p_session,
                sl_attempts = t.sl_attempts + 1,
                sl_fence = (SELECT pg_catalog.nextval('session_lock.fence'::pg_catalog.regclass)),
-               sl_last_session = p_session
+               sl_last_session = p_session,
+               sl_server = pg_catalog.pg_postmaster_start_time()
          WHERE t.{{id}} = ANY (sl_suspect || sl_rr || ARRAY(
                    SELECT f.{{id}}
                      FROM {{table}} f
@@ -1423,7 +1458,8 @@ BEGIN
             ('sl_attempts',     'integer NOT NULL DEFAULT 0', 'integer'),
             ('sl_retry_at',     'timestamptz',                'timestamp with time zone'),
             ('sl_fence',        'bigint',                     'bigint'),
-            ('sl_last_session', 'bigint',                     'bigint')) AS c(name, decl, type)
+            ('sl_last_session', 'bigint',                     'bigint'),
+            ('sl_server',       'timestamptz',                'timestamp with time zone')) AS c(name, decl, type)
     LOOP
         SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) INTO v_type
           FROM pg_catalog.pg_attribute a

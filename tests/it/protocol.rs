@@ -1365,3 +1365,93 @@ async fn quiet_only_when_nothing_open_could_be_picked_up_without_an_insert() {
         "never to a session without its token"
     );
 }
+
+/// After a failover to an asynchronous standby, a session can come over
+/// still holding tasks whose runs wrote to the old primary only: their
+/// completions must not be finished on the new primary (the work would be
+/// lost), but run again. Simulated by marking rows as handed out by
+/// another server (`sl_server`, the postmaster start time at pickup).
+#[actix_rt::test]
+async fn only_the_server_that_handed_a_task_out_finishes_it() {
+    let s = setup(4).await;
+    let a = start(&s.store, "elsewhere").await;
+    let held = work(&s.store, &a).await;
+    assert_eq!(held.len(), 4);
+    let (moved_done, moved_running, here) = (held[0], held[1], &held[2..]);
+    s.client
+        .execute(
+            "UPDATE example_task SET sl_server = pg_postmaster_start_time() - interval '1 hour' WHERE id = ANY ($1)",
+            &[&vec![moved_done, moved_running]],
+        )
+        .await
+        .expect("mark as handed out elsewhere");
+
+    // Everything completed; one of the moved ones is still running.
+    let finished: Vec<TaskId> = held
+        .iter()
+        .copied()
+        .filter(|id| *id != moved_running)
+        .collect();
+    let w = s
+        .store
+        .get_work::<ExampleTask>(GetWork {
+            finished: &finished,
+            running: &[moved_running],
+            ..GetWork::new(&a)
+        })
+        .await
+        .expect("get_work");
+    assert_eq!(
+        w.finished,
+        here.to_vec(),
+        "only this server's pickups are finished"
+    );
+    let still: Vec<TaskId> = w.tasks.iter().map(|t| t.id).collect();
+    assert_eq!(
+        still,
+        vec![moved_running],
+        "the running one stays until it returns, and nothing comes straight back"
+    );
+    let row = s
+        .client
+        .query_one(
+            "SELECT session_id, finished_at IS NULL FROM example_task WHERE id = $1",
+            &[&moved_done],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, Option<i64>>(0), row.get::<_, bool>(1)),
+        (None, true),
+        "the moved completed one is open and free, to run again"
+    );
+    assert_counters_match(&s.client, "the give-back").await;
+
+    // It returned: carried to the next call, refused, and given back.
+    let w = s
+        .store
+        .get_work::<ExampleTask>(GetWork {
+            finished: &[moved_running],
+            ..GetWork::new(&a)
+        })
+        .await
+        .expect("get_work");
+    assert!(w.finished.is_empty(), "refused: {:?}", w.finished);
+    assert!(w.tasks.is_empty(), "nothing held: {:?}", w.tasks);
+    assert_eq!(holdings(&s.client).await, BTreeMap::from([(None, 2)]));
+
+    // Picked up again, now from this server, and finished by it.
+    let mut again = work(&s.store, &a).await;
+    again.sort_unstable();
+    assert_eq!(again, vec![moved_done, moved_running]);
+    let w = s
+        .store
+        .get_work::<ExampleTask>(GetWork {
+            finished: &again,
+            ..GetWork::new(&a)
+        })
+        .await
+        .expect("get_work");
+    assert_eq!(w.finished, again, "picked up here: finished here");
+    assert_counters_match(&s.client, "the finish").await;
+}

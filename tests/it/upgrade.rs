@@ -47,7 +47,7 @@ use session_lock_testkit::db::{TestDb, fresh_db};
 /// Guards every wait against a hang; nothing here should take long.
 /// A task row `t` as text, without the columns 0.2 adds to it: those
 /// protocol 2 keeps on every task row, and the example's `tenant`.
-const PROTOCOL_COLUMNS_DROPPED: &str = "(to_jsonb(t) - 'sl_attempts' - 'sl_retry_at' - 'sl_fence' - 'sl_last_session' - 'tenant')::text";
+const PROTOCOL_COLUMNS_DROPPED: &str = "(to_jsonb(t) - 'sl_attempts' - 'sl_retry_at' - 'sl_fence' - 'sl_last_session' - 'sl_server' - 'tenant')::text";
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -501,7 +501,7 @@ async fn state(client: &Client) -> State {
     let mut tasks = BTreeMap::new();
     for t in TABLES {
         // The columns protocol 2 adds to every task row (sl_attempts,
-        // sl_retry_at, sl_fence, sl_last_session) start at their defaults:
+        // sl_retry_at, sl_fence, sl_last_session, sl_server) start at their defaults:
         // a row is what it was before without them.
         let sql = format!(
             "SELECT t.id, {PROTOCOL_COLUMNS_DROPPED} FROM {} t ORDER BY t.id",

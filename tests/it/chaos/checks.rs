@@ -34,6 +34,11 @@ use super::{Chaos, Plan, TICK, TTL};
 
 /// A run counts as inside a fault window if it started at most this long
 /// before the fault began (a run in flight when it struck)...
+/// The fault windows that restart the server: a crash, and a stop
+/// longer than the TTL (each gives it a new postmaster start time).
+pub(super) const RESTART: &str = "postgres crash";
+pub(super) const STOP: &str = "postgres stop";
+
 const WINDOW_BEFORE: Duration = Duration::from_millis(1500);
 /// ... or at most TTL plus this long after the fault ended (a stale holder
 /// acting before it notices, a dead pooled connection found on first use).
@@ -217,6 +222,12 @@ enum Why {
     /// again once a heartbeat lifted the fence, or, the run given back as
     /// failed (or its lease lost), another session ran it after the fence.
     FencedBeforeReport,
+    /// It completed before the server crashed or stopped and started
+    /// again, and its finish came after: only the server (incarnation) that handed a task
+    /// out finishes it, since a restart, like a failover, may have lost
+    /// the run's own writes (with `synchronous_commit = off`), so the task
+    /// ran again.
+    ServerRestarted,
     /// None of these: a bug.
     Unexplained,
 }
@@ -302,6 +313,15 @@ fn classify(dup_rows: &[Row], windows: &[FaultWindow], fences: &[Fence]) -> Vec<
                     Why::LeaseLost
                 }
                 _ if fence.is_some() => Why::FencedBeforeReport,
+                (Some(done), _, _)
+                    if windows.iter().any(|w| {
+                        (w.what == RESTART || w.what == STOP)
+                            && done <= w.end
+                            && next.is_some_and(|(_, again)| again >= w.start)
+                    }) =>
+                {
+                    Why::ServerRestarted
+                }
                 _ => Why::Unexplained,
             };
             let fence = fence.filter(|_| why == Why::FencedBeforeReport);
@@ -575,10 +595,11 @@ impl fmt::Display for Report<'_> {
     /// The summary: every figure of the run, one a line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = &self.outcome;
-        let (cut, lease_lost, fenced, unexplained) = (
+        let (cut, lease_lost, fenced, restarted, unexplained) = (
             self.count_why(Why::CutShort),
             self.count_why(Why::LeaseLost),
             self.count_why(Why::FencedBeforeReport),
+            self.count_why(Why::ServerRestarted),
             self.count_why(Why::Unexplained),
         );
         let same_session = self
@@ -618,9 +639,9 @@ impl fmt::Display for Report<'_> {
         )?;
         writeln!(
             f,
-            "duplicates                 {} (explained {}: {cut} cut short, {lease_lost} lease lost, {fenced} fenced before their report; unexplained {unexplained}; outside fault windows {})",
+            "duplicates                 {} (explained {}: {cut} cut short, {lease_lost} lease lost, {fenced} fenced before their report, {restarted} completed before a server restart; unexplained {unexplained}; outside fault windows {})",
             o.duplicates(),
-            cut + lease_lost + fenced,
+            cut + lease_lost + fenced + restarted,
             self.outside_windows().len()
         )?;
         writeln!(

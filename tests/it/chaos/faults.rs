@@ -296,7 +296,7 @@ impl Chaos {
             .expect("restart thread")
             .unwrap_or_else(|e| panic!("restarting postgres: {e}"));
         self.clock.log("  postgres is back");
-        self.record("postgres crash".into(), start, epoch_now());
+        self.record(super::checks::RESTART.into(), start, epoch_now());
     }
 
     /// The database stops (`-m fast`) for longer than the TTL, then starts
@@ -319,7 +319,7 @@ impl Chaos {
             .expect("start thread")
             .unwrap_or_else(|e| panic!("starting postgres again: {e}"));
         self.clock.log("  postgres started again");
-        self.record("postgres stop".into(), start, epoch_now());
+        self.record(super::checks::STOP.into(), start, epoch_now());
     }
 
     /// The victim's live session, once it holds at least one open task (or
