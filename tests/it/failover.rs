@@ -69,6 +69,25 @@ fn spawn(label: &str, url: &str) -> RunnerProcess {
         .unwrap_or_else(|e| panic!("spawn {label}: {e}"))
 }
 
+/// Stops the primary with `-m immediate` and promotes the standby, on
+/// blocking threads: both wait on processes.
+async fn fail_over(
+    primary: EmbeddedPostgres,
+    standby: EmbeddedPostgres,
+) -> (EmbeddedPostgres, EmbeddedPostgres) {
+    let primary = tokio::task::spawn_blocking(move || {
+        primary.stop(ShutdownMode::Immediate).map(|()| primary)
+    })
+    .await
+    .unwrap()
+    .expect("stop the primary");
+    let standby = tokio::task::spawn_blocking(move || standby.promote().map(|()| standby))
+        .await
+        .unwrap()
+        .expect("promote the standby");
+    (primary, standby)
+}
+
 /// Servers started on blocking threads: their start waits on processes.
 async fn start_servers(synchronous: bool) -> (EmbeddedPostgres, EmbeddedPostgres) {
     let primary = tokio::task::spawn_blocking(move || {
@@ -155,16 +174,7 @@ async fn failover(synchronous: bool) {
     // What the old primary acknowledged, read just before its death.
     let acknowledged = finished(&old).await;
     let killed = Instant::now();
-    let primary = tokio::task::spawn_blocking(move || {
-        primary.stop(ShutdownMode::Immediate).map(|()| primary)
-    })
-    .await
-    .unwrap()
-    .expect("stop the primary");
-    let standby = tokio::task::spawn_blocking(move || standby.promote().map(|()| standby))
-        .await
-        .unwrap()
-        .expect("promote the standby");
+    let (primary, standby) = fail_over(primary, standby).await;
     let promoted = killed.elapsed();
     let new = connect(&standby.url(DB)).await;
     let at_promotion = finished(&new).await.len();
@@ -339,16 +349,7 @@ async fn a_run_whose_writes_died_with_the_old_primary_runs_again_on_the_new_one(
         0,
         "the run's write is not on the standby"
     );
-    let primary = tokio::task::spawn_blocking(move || {
-        primary.stop(ShutdownMode::Immediate).map(|()| primary)
-    })
-    .await
-    .unwrap()
-    .expect("stop the primary");
-    let standby = tokio::task::spawn_blocking(move || standby.promote().map(|()| standby))
-        .await
-        .unwrap()
-        .expect("promote the standby");
+    let (primary, standby) = fail_over(primary, standby).await;
     report_tx.send(true).unwrap();
 
     let new = connect(&standby.url(DB)).await;

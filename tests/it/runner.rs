@@ -755,21 +755,25 @@ async fn notify_wakes_an_idle_runner() {
     .await;
     assert_eq!(idle.fetched, 0);
 
-    let id = insert(&client, &["wake up"]).await[0];
     // Far less than the hour-long tick: only the notification can do it.
-    let status = status_until(
-        &runner,
-        "the notified task finished",
-        Duration::from_secs(10),
-        |s| s.finished >= 1,
-    )
+    a_new_task_wakes(&runner, &client, Duration::from_secs(10)).await;
+    runner.stop().await;
+}
+
+/// Inserts a task and waits, at most `within`, until the runner has
+/// finished it with its own session.
+async fn a_new_task_wakes(runner: &RunnerHandle, client: &Client, within: Duration) {
+    let before = runner.status().finished;
+    let id = insert(client, &["wake up"]).await[0];
+    let status = status_until(runner, "the notified task finished", within, |s| {
+        s.finished > before
+    })
     .await;
     let session = status.session.unwrap();
     assert_eq!(
-        task_row(&client, id).await,
+        task_row(client, id).await,
         (Some(session), Some(session), true)
     );
-    runner.stop().await;
 }
 
 /// On an empty table a listening runner stops ticking every tick (a
@@ -799,16 +803,7 @@ async fn a_listening_runner_on_an_empty_table_goes_quiet_and_a_new_task_wakes_it
     );
     assert!(calm.quiet);
 
-    let id = insert(&client, &["wake up"]).await[0];
-    let status = status_until(&runner, "the notified task finished", DEADLINE, |s| {
-        s.finished >= 1
-    })
-    .await;
-    let session = status.session.unwrap();
-    assert_eq!(
-        task_row(&client, id).await,
-        (Some(session), Some(session), true)
-    );
+    a_new_task_wakes(&runner, &client, DEADLINE).await;
     runner.stop().await;
 }
 
