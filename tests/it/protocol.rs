@@ -1455,3 +1455,66 @@ async fn only_the_server_that_handed_a_task_out_finishes_it() {
     assert_eq!(w.finished, again, "picked up here: finished here");
     assert_counters_match(&s.client, "the finish").await;
 }
+
+/// A task handed out by another server that someone else has locked is
+/// neither waited for nor finished: it stays held until the lock goes, and
+/// is then given back like the others.
+#[tokio::test]
+async fn a_locked_task_from_another_server_is_given_back_once_the_lock_goes() {
+    let s = setup(3).await;
+    let a = start(&s.store, "elsewhere-locked").await;
+    let held = work(&s.store, &a).await;
+    s.client
+        .execute(
+            "UPDATE example_task SET sl_server = pg_postmaster_start_time() - interval '1 hour' WHERE id = ANY ($1)",
+            &[&held[..2].to_vec()],
+        )
+        .await
+        .expect("mark as handed out elsewhere");
+    let foreign = s.db.client().await;
+    foreign
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM example_task WHERE id = {} FOR UPDATE",
+            held[0]
+        ))
+        .await
+        .unwrap();
+    let w = s
+        .store
+        .get_work::<ExampleTask>(GetWork {
+            finished: &held,
+            ..GetWork::new(&a)
+        })
+        .await
+        .expect("get_work does not wait for the locked row");
+    assert_eq!(
+        w.finished,
+        vec![held[2]],
+        "only this server's pickup is finished"
+    );
+    let still: Vec<TaskId> = w.tasks.iter().map(|t| t.id).collect();
+    assert_eq!(
+        still,
+        vec![held[0]],
+        "the locked one stays held; the other went back"
+    );
+    assert_counters_match(&s.client, "the give-back around a lock").await;
+
+    foreign.batch_execute("ROLLBACK").await.unwrap();
+    let w = s
+        .store
+        .get_work::<ExampleTask>(GetWork {
+            finished: &held[..1],
+            ..GetWork::new(&a)
+        })
+        .await
+        .expect("get_work");
+    assert!(
+        w.finished.is_empty(),
+        "never finished here: {:?}",
+        w.finished
+    );
+    assert!(w.tasks.is_empty(), "given back: {:?}", w.tasks);
+    assert_eq!(holdings(&s.client).await, BTreeMap::from([(None, 2)]));
+    assert_counters_match(&s.client, "the give-back after the lock").await;
+}
