@@ -222,11 +222,11 @@ enum Why {
     /// again once a heartbeat lifted the fence, or, the run given back as
     /// failed (or its lease lost), another session ran it after the fence.
     FencedBeforeReport,
-    /// It completed before the server crashed or stopped and started
-    /// again, and its finish came after: only the server (incarnation) that handed a task
-    /// out finishes it, since a restart, like a failover, may have lost
-    /// the run's own writes (with `synchronous_commit = off`), so the task
-    /// ran again.
+    /// It was handed out before the server crashed or stopped and
+    /// started again, and its finish came after: only the server
+    /// incarnation that handed a task out finishes it (a restart, like a
+    /// failover, may have lost the run's own writes, with
+    /// `synchronous_commit = off`), so the task ran again.
     ServerRestarted,
     /// None of these: a bug.
     Unexplained,
@@ -313,10 +313,10 @@ fn classify(dup_rows: &[Row], windows: &[FaultWindow], fences: &[Fence]) -> Vec<
                     Why::LeaseLost
                 }
                 _ if fence.is_some() => Why::FencedBeforeReport,
-                (Some(done), _, _)
+                (Some(_), _, _)
                     if windows.iter().any(|w| {
                         (w.what == RESTART || w.what == STOP)
-                            && done <= w.end
+                            && started <= w.end
                             && next.is_some_and(|(_, again)| again >= w.start)
                     }) =>
                 {
@@ -639,7 +639,7 @@ impl fmt::Display for Report<'_> {
         )?;
         writeln!(
             f,
-            "duplicates                 {} (explained {}: {cut} cut short, {lease_lost} lease lost, {fenced} fenced before their report, {restarted} completed before a server restart; unexplained {unexplained}; outside fault windows {})",
+            "duplicates                 {} (explained {}: {cut} cut short, {lease_lost} lease lost, {fenced} fenced before their report, {restarted} handed out before a server restart; unexplained {unexplained}; outside fault windows {})",
             o.duplicates(),
             cut + lease_lost + fenced + restarted,
             self.outside_windows().len()
