@@ -24,7 +24,8 @@ db_a=$1 cmd_a=$2 db_b=$3 cmd_b=$4 reps=${5:-5}
 port=${PGPORT:-5432}
 configs=${CONFIGS:-"30000:10:1 60000:10:4 100000:100:1 100000:100:4"}
 psql_in() { psql -h 127.0.0.1 -p "$port" -U postgres -qtA -d "$1" "${@:2}"; }
-pg_cpu() { cat /proc/[0-9]*/stat 2>/dev/null | awk '$2=="(postgres)" {s+=$14+$15} END {print s}'; }
+# Processes come and go while /proc is read: a vanished one is skipped.
+pg_cpu() { { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk '$2=="(postgres)" {s+=$14+$15} END {print s}'; }
 
 # One run: database, command, tasks, batch, runners.
 run() {
@@ -39,7 +40,15 @@ run() {
             --max-tasks "$batch" --jitter-ms 0 --name ab >/dev/null 2>&1 &
         pids+=($!)
     done
-    cpu() { local s=0 p; for p in "${pids[@]}"; do s=$((s + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$s"; }
+    # A runner that has exited counts 0 (the run is reported as usual).
+    cpu() {
+        local s=0 p t
+        for p in "${pids[@]}"; do
+            t=$(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null) || t=0
+            s=$((s + ${t:-0}))
+        done
+        echo "$s"
+    }
     local deadline=$((SECONDS + 120))
     until [ "$(psql_in "$db" -c "SELECT EXISTS (SELECT 1 FROM public.example_task WHERE finished_at IS NOT NULL)")" = t ]; do
         [ $SECONDS -lt $deadline ] || break
@@ -62,6 +71,9 @@ run() {
         printf "%s batch=%s runners=%s: %.0f tasks/s, runner CPU %.1f ms per 1k, PostgreSQL CPU %.1f ms per 1k\n",
             db, b, r, $1 / d, ($5 - $4) * 10 / k, ($7 - $6) * 10 / k }'
 }
+
+# No runner outlives the script, however it ends.
+trap 'kill -INT $(jobs -p) 2>/dev/null || true' EXIT
 
 for cfg in $configs; do
     IFS=: read -r n batch runners <<<"$cfg"
