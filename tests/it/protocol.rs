@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use session_lock::{
-    Database, Error, GetWork, PgStore, Session, SessionId, SessionStart, SessionToken, TaskId,
+    Database, Error, GetWork, PgStore, Session, SessionId, SessionStart, SessionToken, TaskId, Work,
 };
 use session_lock_testkit::example::ExampleTask;
 
@@ -65,6 +65,35 @@ async fn try_work(store: &PgStore, session: &Session) -> session_lock::Result<Ve
         w.unreadable
     );
     Ok(w.tasks.iter().map(|t| t.id).collect())
+}
+
+/// get_work finishing `finished` first, with `running` still running in
+/// the caller's process.
+async fn finish_and_work(
+    store: &PgStore,
+    session: &Session,
+    finished: &[TaskId],
+    running: &[TaskId],
+) -> session_lock::Result<Work<ExampleTask>> {
+    store
+        .get_work::<ExampleTask>(GetWork {
+            finished,
+            running,
+            ..GetWork::new(session)
+        })
+        .await
+}
+
+/// Marks `ids` as handed out by another server than this one (a server
+/// since failed over from, or restarted).
+async fn hand_out_elsewhere(client: &tokio_postgres::Client, ids: &[TaskId]) {
+    client
+        .execute(
+            "UPDATE example_task SET sl_server = pg_postmaster_start_time() - interval '1 hour' WHERE id = ANY ($1)",
+            &[&ids],
+        )
+        .await
+        .expect("mark as handed out elsewhere");
 }
 
 /// Open tasks held per session, from the table itself (None: unowned).
@@ -803,12 +832,7 @@ async fn held_counters_follow_pickup_release_finish_and_reclaim() {
 
     // The finish inside get_work.
     let b_tasks = work(&s.store, &ids[1]).await;
-    let w = s
-        .store
-        .get_work::<ExampleTask>(GetWork {
-            finished: &b_tasks[..3],
-            ..GetWork::new(&ids[1])
-        })
+    let w = finish_and_work(&s.store, &ids[1], &b_tasks[..3], &[])
         .await
         .expect("finish and get");
     assert_eq!(
@@ -1028,14 +1052,7 @@ async fn a_task_still_running_is_never_given_back_as_surplus() {
     let c = start(&s.store, "running").await;
     work(&s.store, &c).await;
     let running = &mine[..7];
-    let w = s
-        .store
-        .get_work::<ExampleTask>(GetWork {
-            running,
-            ..GetWork::new(&a)
-        })
-        .await
-        .unwrap();
+    let w = finish_and_work(&s.store, &a, &[], running).await.unwrap();
     let held: Vec<TaskId> = w.tasks.iter().map(|t| t.id).collect();
     assert_eq!(held.len(), 7, "{held:?}");
     for t in running {
@@ -1150,12 +1167,7 @@ async fn a_completed_task_someone_else_has_locked_stays_held_until_it_can_be_fin
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let w = s
-        .store
-        .get_work::<ExampleTask>(GetWork {
-            finished: &held[..2],
-            ..GetWork::new(&a)
-        })
+    let w = finish_and_work(&s.store, &a, &held[..2], &[])
         .await
         .unwrap();
     assert!(
@@ -1167,12 +1179,7 @@ async fn a_completed_task_someone_else_has_locked_stays_held_until_it_can_be_fin
     let still: Vec<TaskId> = w.tasks.iter().map(|t| t.id).collect();
     assert!(still.contains(&held[0]), "the locked one is still held");
     foreign.batch_execute("ROLLBACK").await.unwrap();
-    let w = s
-        .store
-        .get_work::<ExampleTask>(GetWork {
-            finished: &held[..1],
-            ..GetWork::new(&a)
-        })
+    let w = finish_and_work(&s.store, &a, &held[..1], &[])
         .await
         .unwrap();
     assert_eq!(w.finished, vec![held[0]], "finished once the lock is gone");
@@ -1378,13 +1385,7 @@ async fn only_the_server_that_handed_a_task_out_finishes_it() {
     let held = work(&s.store, &a).await;
     assert_eq!(held.len(), 4);
     let (moved_done, moved_running, here) = (held[0], held[1], &held[2..]);
-    s.client
-        .execute(
-            "UPDATE example_task SET sl_server = pg_postmaster_start_time() - interval '1 hour' WHERE id = ANY ($1)",
-            &[&vec![moved_done, moved_running]],
-        )
-        .await
-        .expect("mark as handed out elsewhere");
+    hand_out_elsewhere(&s.client, &[moved_done, moved_running]).await;
 
     // Everything completed; one of the moved ones is still running.
     let finished: Vec<TaskId> = held
@@ -1392,13 +1393,7 @@ async fn only_the_server_that_handed_a_task_out_finishes_it() {
         .copied()
         .filter(|id| *id != moved_running)
         .collect();
-    let w = s
-        .store
-        .get_work::<ExampleTask>(GetWork {
-            finished: &finished,
-            running: &[moved_running],
-            ..GetWork::new(&a)
-        })
+    let w = finish_and_work(&s.store, &a, &finished, &[moved_running])
         .await
         .expect("get_work");
     assert_eq!(
@@ -1428,12 +1423,7 @@ async fn only_the_server_that_handed_a_task_out_finishes_it() {
     assert_counters_match(&s.client, "the give-back").await;
 
     // It returned: carried to the next call, refused, and given back.
-    let w = s
-        .store
-        .get_work::<ExampleTask>(GetWork {
-            finished: &[moved_running],
-            ..GetWork::new(&a)
-        })
+    let w = finish_and_work(&s.store, &a, &[moved_running], &[])
         .await
         .expect("get_work");
     assert!(w.finished.is_empty(), "refused: {:?}", w.finished);
@@ -1444,12 +1434,7 @@ async fn only_the_server_that_handed_a_task_out_finishes_it() {
     let mut again = work(&s.store, &a).await;
     again.sort_unstable();
     assert_eq!(again, vec![moved_done, moved_running]);
-    let w = s
-        .store
-        .get_work::<ExampleTask>(GetWork {
-            finished: &again,
-            ..GetWork::new(&a)
-        })
+    let w = finish_and_work(&s.store, &a, &again, &[])
         .await
         .expect("get_work");
     assert_eq!(w.finished, again, "picked up here: finished here");
@@ -1464,13 +1449,7 @@ async fn a_locked_task_from_another_server_is_given_back_once_the_lock_goes() {
     let s = setup(3).await;
     let a = start(&s.store, "elsewhere-locked").await;
     let held = work(&s.store, &a).await;
-    s.client
-        .execute(
-            "UPDATE example_task SET sl_server = pg_postmaster_start_time() - interval '1 hour' WHERE id = ANY ($1)",
-            &[&held[..2].to_vec()],
-        )
-        .await
-        .expect("mark as handed out elsewhere");
+    hand_out_elsewhere(&s.client, &held[..2]).await;
     let foreign = s.db.client().await;
     foreign
         .batch_execute(&format!(
@@ -1479,12 +1458,7 @@ async fn a_locked_task_from_another_server_is_given_back_once_the_lock_goes() {
         ))
         .await
         .unwrap();
-    let w = s
-        .store
-        .get_work::<ExampleTask>(GetWork {
-            finished: &held,
-            ..GetWork::new(&a)
-        })
+    let w = finish_and_work(&s.store, &a, &held, &[])
         .await
         .expect("get_work does not wait for the locked row");
     assert_eq!(
@@ -1501,12 +1475,7 @@ async fn a_locked_task_from_another_server_is_given_back_once_the_lock_goes() {
     assert_counters_match(&s.client, "the give-back around a lock").await;
 
     foreign.batch_execute("ROLLBACK").await.unwrap();
-    let w = s
-        .store
-        .get_work::<ExampleTask>(GetWork {
-            finished: &held[..1],
-            ..GetWork::new(&a)
-        })
+    let w = finish_and_work(&s.store, &a, &held[..1], &[])
         .await
         .expect("get_work");
     assert!(
