@@ -20,7 +20,9 @@
 //!   of them), an insert, a reap or a killed session's call alongside; now
 //!   and then a stranding storm (tasks of sessions about to be killed
 //!   locked by a foreign transaction, so that reclaims leave them behind
-//!   and a reap may orphan them, then a settle). Every invariant is
+//!   and a reap may orphan them, then a settle); and now and then a server
+//!   change (some tasks of one session marked as handed out by another
+//!   server, as a failover leaves them: invariant 7). Every invariant is
 //!   checked after every step.
 //! * free-running: every slot's actor and a chaos actor (kills, killed
 //!   sessions' calls, foreign transactions, inserts, reaps) call at will,
@@ -52,7 +54,11 @@
 //!     shares summing to O;
 //!  6. nothing is lost: drained at the end, every task ever inserted is
 //!     finished, and finish calls returned each id exactly once, to the
-//!     session the table records as its finisher.
+//!     session the table records as its finisher;
+//!  7. only the server that handed a task out finishes it: no finish
+//!     returns a task another server handed out, and a get_work alone of
+//!     its holder gives back those neither running in the client nor locked
+//!     by a foreign transaction, picking up nothing in that call.
 //!
 //! A call of a live session fails the test on any error but a lock timeout
 //! (55P03) in a group of calls run at once (the protocol's own calls may
@@ -511,6 +517,8 @@ struct TaskRow {
     holder: Option<SessionId>,
     finished: bool,
     finished_by: Option<SessionId>,
+    /// Handed out by another server than this one (sl_server).
+    elsewhere: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -531,7 +539,9 @@ impl DbState {
     async fn read(client: &Client) -> Result<Self, tokio_postgres::Error> {
         let tasks = client
             .query(
-                "SELECT id, session_id, finished_at IS NOT NULL, finished_by FROM example_task",
+                "SELECT id, session_id, finished_at IS NOT NULL, finished_by,
+                        coalesce(sl_server <> pg_postmaster_start_time(), false)
+                   FROM example_task",
                 &[],
             )
             .await?
@@ -543,6 +553,7 @@ impl DbState {
                         holder: r.get(1),
                         finished: r.get(2),
                         finished_by: r.get(3),
+                        elsewhere: r.get(4),
                     },
                 )
             })
@@ -578,6 +589,15 @@ impl DbState {
         self.tasks
             .iter()
             .filter(|(_, t)| !t.finished && t.holder == Some(session))
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// The open tasks handed out by another server.
+    fn elsewhere(&self) -> BTreeSet<TaskId> {
+        self.tasks
+            .iter()
+            .filter(|(_, t)| !t.finished && t.elsewhere)
             .map(|(&id, _)| id)
             .collect()
     }
@@ -641,6 +661,10 @@ struct Stats {
     ever_stranded: BTreeSet<TaskId>,
     ever_orphaned: BTreeSet<TaskId>,
     storms: usize,
+    /// Tasks marked as handed out by another server, and those given back
+    /// for it.
+    marked_elsewhere: usize,
+    given_back_elsewhere: usize,
     /// Lock timeouts (55P03) of calls in concurrent groups, and of the
     /// foreign transactions' own statements.
     lock_timeouts: Vec<String>,
@@ -843,7 +867,7 @@ impl World {
     fn summary(&self) -> String {
         let s = &self.stats;
         format!(
-            "seed {}: {} steps in {:.1?}; {} get_work ({} concurrent groups), {} finish_tasks, {} tasks finished ({} held back by foreign locks), {} heartbeats, {} kills ({} calls racing their session's kill, {} stale tasks in their answers), {} calls of killed sessions, {} foreign transactions, {} tasks inserted, {} reaped, {} stranding storms, {} settles (which found {} stranded tasks, {} of them orphans); {} tasks seen stranded with a session not live, {} with a reaped one; {} lock timeouts (55P03){}",
+            "seed {}: {} steps in {:.1?}; {} get_work ({} concurrent groups), {} finish_tasks, {} tasks finished ({} held back by foreign locks), {} heartbeats, {} kills ({} calls racing their session's kill, {} stale tasks in their answers), {} calls of killed sessions, {} foreign transactions, {} tasks inserted, {} reaped, {} stranding storms, {} tasks marked another server's ({} given back for it), {} settles (which found {} stranded tasks, {} of them orphans); {} tasks seen stranded with a session not live, {} with a reaped one; {} lock timeouts (55P03){}",
             self.seed,
             s.steps,
             self.started.elapsed(),
@@ -861,6 +885,8 @@ impl World {
             s.inserted,
             s.reaped,
             s.storms,
+            s.marked_elsewhere,
+            s.given_back_elsewhere,
             s.settles,
             s.stranded,
             s.orphans,
@@ -1291,6 +1317,32 @@ impl World {
                                 "get_work of s{session} gave back tasks {kept:?} that were running"
                             ));
                         }
+                        // Tasks another server handed out go back, but for
+                        // those running here or locked by a foreign
+                        // transaction; and a call that gives some back
+                        // picks up nothing.
+                        if strict && role == Role::Live {
+                            let back: BTreeSet<TaskId> = self
+                                .last
+                                .elsewhere()
+                                .intersection(&believed)
+                                .filter(|t| !running.contains(t) && !locked.contains(t))
+                                .copied()
+                                .collect();
+                            let kept: Vec<&TaskId> = back.intersection(&held).collect();
+                            if !kept.is_empty() {
+                                self.fail(format!(
+                                    "get_work of s{session} kept tasks {kept:?}, handed out by another server and neither running nor locked"
+                                ));
+                            }
+                            let new: Vec<&TaskId> = held.difference(&believed).collect();
+                            if !back.is_empty() && !new.is_empty() {
+                                self.fail(format!(
+                                    "get_work of s{session} gave back {back:?}, handed out by another server, and picked up {new:?} in the same call"
+                                ));
+                            }
+                            self.stats.given_back_elsewhere += back.len();
+                        }
                         let capacity = self.session_mut(p, *session).capacity as usize;
                         if strict
                             && locked.is_empty()
@@ -1465,6 +1517,13 @@ impl World {
         strict: bool,
     ) {
         let got_set: BTreeSet<TaskId> = got.iter().copied().collect();
+        let elsewhere = self.last.elsewhere();
+        let refused: Vec<&TaskId> = got_set.intersection(&elsewhere).collect();
+        if !refused.is_empty() {
+            self.fail(format!(
+                "s{session}'s finish returned tasks {refused:?}, handed out by another server: only the server that handed a task out finishes it"
+            ));
+        }
         if got_set.len() != got.len() {
             self.fail(format!("s{session}'s finish returned an id twice: {got:?}"));
         }
@@ -1493,10 +1552,14 @@ impl World {
             .collect();
         self.stats.held_back += due.len() - got_set.len().min(due.len());
         if strict {
-            let expected: BTreeSet<TaskId> = due.difference(locked).copied().collect();
+            let expected: BTreeSet<TaskId> = due
+                .difference(locked)
+                .filter(|t| !elsewhere.contains(t))
+                .copied()
+                .collect();
             if got_set != expected {
                 self.fail(format!(
-                    "s{session}'s finish of {asked:?} returned {got:?}; it holds {believed:?}, foreign transactions lock {locked:?} FOR UPDATE, so {expected:?} was due"
+                    "s{session}'s finish of {asked:?} returned {got:?}; it holds {believed:?}, foreign transactions lock {locked:?} FOR UPDATE, another server handed out {elsewhere:?}, so {expected:?} was due"
                 ));
             }
         }
@@ -1957,12 +2020,60 @@ impl World {
                 return;
             }
             _ => {
-                let slot = self.rng.below(n);
-                vec![self.plan_get_work(slot)]
+                self.server_changed().await;
+                self.check().await;
+                return;
             }
         };
         self.run_calls(plan).await;
         self.check().await;
+    }
+
+    /// Marks 1 to 3 tasks of one session as handed out by another server
+    /// (what a failover leaves: the session came over with the standby, its
+    /// tasks' rows name the old primary): its finishes of them must be
+    /// refused, and its next get_work must give them back. Not tasks a
+    /// foreign transaction has locked (the UPDATE would wait for it).
+    async fn server_changed(&mut self) {
+        let foreign: BTreeSet<TaskId> = self
+            .foreign
+            .iter()
+            .flat_map(|f| f.ids.iter().copied())
+            .collect();
+        let holders: Vec<usize> = (0..self.slots.len())
+            .filter(|&s| {
+                self.slots[s]
+                    .session
+                    .believed
+                    .iter()
+                    .any(|t| !foreign.contains(t))
+            })
+            .collect();
+        if holders.is_empty() {
+            return;
+        }
+        let slot = self.rng.pick(&holders);
+        let mine: Vec<TaskId> = self.slots[slot]
+            .session
+            .believed
+            .iter()
+            .copied()
+            .filter(|t| !foreign.contains(t))
+            .collect();
+        let k = self.rng.between(1, mine.len().min(3));
+        let ids = self.rng.distinct(&mine, k);
+        self.note(format!(
+            "server changed for s{}'s tasks {ids:?}",
+            self.slots[slot].session.id
+        ));
+        self.admin
+            .execute(
+                "UPDATE example_task SET sl_server = '2000-01-01 00:00:00+00' WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .unwrap_or_else(|e| self.fail(format!("marking tasks as another server's: {e}")));
+        self.stats.marked_elsewhere += ids.len();
     }
 
     /// Strands tasks on purpose: a foreign transaction locks tasks of 2 to
