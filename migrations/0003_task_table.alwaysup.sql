@@ -18,7 +18,7 @@
 -- session-lock's owner can create (so nobody can plant, replace or
 -- overload them, and a runtime role needs no access to the table's schema):
 --
---   session_lock.<prefix>_get_work(session, token, finished[], running[], sweep)  entry point
+--   session_lock.<prefix>_get_work(session, token, finished[], running[], sweep, known[])  entry point
 --   session_lock.<prefix>_finish_tasks(session, token, ids[])                      entry point
 --   session_lock.<prefix>_held()                                                   for status
 --   session_lock.<prefix>_quiet(session, token)                                    entry point
@@ -133,7 +133,8 @@ BEGIN
                  'sl_from', 'sl_to', 'sl_i', 'sl_at', 'sl_orphan', 'sl_live', 'sl_freed',
                  'sl_n', 'sl_steps', 'sl_due', 'sl_round', 'sl_suspects', 'sl_suspect', 'sl_rr',
                  'sl_cursor', 'sl_moved', 'sl_text', 'sl_prev', 'sl_g', 'sl_id', 'p_want', 'sl_ids',
-                 'sl_stop', 'sl_held_was', 'sl_leased', 'sl_elsewhere'];
+                 'sl_stop', 'sl_held_was', 'sl_leased', 'sl_elsewhere', 'p_known', 'sl_new',
+                 'sl_look', 'sl_same_server'];
 END;
 $$;
 
@@ -709,7 +710,8 @@ CREATE OR REPLACE FUNCTION {{fn:get_work}}(
     p_token    uuid,
     p_finished bigint[] DEFAULT '{}',
     p_running  bigint[] DEFAULT '{}',
-    p_sweep    boolean  DEFAULT true
+    p_sweep    boolean  DEFAULT true,
+    p_known    bigint[] DEFAULT NULL
 )
 RETURNS TABLE (sl_finished bigint, sl_task {{table}})
 LANGUAGE plpgsql
@@ -744,6 +746,9 @@ DECLARE
     sl_round    text;
     sl_suspects bigint;
     sl_elsewhere bigint;
+    sl_new      bigint[] := '{}';
+    sl_look     bigint[] := '{}';
+    sl_same_server boolean;
     sl_held_was integer;
     sl_leased   boolean := false;
 BEGIN
@@ -767,8 +772,9 @@ BEGIN
     IF pg_catalog.cardinality(p_finished) > 0 THEN
 {{lease}}
     END IF;
-    SELECT s.name, s.capacity, s.task_table, s.group_cursor, s.held
-      INTO sl_name, sl_capacity, sl_bound, sl_round, sl_held_was
+    SELECT s.name, s.capacity, s.task_table, s.group_cursor, s.held,
+           s.server IS NOT DISTINCT FROM pg_catalog.pg_postmaster_start_time()
+      INTO sl_name, sl_capacity, sl_bound, sl_round, sl_held_was, sl_same_server
       FROM session_lock.session s
      WHERE s.id = p_session
        AND s.token = p_token
@@ -867,14 +873,51 @@ BEGIN
     -- counters leave no more to find than it still lacks, a pickup of all
     -- it lacks stands in for the count: if it gets them all, the open
     -- tasks reach W and the share is the capacity (every draining call).
-    SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE h.sl_attempts > {{suspect_from}}),
-           pg_catalog.count(*) FILTER (WHERE h.sl_server <> pg_catalog.pg_postmaster_start_time())
-      INTO sl_held, sl_suspects, sl_elsewhere
-      FROM {{table}} h
-     WHERE h.session_id = p_session
-       AND (
+    -- The session's open tasks: among the ids its last answer named, when
+    -- the caller passes them (p_known, which may leave out the ids it asks
+    -- to finish: those this call did not finish are looked up too), else
+    -- its whole range of the open index. Only this session's own get_work
+    -- gives it tasks, so a caller that read every answer since knows them
+    -- all; one that may have missed an answer (an error, a restart) passes
+    -- NULL. Looked up by key, they cost the same however long a snapshot
+    -- held elsewhere has kept the range's dead entries (one for every task
+    -- the session held since); a draining call, which finished all it
+    -- held, looks up nothing.
+    IF NOT sl_same_server THEN
+        -- Another server than the one that gave the caller its answers (a
+        -- failover, a restart): its rows may be older than those answers.
+        p_known := NULL;
+    END IF;
+    IF p_known IS NOT NULL THEN
+        sl_look := CASE WHEN pg_catalog.cardinality(sl_done) < pg_catalog.cardinality(p_finished)
+                        THEN p_known || p_finished
+                        ELSE p_known
+                   END;
+    END IF;
+    IF p_known IS NULL THEN
+        SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE h.sl_attempts > {{suspect_from}}),
+               pg_catalog.count(*) FILTER (WHERE h.sl_server <> pg_catalog.pg_postmaster_start_time())
+          INTO sl_held, sl_suspects, sl_elsewhere
+          FROM {{table}} h
+         WHERE h.session_id = p_session
+           AND (
 {{open}}
-           );
+               );
+    ELSIF pg_catalog.cardinality(sl_look) = 0 THEN
+        sl_held := 0;
+        sl_suspects := 0;
+        sl_elsewhere := 0;
+    ELSE
+        SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE h.sl_attempts > {{suspect_from}}),
+               pg_catalog.count(*) FILTER (WHERE h.sl_server <> pg_catalog.pg_postmaster_start_time())
+          INTO sl_held, sl_suspects, sl_elsewhere
+          FROM {{table}} h
+         WHERE h.{{id}} = ANY (sl_look)
+           AND h.session_id = p_session
+           AND (
+{{open}}
+               );
+    END IF;
     IF sl_elsewhere > 0 THEN
         -- Handed out by another server (a failover since: the session came
         -- over with the standby): their runs' writes may be lost with the
@@ -956,13 +999,7 @@ BEGIN
         END IF;
         -- Each pickup is an attempt, and gets a new fencing token: one per
         -- call, drawn once (an init-plan) and shared by the tasks it takes.
-        UPDATE {{table}} t
-           SET session_id = p_session,
-               sl_attempts = t.sl_attempts + 1,
-               sl_fence = (SELECT pg_catalog.nextval('session_lock.fence'::pg_catalog.regclass)),
-               sl_last_session = p_session,
-               sl_server = pg_catalog.pg_postmaster_start_time()
-         WHERE t.{{id}} = ANY (sl_suspect || sl_rr || ARRAY(
+        sl_new := sl_suspect || sl_rr || ARRAY(
                    SELECT f.{{id}}
                      FROM {{table}} f
                     WHERE f.session_id IS NULL
@@ -976,7 +1013,14 @@ BEGIN
                     ORDER BY f.session_id,
 {{order}}
                     LIMIT sl_pick - pg_catalog.cardinality(sl_suspect) - pg_catalog.cardinality(sl_rr)
-                      FOR NO KEY UPDATE SKIP LOCKED))
+                      FOR NO KEY UPDATE SKIP LOCKED);
+        UPDATE {{table}} t
+           SET session_id = p_session,
+               sl_attempts = t.sl_attempts + 1,
+               sl_fence = (SELECT pg_catalog.nextval('session_lock.fence'::pg_catalog.regclass)),
+               sl_last_session = p_session,
+               sl_server = pg_catalog.pg_postmaster_start_time()
+         WHERE t.{{id}} = ANY (sl_new)
            AND t.session_id IS NULL;
         GET DIAGNOSTICS sl_got = ROW_COUNT;
         sl_held := sl_held + sl_got;
@@ -1024,28 +1068,47 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM session_lock.raise_not_live(p_session);
     END IF;
-    IF sl_held IS DISTINCT FROM sl_held_was OR sl_bound IS NULL
+    IF sl_held IS DISTINCT FROM sl_held_was OR sl_bound IS NULL OR NOT sl_same_server
        OR (sl_moved AND sl_cursor IS DISTINCT FROM sl_round) THEN
 {{lease}}
         UPDATE session_lock.session s
            SET held = sl_held,
+               server = pg_catalog.pg_postmaster_start_time(),
                task_table = {{regclass}},
                group_cursor = CASE WHEN sl_moved THEN sl_cursor ELSE s.group_cursor END
          WHERE s.id = p_session;
     END IF;
-    RETURN QUERY
-        SELECT d.id, NULL::{{table}}
-          FROM pg_catalog.unnest(sl_done) AS d(id)
-        UNION ALL
-        (SELECT NULL::bigint, h
-           FROM {{table}} h
-          WHERE h.session_id = p_session
-            AND (
+    IF p_known IS NULL THEN
+        RETURN QUERY
+            SELECT d.id, NULL::{{table}}
+              FROM pg_catalog.unnest(sl_done) AS d(id)
+            UNION ALL
+            (SELECT NULL::bigint, h
+               FROM {{table}} h
+              WHERE h.session_id = p_session
+                AND (
 {{open}}
-                )
-          ORDER BY h.session_id,
+                    )
+              ORDER BY h.session_id,
 {{order}}
-        );
+            );
+    ELSE
+        -- What it knew and what it picked up now, as they stand.
+        RETURN QUERY
+            SELECT d.id, NULL::{{table}}
+              FROM pg_catalog.unnest(sl_done) AS d(id)
+            UNION ALL
+            (SELECT NULL::bigint, h
+               FROM {{table}} h
+              WHERE h.{{id}} = ANY (sl_look || sl_new)
+                AND h.session_id = p_session
+                AND (
+{{open}}
+                    )
+              ORDER BY h.session_id,
+{{order}}
+            );
+    END IF;
 END;
 $sl_fn$;
 $tmpl$,
@@ -1395,7 +1458,7 @@ AS $$
                    ('count_open', 'text, bigint, integer, bigint'),
                    ('sweep', 'bigint, bigint, boolean'),
                    ('round_robin', 'bigint, integer'),
-                   ('get_work', 'bigint, uuid, bigint[], bigint[], boolean'),
+                   ('get_work', 'bigint, uuid, bigint[], bigint[], boolean, bigint[]'),
                    ('finish_tasks', 'bigint, uuid, bigint[]'),
                    ('fail_tasks', 'bigint, uuid, bigint[]'),
                    ('quarantined', 'integer'),
@@ -1592,14 +1655,17 @@ BEGIN
             v_fn.name, v_fn.args);
     END LOOP;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'session_lock_runtime') THEN
-        EXECUTE pg_catalog.format(
-            'GRANT EXECUTE ON FUNCTION session_lock.%I(bigint, uuid, bigint[], bigint[], boolean), '
-            'session_lock.%I(bigint, uuid, bigint[]), session_lock.%I(bigint, uuid, bigint[]), '
-            'session_lock.%I(), session_lock.%I(bigint, integer), '
-            'session_lock.%I(bigint, uuid) TO session_lock_runtime',
-            d.fn_prefix || '_get_work', d.fn_prefix || '_finish_tasks',
-            d.fn_prefix || '_fail_tasks', d.fn_prefix || '_held', d.fn_prefix || '_stats',
-            d.fn_prefix || '_quiet');
+        -- The entry points, with the signatures generated_functions gives.
+        FOR v_fn IN
+            SELECT *
+              FROM session_lock.generated_functions(d.fn_prefix) g
+             WHERE g.name IN (d.fn_prefix || '_get_work', d.fn_prefix || '_finish_tasks',
+                              d.fn_prefix || '_fail_tasks', d.fn_prefix || '_held',
+                              d.fn_prefix || '_stats', d.fn_prefix || '_quiet')
+        LOOP
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION session_lock.%I(%s) TO session_lock_runtime',
+                v_fn.name, v_fn.args);
+        END LOOP;
     END IF;
     UPDATE session_lock.task_table t
        SET generated_at = pg_catalog.clock_timestamp()

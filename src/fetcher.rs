@@ -103,6 +103,16 @@ struct Carried {
     ids: Vec<TaskId>,
 }
 
+/// The tasks the lease's last get_work answered it holds: every task it may
+/// hold now (only its own get_work gives it tasks), passed to the next
+/// call so that the database looks them up by key (`GetWork::known`).
+/// Forgotten whenever an answer may have been missed.
+#[derive(Debug)]
+struct Known {
+    lease: Lease,
+    ids: Vec<TaskId>,
+}
+
 pub(crate) struct Fetcher<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     config: Arc<RunnerConfig>,
     finder: Arc<F>,
@@ -120,6 +130,7 @@ pub(crate) struct Fetcher<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     next_tick: Option<SpawnHandle>,
     in_flight: Option<Aborts>,
     carried: Option<Carried>,
+    known: Option<Known>,
     last_sweep: Option<Instant>,
     /// Empty ticks still to go before asking again whether the runner may
     /// be quiet, and how many to wait after the next "no".
@@ -162,6 +173,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             next_tick: None,
             in_flight: None,
             carried: None,
+            known: None,
             last_sweep: None,
             quiet_skip: 0,
             quiet_backoff: 1,
@@ -290,6 +302,10 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             }
             None => Vec::new(),
         };
+        let known = match self.known.take() {
+            Some(k) if k.lease == lease => Some(k.ids),
+            _ => None,
+        };
         let sweep = self
             .last_sweep
             .is_none_or(|at| at.elapsed() >= self.config.tick);
@@ -323,6 +339,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             lease,
             aborts,
             carried,
+            known,
             sweep,
             ask_quiet,
         };
@@ -344,7 +361,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         self.ticking = false;
         self.in_flight = None;
         let mut panicked = false;
-        let report = res.unwrap_or_else(|panic| {
+        let mut report = res.unwrap_or_else(|panic| {
             panicked = true;
             TickReport {
                 error: Some(Error::Panicked(Panic::from_payload(&*panic))),
@@ -398,6 +415,9 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
                 self.quiet_backoff = 1;
             }
             None => {}
+        }
+        if let (Some(lease), Some(ids)) = (report.lease.clone(), report.known.take()) {
+            self.known = Some(Known { lease, ids });
         }
         if let Some(lease) = report.lease.clone() {
             if !report.carry.is_empty() {
@@ -520,6 +540,8 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Supervised for Fetcher<T, K, F> {
         self.ticking = false;
         self.next_tick = None;
         self.in_flight = None;
+        // The tick that failed may have had an answer nobody read.
+        self.known = None;
         self.status.send_modify(|s| s.actor_restarts += 1);
     }
 }
@@ -644,6 +666,9 @@ struct TickReport {
     drain_next: bool,
     /// Whether get_work swept for orphans.
     swept: bool,
+    /// Every task the lease holds by get_work's answer, when the answer
+    /// was read in full.
+    known: Option<Vec<TaskId>>,
     /// The answer to "may the runner be quiet?", when the tick asked.
     quiet: Option<bool>,
     /// The session is gone (lost, refused, or its database moved).
@@ -670,6 +695,8 @@ struct TickRun<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     aborts: Aborts,
     /// Completed tasks of this lease not yet confirmed finished.
     carried: Vec<TaskId>,
+    /// What the lease's previous answer said it holds, if it was read.
+    known: Option<Vec<TaskId>>,
     sweep: bool,
     /// Ask, if the tick finds and holds nothing, whether the runner may be
     /// quiet.
@@ -728,6 +755,16 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             ids.sort_unstable();
             ids
         };
+        // What the last answer named, less what this call finishes (it
+        // looks up itself those it does not finish).
+        let known: Option<Vec<TaskId>> = self.known.as_ref().map(|known| {
+            let finishing: HashSet<TaskId> = self.carried.iter().copied().collect();
+            known
+                .iter()
+                .copied()
+                .filter(|id| !finishing.contains(id))
+                .collect()
+        });
         let work = bounded(
             limit,
             db.get_work::<T>(GetWork {
@@ -735,6 +772,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 finished: &self.carried,
                 running: &running,
                 sweep: self.sweep,
+                known: known.as_deref(),
             }),
         )
         .instrument(tracing::info_span!(
@@ -782,6 +820,8 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             }
         }
         report.held = Some(held.len() + work.unreadable.len() + report.failed);
+        // A row whose id cannot be read leaves the answer unknown in part.
+        let all_ids = report.failed == 0 && work.unreadable.iter().all(|e| e.task_id.is_some());
         report.failed += work.unreadable.len();
         for e in &work.unreadable {
             if let Some(id) = e.task_id {
@@ -789,6 +829,9 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             }
             tracing::error!(runner = %self.config.name, error = %e, "task row does not scan; it stays assigned");
             report.task_error.get_or_insert_with(|| e.to_string());
+        }
+        if all_ids {
+            report.known = Some(held.iter().copied().collect());
         }
         report.finished += work.finished.len();
         let finished: HashSet<TaskId> = work.finished.into_iter().collect();

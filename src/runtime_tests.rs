@@ -146,6 +146,61 @@ async fn a_notification_does_not_cut_the_backoff_short() {
     runner.stop().await;
 }
 
+/// Waits (in paused time) until the database has seen `n` get_work calls.
+async fn get_works(db: &ScriptedDb, n: usize) -> usize {
+    let deadline = Instant::now() + 5000 * MS;
+    loop {
+        let seen = db.with(|s| s.known.len());
+        if seen >= n {
+            return seen;
+        }
+        assert!(Instant::now() < deadline, "only {seen} get_work calls");
+        tokio::time::sleep(MS).await;
+    }
+}
+
+/// A get_work names the tasks the last answer gave (less those it
+/// finishes) only when that answer was read: never the first call, never
+/// the first after calls that failed.
+#[actix_rt::test]
+async fn the_runner_names_its_tasks_only_after_an_answer_it_read() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 1000);
+    let runs = Runs::default();
+    let runner = start(&db, config().build().unwrap(), &runs, 10 * MS);
+    let on = get_works(&db, 5).await;
+    db.failing(Method::GetWork, true);
+    let off = get_works(&db, on + 2).await;
+    db.failing(Method::GetWork, false);
+    get_works(&db, off + 5).await;
+    runner.stop().await;
+    let known = db.with(|s| s.known.clone());
+    let calls = db.calls(Method::GetWork);
+    assert_eq!(known.len(), calls.len());
+    assert_eq!(known[0], None, "the first call knows nothing");
+    for i in 1..known.len() {
+        let after_failure = (on + 1..=off).contains(&i);
+        match &known[i] {
+            None => assert!(after_failure, "call {i} named nothing: {known:?}"),
+            Some(named) => {
+                assert!(
+                    !after_failure,
+                    "call {i} named {named:?} after a failed call"
+                );
+                assert!(
+                    named.iter().all(|id| !calls[i].ids.contains(id)),
+                    "call {i} named {named:?}, which it finishes: {:?}",
+                    calls[i].ids
+                );
+            }
+        }
+    }
+    assert!(
+        known[off].is_none() && known[off + 1].is_some(),
+        "{known:?}"
+    );
+}
+
 #[actix_rt::test]
 async fn status_keeps_what_is_held_after_a_failed_tick() {
     tokio::time::pause();

@@ -106,6 +106,8 @@ pub(crate) struct State {
     /// Rows someone else holds a lock on: a finish leaves them be.
     pub(crate) locked: HashSet<TaskId>,
     pub(crate) calls: Vec<Call>,
+    /// What each get_work named as known (`GetWork::known`), in order.
+    pub(crate) known: Vec<Option<Vec<TaskId>>>,
     faults: Vec<(Method, VecDeque<Fault>)>,
     /// Every later call of these methods fails (transiently).
     pub(crate) failing: HashSet<MethodKey>,
@@ -295,6 +297,7 @@ impl Database for ScriptedDb {
 
     async fn get_work<T: ScanTask>(&self, params: GetWork<'_>) -> Result<Work<T>> {
         let session = params.session.id;
+        self.with(|s| s.known.push(params.known.map(<[TaskId]>::to_vec)));
         self.enter(Method::GetWork, Some(session), params.finished)
             .await?;
         let (finished, held) = self.with(|s| {

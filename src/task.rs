@@ -131,7 +131,7 @@ macro_rules! task_queries {
             get_work: concat!(
                 "SELECT w.sl_finished, (w.sl_task).* FROM session_lock.\"",
                 $prefix,
-                "_get_work\"($1, $2, $3, $4, $5) AS w"
+                "_get_work\"($1, $2, $3, $4, $5, $6) AS w"
             ),
             finish: concat!(
                 "SELECT * FROM session_lock.\"",

@@ -101,6 +101,17 @@ pub struct GetWork<'a> {
     /// tasks (held by no live session). The runner does it once per tick
     /// interval, not on every draining call.
     pub sweep: bool,
+    /// Every task the session may hold: the ids the session's previous
+    /// answer named (those in `finished` may be left out: the ones the call
+    /// does not finish are looked up too). get_work then looks these up by
+    /// key (plus what it picks up) instead of reading the session's whole
+    /// stretch of the open index, whose dead entries a snapshot held
+    /// elsewhere keeps. Only a session's own get_work gives it tasks, so a
+    /// caller that read every answer since knows them all; `None` after any
+    /// call whose answer was not read (an error, a timeout, a restart), and
+    /// the call reads the range. A held task missing from `Some` would be
+    /// neither counted nor returned until a call with `None`.
+    pub known: Option<&'a [TaskId]>,
 }
 
 impl<'a> GetWork<'a> {
@@ -111,6 +122,7 @@ impl<'a> GetWork<'a> {
             finished: &[],
             running: &[],
             sweep: true,
+            known: None,
         }
     }
 }

@@ -448,6 +448,7 @@ impl Database for PgStore {
                     (&params.finished, Type::INT8_ARRAY),
                     (&params.running, Type::INT8_ARRAY),
                     (&params.sweep, Type::BOOL),
+                    (&params.known, Type::INT8_ARRAY),
                 ],
                 Some(session),
             )

@@ -303,6 +303,9 @@ enum Call {
         finished: Vec<TaskId>,
         running: Vec<TaskId>,
         sweep: bool,
+        /// What the client believes it holds, sometimes with ids of other
+        /// tasks (`GetWork::known`); None reads the session's range.
+        known: Option<Vec<TaskId>>,
     },
     Finish {
         session: Lease,
@@ -331,8 +334,12 @@ impl fmt::Display for Call {
                 finished,
                 running,
                 sweep,
+                known,
             } => {
                 write!(f, "get_work s{session}")?;
+                if let Some(known) = known {
+                    write!(f, " knowing {known:?}")?;
+                }
                 if !finished.is_empty() {
                     write!(f, " finishing {finished:?}")?;
                 }
@@ -388,6 +395,7 @@ async fn exec(store: &PgStore, admin: &Client, call: &Call) -> Outcome {
             finished,
             running,
             sweep,
+            known,
         } => Outcome::Work(
             store
                 .get_work::<ExampleTask>(GetWork {
@@ -395,6 +403,7 @@ async fn exec(store: &PgStore, admin: &Client, call: &Call) -> Outcome {
                     finished,
                     running,
                     sweep: *sweep,
+                    known: known.as_deref(),
                 })
                 .await,
         ),
@@ -1011,6 +1020,22 @@ impl World {
             Vec::new()
         };
         let sweep = self.rng.percent(70);
+        // A client that read every answer knows all its session holds;
+        // ids it does not hold must change nothing.
+        // It may leave out what it asks to finish.
+        let leave_out = self.rng.percent(50);
+        let known = self.rng.percent(70).then(|| {
+            let mut known: Vec<TaskId> = s
+                .believed
+                .iter()
+                .copied()
+                .filter(|t| !(leave_out && finished.contains(t)))
+                .collect();
+            if self.rng.percent(15) {
+                known.extend(self.strangers(&s.believed));
+            }
+            known
+        });
         Planned {
             slot,
             call: Call::GetWork {
@@ -1018,6 +1043,7 @@ impl World {
                 finished,
                 running,
                 sweep,
+                known,
             },
             role: Role::Live,
         }
@@ -1032,6 +1058,7 @@ impl World {
                 finished,
                 running: Vec::new(),
                 sweep: true,
+                known: None,
             },
             role: Role::Live,
         }
@@ -1108,6 +1135,7 @@ impl World {
                 finished: believed.iter().copied().collect(),
                 running: Vec::new(),
                 sweep: self.rng.percent(50),
+                known: Some(believed.iter().copied().collect()),
             },
             1 => Call::Finish {
                 session,
@@ -2236,6 +2264,7 @@ async fn session_actor(shared: &Mutex<World>, slot: usize, mut rng: Rng, iterati
                         finished: s.believed.iter().copied().collect(),
                         running: Vec::new(),
                         sweep: true,
+                        known: None,
                     },
                     1 => Call::Finish {
                         session: s.lease,

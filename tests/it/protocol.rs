@@ -487,6 +487,100 @@ async fn an_unmigrated_database_says_to_run_migrate() {
 /// table (the transaction's count of its sequential scans stays 0),
 /// through pickups, finishes, round-robin probes, counts (a session that
 /// has not ticked yet keeps the others off the fast path) and the sweep.
+/// A caller that names the tasks its last answer gave it (`known`) gets
+/// the answer a range read gives: its open tasks and what it picks up now;
+/// ids of other sessions' tasks, finished ones and ids no row has change
+/// nothing.
+#[tokio::test]
+async fn a_get_work_that_names_what_its_session_holds_answers_as_a_range_read_does() {
+    let Setup { store, client, .. } = setup(30).await;
+    let a = start(&store, "known").await;
+    let b = start(&store, "known").await;
+    let mine = work(&store, &a).await;
+    let theirs = work(&store, &b).await;
+    assert_eq!((mine.len(), theirs.len()), (10, 10));
+    let mut naming: Vec<TaskId> = mine.iter().chain(&theirs).copied().collect();
+    naming.push(1_000_000_000_000);
+    let w = store
+        .get_work::<ExampleTask>(GetWork {
+            finished: &mine[..3],
+            known: Some(&naming),
+            ..GetWork::new(&a)
+        })
+        .await
+        .expect("get_work naming what it holds");
+    assert_eq!(w.finished, mine[..3].to_vec(), "the finish as usual");
+    let held: Vec<TaskId> = w.tasks.iter().map(|t| t.id).collect();
+    assert_eq!(held.len(), 10, "the 7 kept and 3 picked up: {held:?}");
+    assert!(mine[3..].iter().all(|t| held.contains(t)), "kept: {held:?}");
+    assert!(
+        theirs.iter().all(|t| !held.contains(t)),
+        "another session's tasks, though named, are not the caller's: {held:?}"
+    );
+    let in_table: Vec<TaskId> = client
+        .query(
+            "SELECT id FROM example_task WHERE session_id = $1 AND finished_at IS NULL ORDER BY id",
+            &[&a.id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(held, in_table, "the answer is the table's, in pickup order");
+    assert_eq!(held_counters(&client).await[&a.id], 10);
+    let again = store
+        .get_work::<ExampleTask>(GetWork::new(&a))
+        .await
+        .expect("get_work reading the range");
+    let by_range: Vec<TaskId> = again.tasks.iter().map(|t| t.id).collect();
+    assert_eq!(by_range, held, "a range read agrees");
+}
+
+/// Named tasks are trusted only on the server whose answers named them:
+/// after a failover or a restart the rows may be older than what the
+/// caller read (a finish lost with the old primary leaves its task held),
+/// so the first call there reads the session's whole range, and records the
+/// server.
+#[tokio::test]
+async fn on_another_server_a_call_naming_its_tasks_reads_the_whole_range() {
+    let Setup { store, client, .. } = setup(20).await;
+    let a = start(&store, "known-server").await;
+    let mine = work(&store, &a).await;
+    assert_eq!(mine.len(), 10);
+    // As if the finish of mine[0] had been answered, and then lost.
+    let naming = &mine[1..];
+    client
+        .execute(
+            "UPDATE session_lock.session SET server = server - interval '1 hour' WHERE id = $1",
+            &[&a.id],
+        )
+        .await
+        .unwrap();
+    let w = store
+        .get_work::<ExampleTask>(GetWork {
+            known: Some(naming),
+            ..GetWork::new(&a)
+        })
+        .await
+        .unwrap();
+    let held: Vec<TaskId> = w.tasks.iter().map(|t| t.id).collect();
+    assert_eq!(
+        held, mine,
+        "the whole range, with the task the caller no longer named"
+    );
+    let recorded: bool = client
+        .query_one(
+            "SELECT server = pg_postmaster_start_time() FROM session_lock.session WHERE id = $1",
+            &[&a.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(recorded, "the call records the server it ran on");
+    assert_eq!(held_counters(&client).await[&a.id], 10);
+}
+
 #[tokio::test]
 async fn get_work_keeps_to_the_indexes_whatever_the_statistics_say() {
     let db = migrated_db().await;
@@ -517,18 +611,23 @@ async fn get_work_keeps_to_the_indexes_whatever_the_statistics_say() {
     let small = start_cap(&store, "scan", 5).await;
     let _not_ticked = start_cap(&store, "scan", 10).await;
     let mut finished: HashMap<SessionId, Vec<TaskId>> = HashMap::new();
+    // What each session's previous answer named: passed in two rounds of
+    // three (the lookup by key), not in the third (the range read).
+    let mut known: HashMap<SessionId, Vec<TaskId>> = HashMap::new();
     for round in 0..8 {
         for session in [&big, &small] {
             let tx = client.transaction().await.unwrap();
+            let knowing = known.remove(&session.id).filter(|_| round % 3 != 0);
             let rows = tx
                 .query(
                     "SELECT w.sl_finished, (w.sl_task).id
-                       FROM session_lock.example_task_get_work($1, $2, $3, '{}', $4) AS w",
+                       FROM session_lock.example_task_get_work($1, $2, $3, '{}', $4, $5) AS w",
                     &[
                         &session.id,
                         &session.token,
                         &finished.remove(&session.id).unwrap_or_default(),
                         &(round % 2 == 0),
+                        &knowing,
                     ],
                 )
                 .await
@@ -560,6 +659,7 @@ async fn get_work_keeps_to_the_indexes_whatever_the_statistics_say() {
             // Finish half of what is held: the other half stays, so later
             // calls count and top up rather than only refill.
             finished.insert(session.id, held[..held.len() / 2].to_vec());
+            known.insert(session.id, held);
         }
     }
 }

@@ -794,7 +794,7 @@ async fn my_task_entry_points(client: &Client) -> Vec<(String, bool)> {
 fn generated_my_task_entry_points() -> Vec<(String, bool)> {
     [
         "session_lock.my_task_finish_tasks(bigint,uuid,bigint[])",
-        "session_lock.my_task_get_work(bigint,uuid,bigint[],bigint[],boolean)",
+        "session_lock.my_task_get_work(bigint,uuid,bigint[],bigint[],boolean,bigint[])",
         "session_lock.my_task_held()",
     ]
     .into_iter()
@@ -885,6 +885,7 @@ async fn upgrade_keeps_every_task_holder_and_held_counter() {
             "session_lock/0001_session_lock_v2.up.sql",
             "session_lock/0001_session_lock_v2_retries.up.sql",
             "session_lock/0001_session_lock_v2_task_groups.up.sql",
+            "session_lock/0001_session_lock_v2_known.up.sql",
             "example/0001_example_task_tenant.up.sql",
         ];
         if declare == Declare::InFile {
@@ -1330,6 +1331,7 @@ async fn migrating_again_changes_nothing() {
             "session_lock/0001_session_lock_v2.up.sql",
             "session_lock/0001_session_lock_v2_retries.up.sql",
             "session_lock/0001_session_lock_v2_task_groups.up.sql",
+            "session_lock/0001_session_lock_v2_known.up.sql",
             "example/0001_example_task.up.sql",
             "example/0001_example_task_tenant.up.sql",
             "app/0001_tasks.up.sql",

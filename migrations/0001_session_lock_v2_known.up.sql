@@ -1,0 +1,12 @@
+-- The server a session's tasks were last read on: what protocol 2 records
+-- beyond 0001_session_lock_v2_task_groups.up.sql. Applied exactly once (a
+-- *.up.sql file): never edit it after release.
+--
+-- A runner may name the tasks its last answer gave it (get_work's p_known)
+-- instead of having its session's stretch of the open index read. That is
+-- sound only on the server that gave the answer: after a failover or a
+-- crash-restart the session's rows may be older than the answers its
+-- runner read (a finish that never reached the standby leaves the task
+-- held), so get_work reads the stretch whenever this column does not name
+-- the server it runs on (pg_postmaster_start_time()), and then records it.
+ALTER TABLE session_lock.session ADD COLUMN server timestamptz;
