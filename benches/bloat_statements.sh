@@ -44,7 +44,7 @@ window() {
     f0=$(finished)
     sleep 20
     f1=$(finished)
-    echo "== $1: $(((f1 - f0) / 20)) tasks/s (calls | mean us | buffers per call | statement)"
+    echo "== $1: $(((f1 - f0) / 20)) tasks/s, load average $(cut -d' ' -f1-3 /proc/loadavg) (calls | mean us | buffers per call | statement)"
     psql_in -c "SELECT calls, round(mean_exec_time::numeric * 1000), round(shared_blks_hit::numeric / calls),
                        left(regexp_replace(query, '\s+', ' ', 'g'), 60)
                   FROM pg_stat_statements
