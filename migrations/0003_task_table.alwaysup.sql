@@ -65,9 +65,13 @@
 --      floor(open * (before + C) / W) - floor(open * before / W), at most
 --      C; open is counted only as far as W (past it every session is at
 --      its capacity), and not at all when a pickup of all S still lacks
---      can stand in for the count;
+--      can stand in for the count; S's own tasks are looked up by key
+--      among the ids the caller names (p_known: its last answer's), or
+--      read from S's stretch of the open index when it names none, or when
+--      S was last served by another server (a failover, a restart);
 --   7. check S's lease again (a call that outlived it commits nothing),
---      record S's held counter, and return the finished ids and S's tasks.
+--      record S's held counter (and the server), and return the finished
+--      ids and S's tasks.
 -- Every pickup counts an attempt (sl_attempts) and draws a fencing token
 -- (sl_fence, from session_lock.fence, one per call for the tasks it takes:
 -- a task's token grows with every change of holder); a task picked up
