@@ -892,12 +892,6 @@ BEGIN
         -- failover, a restart): its rows may be older than those answers.
         p_known := NULL;
     END IF;
-    IF p_known IS NOT NULL THEN
-        sl_look := CASE WHEN pg_catalog.cardinality(sl_done) < pg_catalog.cardinality(p_finished)
-                        THEN p_known || p_finished
-                        ELSE p_known
-                   END;
-    END IF;
     IF p_known IS NULL THEN
         SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE h.sl_attempts > {{suspect_from}}),
                pg_catalog.count(*) FILTER (WHERE h.sl_server <> pg_catalog.pg_postmaster_start_time())
@@ -907,20 +901,26 @@ BEGIN
            AND (
 {{open}}
                );
-    ELSIF pg_catalog.cardinality(sl_look) = 0 THEN
-        sl_held := 0;
-        sl_suspects := 0;
-        sl_elsewhere := 0;
     ELSE
-        SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE h.sl_attempts > {{suspect_from}}),
-               pg_catalog.count(*) FILTER (WHERE h.sl_server <> pg_catalog.pg_postmaster_start_time())
-          INTO sl_held, sl_suspects, sl_elsewhere
-          FROM {{table}} h
-         WHERE h.{{id}} = ANY (sl_look)
-           AND h.session_id = p_session
-           AND (
+        sl_look := CASE WHEN pg_catalog.cardinality(sl_done) < pg_catalog.cardinality(p_finished)
+                        THEN p_known || p_finished
+                        ELSE p_known
+                   END;
+        IF pg_catalog.cardinality(sl_look) = 0 THEN
+            sl_held := 0;
+            sl_suspects := 0;
+            sl_elsewhere := 0;
+        ELSE
+            SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE h.sl_attempts > {{suspect_from}}),
+                   pg_catalog.count(*) FILTER (WHERE h.sl_server <> pg_catalog.pg_postmaster_start_time())
+              INTO sl_held, sl_suspects, sl_elsewhere
+              FROM {{table}} h
+             WHERE h.{{id}} = ANY (sl_look)
+               AND h.session_id = p_session
+               AND (
 {{open}}
-               );
+                   );
+        END IF;
     END IF;
     IF sl_elsewhere > 0 THEN
         -- Handed out by another server (a failover since: the session came
