@@ -129,9 +129,9 @@ macro_rules! task_queries {
         );
         $crate::TaskQueries {
             get_work: concat!(
-                "SELECT w.sl_finished, (w.sl_task).* FROM session_lock.\"",
+                "SELECT * FROM session_lock.\"",
                 $prefix,
-                "_get_work\"($1, $2, $3, $4, $5, $6) AS w"
+                "_get_work\"($1, $2, $3, $4, $5, $6)"
             ),
             finish: concat!(
                 "SELECT * FROM session_lock.\"",

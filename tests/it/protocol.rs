@@ -537,6 +537,41 @@ async fn a_get_work_that_names_what_its_session_holds_answers_as_a_range_read_do
     assert_eq!(by_range, held, "a range read agrees");
 }
 
+/// Named tasks are looked up by key, one probe of the primary key each,
+/// never by reading the session's stretch of the open index (where a
+/// snapshot held elsewhere keeps a dead entry for every task it held), and
+/// whatever the statistics: here the open index is small, which is when a
+/// range read filtered by the ids looks cheapest to the planner.
+#[tokio::test]
+async fn named_tasks_are_looked_up_by_key_not_read_from_the_range() {
+    let Setup { store, client, .. } = setup(10).await;
+    let a = start(&store, "by-key").await;
+    let mine = work(&store, &a).await;
+    assert_eq!(mine.len(), 10, "all there is: no free task left to count");
+    client.batch_execute("ANALYZE example_task").await.unwrap();
+    // At capacity, finishing nothing: the call counts what it holds and
+    // answers, both by key (the finish, not tested here, updates its ids
+    // where the plan finds them).
+    let rows = client
+        .query(
+            "WITH w AS (SELECT * FROM session_lock.example_task_get_work($1, $2, '{}', '{}', false, $3))
+             SELECT (SELECT count(*) FROM w WHERE w.sl_finished IS NULL),
+                    pg_stat_get_xact_tuples_returned('example_task_open_idx'::regclass),
+                    pg_stat_get_xact_numscans('example_task_pkey'::regclass)",
+            &[&a.id, &a.token, &mine],
+        )
+        .await
+        .expect("get_work naming its tasks");
+    let (held, from_range, probes): (i64, i64, i64) =
+        (rows[0].get(0), rows[0].get(1), rows[0].get(2));
+    assert_eq!(held, 10);
+    assert_eq!(
+        from_range, 0,
+        "no entry of the session's range read ({probes} primary-key scans)"
+    );
+    assert!(probes > 0, "looked up by key");
+}
+
 /// Named tasks are trusted only on the server whose answers named them:
 /// after a failover or a restart the rows may be older than what the
 /// caller read (a finish lost with the old primary leaves its task held),
@@ -620,7 +655,7 @@ async fn get_work_keeps_to_the_indexes_whatever_the_statistics_say() {
             let knowing = known.remove(&session.id).filter(|_| round % 3 != 0);
             let rows = tx
                 .query(
-                    "SELECT w.sl_finished, (w.sl_task).id
+                    "SELECT w.sl_finished, w.id
                        FROM session_lock.example_task_get_work($1, $2, $3, '{}', $4, $5) AS w",
                     &[
                         &session.id,
@@ -1235,7 +1270,7 @@ async fn an_idle_get_work_writes_nothing_and_a_busy_one_holds_its_lease() {
     let tx = s.client.transaction().await.unwrap();
     let rows = tx
         .query(
-            "SELECT (w.sl_task).id FROM session_lock.example_task_get_work($1, $2, '{}', '{}', true) w",
+            "SELECT w.id FROM session_lock.example_task_get_work($1, $2, '{}', '{}', true) w",
             &[&b.id, &b.token],
         )
         .await
@@ -1586,4 +1621,97 @@ async fn a_locked_task_from_another_server_is_given_back_once_the_lock_goes() {
     assert!(w.tasks.is_empty(), "given back: {:?}", w.tasks);
     assert_eq!(holdings(&s.client).await, BTreeMap::from([(None, 2)]));
     assert_counters_match(&s.client, "the give-back after the lock").await;
+}
+
+#[tokio::test]
+async fn get_work_answers_with_the_columns_of_its_last_generation_and_a_dropped_one_fails_naming_the_fix()
+ {
+    let s = setup(3).await;
+    let a = start(&s.store, "columns").await;
+    let held = work(&s.store, &a).await;
+    assert_eq!(held.len(), 3);
+    let columns = |rows: &[tokio_postgres::Row]| -> Vec<String> {
+        rows[0]
+            .columns()
+            .iter()
+            .map(|c| c.name().to_owned())
+            .collect()
+    };
+    let call = "SELECT * FROM session_lock.example_task_get_work($1, $2, $3)";
+    let none: Vec<TaskId> = Vec::new();
+
+    // A column added: left out of the answer until the functions are
+    // generated again, then in it, last.
+    s.client
+        .batch_execute("ALTER TABLE example_task ADD COLUMN note text DEFAULT 'n'")
+        .await
+        .unwrap();
+    let rows = s
+        .client
+        .query(call, &[&a.id, &a.token, &none])
+        .await
+        .unwrap();
+    assert!(
+        !columns(&rows).contains(&"note".to_owned()),
+        "{:?}",
+        columns(&rows)
+    );
+    s.client
+        .batch_execute("SELECT session_lock.generate_task_tables()")
+        .await
+        .unwrap();
+    let rows = s
+        .client
+        .query(call, &[&a.id, &a.token, &none])
+        .await
+        .unwrap();
+    let names = columns(&rows);
+    assert_eq!(names.first().map(String::as_str), Some("sl_finished"));
+    assert_eq!(names.last().map(String::as_str), Some("note"), "{names:?}");
+    assert_eq!(
+        rows[0].get::<_, Option<String>>("note").as_deref(),
+        Some("n")
+    );
+
+    // A column dropped without generating again: the call fails saying
+    // what to do, and undoes everything it did (its finish too).
+    s.client
+        .batch_execute("ALTER TABLE example_task DROP COLUMN note")
+        .await
+        .unwrap();
+    let err = s
+        .client
+        .query(call, &[&a.id, &a.token, &vec![held[0]]])
+        .await
+        .expect_err("a dropped column fails the call");
+    let db_err = err.as_db_error().expect("a server error");
+    assert_eq!(db_err.code().code(), "SL005", "{db_err:?}");
+    assert!(db_err.message().contains("columns changed"), "{db_err:?}");
+    assert!(
+        db_err
+            .hint()
+            .is_some_and(|h| h.contains("generate_task_tables")),
+        "{db_err:?}"
+    );
+    let open: i64 = s
+        .client
+        .query_one(
+            "SELECT count(*) FROM example_task WHERE finished_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 3, "the failed call finished nothing");
+
+    // Generated again, the runner's own statement works and finishes.
+    s.client
+        .batch_execute("SELECT session_lock.generate_task_tables()")
+        .await
+        .unwrap();
+    let w = finish_and_work(&s.store, &a, &held[..1], &[])
+        .await
+        .unwrap();
+    assert_eq!(w.finished, vec![held[0]]);
+    assert_eq!(w.tasks.len(), 2);
 }
