@@ -293,6 +293,10 @@ $$;
 --   {{table}}        the table, schema-qualified and quoted
 --   {{regclass}}     the table as a regclass constant
 --   {{id}}           the primary key column, quoted
+--   {{address}}      how get_work finds a row it has locked or updated: ctid,
+--                    or for a partitioned table (whose partitions share
+--                    addresses) the primary key column
+--   {{address_type}} its type: tid or bigint
 --   {{answer}}       get_work's row type, session_lock.<prefix>_answer
 --   {{answer_row}}   the table's columns of a row h, as that type lists them
 --   {{answer_nulls}} as many NULLs, each of its column's type
@@ -755,8 +759,8 @@ DECLARE
     sl_suspects bigint;
     sl_elsewhere bigint;
     sl_new      bigint[] := '{}';
-    sl_free     tid[] := '{}';
-    sl_tids     tid[] := '{}';
+    sl_free     {{address_type}}[] := '{}';
+    sl_tids     {{address_type}}[] := '{}';
     sl_drawn    bigint;
     sl_look     bigint[] := '{}';
     sl_same_server boolean;
@@ -1030,8 +1034,10 @@ BEGIN
         -- The rest in order, locked where they stand: by their row
         -- addresses the UPDATE below goes straight to them (no lookup by
         -- key), and they stay where they are while this call holds them.
+        -- (A partitioned table's partitions share addresses: there the
+        -- address is the key.)
         sl_free := ARRAY(
-                   SELECT f.ctid
+                   SELECT f.{{address}}
                      FROM {{table}} f
                     WHERE f.session_id IS NULL
                       AND (
@@ -1059,9 +1065,9 @@ BEGIN
                        sl_server = pg_catalog.pg_postmaster_start_time()
                  WHERE t.{{id}} = ANY (sl_suspect || sl_rr)
                    AND t.session_id IS NULL
-                RETURNING t.ctid, t.{{id}} AS id
+                RETURNING t.{{address}} AS address, t.{{id}} AS id
             )
-            SELECT coalesce(pg_catalog.array_agg(taken.ctid), '{}'),
+            SELECT coalesce(pg_catalog.array_agg(taken.address), '{}'),
                    coalesce(pg_catalog.array_agg(taken.id), '{}')
               INTO sl_tids, sl_new
               FROM taken;
@@ -1073,11 +1079,11 @@ BEGIN
                    sl_fence = sl_drawn,
                    sl_last_session = p_session,
                    sl_server = pg_catalog.pg_postmaster_start_time()
-             WHERE t.ctid = ANY (sl_free)
+             WHERE t.{{address}} = ANY (sl_free)
                AND t.session_id IS NULL
-            RETURNING t.ctid, t.{{id}} AS id
+            RETURNING t.{{address}} AS address, t.{{id}} AS id
         )
-        SELECT sl_tids || coalesce(pg_catalog.array_agg(taken.ctid), '{}'),
+        SELECT sl_tids || coalesce(pg_catalog.array_agg(taken.address), '{}'),
                sl_new || coalesce(pg_catalog.array_agg(taken.id), '{}')
           INTO sl_tids, sl_new
           FROM taken;
@@ -1165,7 +1171,7 @@ BEGIN
             (SELECT NULL::bigint, {{answer_row}}
                FROM (SELECT t.*
                        FROM {{table}} t
-                      WHERE t.ctid = ANY (sl_tids)
+                      WHERE t.{{address}} = ANY (sl_tids)
                      OFFSET 0) AS h
               WHERE h.session_id = p_session
                 AND (
@@ -1185,7 +1191,7 @@ BEGIN
             (SELECT NULL::bigint, {{answer_row}}
                FROM ((SELECT t.*
                         FROM {{table}} t
-                       WHERE t.ctid = ANY (sl_tids)
+                       WHERE t.{{address}} = ANY (sl_tids)
                       OFFSET 0)
                      UNION ALL
                      SELECT t.*
@@ -1599,6 +1605,7 @@ DECLARE
     v_row      text;
     v_nulls    text;
     v_had      text;
+    v_partitioned boolean;
 BEGIN
     SELECT * INTO d FROM session_lock.task_table t WHERE t.task_table = p_table;
     IF NOT FOUND THEN
@@ -1616,7 +1623,8 @@ BEGIN
             'functions %s have the names session-lock generates for it, but another role owns them: choose another fn_prefix, or drop them',
             v_foreign));
     END IF;
-    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) INTO v_table
+    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), c.relkind = 'p'
+      INTO v_table, v_partitioned
       FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = p_table;
@@ -1772,6 +1780,10 @@ BEGIN
         v_sql := pg_catalog.replace(v_sql, '{{regclass}}',
             pg_catalog.quote_literal(v_table) || '::pg_catalog.regclass');
         v_sql := pg_catalog.replace(v_sql, '{{id}}', pg_catalog.quote_ident(d.id_column));
+        v_sql := pg_catalog.replace(v_sql, '{{address_type}}',
+            CASE WHEN v_partitioned THEN 'bigint' ELSE 'pg_catalog.tid' END);
+        v_sql := pg_catalog.replace(v_sql, '{{address}}',
+            CASE WHEN v_partitioned THEN pg_catalog.quote_ident(d.id_column) ELSE 'ctid' END);
         v_sql := pg_catalog.replace(v_sql, '{{answer_row}}', v_row);
         v_sql := pg_catalog.replace(v_sql, '{{answer_nulls}}', v_nulls);
         v_sql := pg_catalog.replace(v_sql, '{{answer}}', v_answer);

@@ -1715,3 +1715,90 @@ async fn get_work_answers_with_the_columns_of_its_last_generation_and_a_dropped_
     assert_eq!(w.finished, vec![held[0]]);
     assert_eq!(w.tasks.len(), 2);
 }
+
+/// A partitioned task table: rows of different partitions share row
+/// addresses, so the pickup and the answer must not go by address alone.
+#[tokio::test]
+async fn a_partitioned_table_hands_out_each_task_once() {
+    let db = migrated_db().await;
+    let store = PgStore::connect(&db.url).await.expect("store");
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE jobs (id bigint PRIMARY KEY, payload text, finished_at timestamptz)
+                 PARTITION BY RANGE (id);
+             CREATE TABLE jobs_a PARTITION OF jobs FOR VALUES FROM (1) TO (1000);
+             CREATE TABLE jobs_b PARTITION OF jobs FOR VALUES FROM (1000) TO (2000);
+             INSERT INTO jobs (id, payload) SELECT g, 'a' FROM generate_series(1, 5) g;
+             INSERT INTO jobs (id, payload) SELECT g, 'b' FROM generate_series(1000, 1004) g;
+             SELECT session_lock.declare_task_table('public.jobs',
+                 open_when => 'finished_at IS NULL', finish => 'finished_at = now()');",
+        )
+        .await
+        .expect("a partitioned task table");
+    // a alone first: its pickup fills its capacity (no count, no give-back
+    // to hide a pickup that took more).
+    let a = start_cap(&store, "parts", 3).await;
+    let answer = |rows: Vec<tokio_postgres::Row>| -> Vec<TaskId> {
+        rows.iter()
+            .filter(|r| r.get::<_, Option<TaskId>>("sl_finished").is_none())
+            .map(|r| r.get("id"))
+            .collect()
+    };
+    let call = "SELECT * FROM session_lock.jobs_get_work($1, $2, $3, '{}', true, $4)";
+    let none: Vec<TaskId> = Vec::new();
+    let mine = answer(
+        client
+            .query(call, &[&a.id, &a.token, &none, &none])
+            .await
+            .unwrap(),
+    );
+    let b = start_cap(&store, "parts", 7).await;
+    let theirs = answer(
+        client
+            .query(call, &[&b.id, &b.token, &none, &none])
+            .await
+            .unwrap(),
+    );
+    let held = |session: SessionId| {
+        let client = &client;
+        async move {
+            let rows = client
+                .query(
+                    "SELECT id FROM jobs WHERE session_id = $1 AND finished_at IS NULL ORDER BY id",
+                    &[&session],
+                )
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|r| r.get::<_, TaskId>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(mine, vec![1, 2, 3], "a's share, in order");
+    assert_eq!(
+        held(a.id).await,
+        mine,
+        "a holds what it was answered, no more"
+    );
+    assert_eq!(theirs, vec![4, 5, 1000, 1001, 1002, 1003, 1004]);
+    assert_eq!(held(b.id).await, theirs);
+    // Finishing and naming what it holds: the rest by key, across
+    // partitions.
+    let again = answer(
+        client
+            .query(
+                call,
+                &[
+                    &b.id,
+                    &b.token,
+                    &vec![4_i64, 1000],
+                    &vec![5_i64, 1001, 1002, 1003, 1004],
+                ],
+            )
+            .await
+            .unwrap(),
+    );
+    assert_eq!(again, vec![5, 1001, 1002, 1003, 1004]);
+    assert_eq!(held(b.id).await, again);
+}
