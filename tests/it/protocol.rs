@@ -1802,3 +1802,67 @@ async fn a_partitioned_table_hands_out_each_task_once() {
     assert_eq!(again, vec![5, 1001, 1002, 1003, 1004]);
     assert_eq!(held(b.id).await, again);
 }
+
+/// A free task updated by someone else since it was inserted lives at a
+/// new row address: the pickup locks and updates that version, once, and
+/// the answer carries what the other writer wrote. One still being
+/// updated (its row locked) is passed over, and taken once the writer
+/// commits.
+#[tokio::test]
+async fn a_free_task_rewritten_by_another_transaction_is_picked_up_as_rewritten() {
+    let Setup {
+        db, store, client, ..
+    } = setup(2).await;
+    let ids: Vec<TaskId> = client
+        .query("SELECT id FROM example_task ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    client
+        .execute(
+            "UPDATE example_task SET payload = 'rewritten' WHERE id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap();
+    let writer = db.client().await;
+    writer
+        .batch_execute(&format!(
+            "BEGIN; UPDATE example_task SET payload = 'being rewritten' WHERE id = {}",
+            ids[1]
+        ))
+        .await
+        .unwrap();
+    let a = start(&store, "rewritten").await;
+    let w = store
+        .get_work::<ExampleTask>(GetWork::new(&a))
+        .await
+        .expect("get_work");
+    let got: Vec<(TaskId, String)> = w.tasks.iter().map(|t| (t.id, t.payload.clone())).collect();
+    assert_eq!(
+        got,
+        vec![(ids[0], "rewritten".to_owned())],
+        "the locked one passed over"
+    );
+    writer.batch_execute("COMMIT").await.unwrap();
+    let w = store
+        .get_work::<ExampleTask>(GetWork {
+            known: Some(&ids[..1]),
+            ..GetWork::new(&a)
+        })
+        .await
+        .expect("get_work");
+    let got: Vec<(TaskId, String)> = w.tasks.iter().map(|t| (t.id, t.payload.clone())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (ids[0], "rewritten".to_owned()),
+            (ids[1], "being rewritten".to_owned())
+        ]
+    );
+    assert_eq!(held_counters(&client).await[&a.id], 2);
+    let holders = holdings(&client).await;
+    assert_eq!(holders.get(&Some(a.id)), Some(&2), "{holders:?}");
+}
