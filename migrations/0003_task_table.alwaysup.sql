@@ -1035,8 +1035,14 @@ BEGIN
         -- addresses the UPDATE below goes straight to them (no lookup by
         -- key), and they stay where they are while this call holds them.
         -- (A partitioned table's partitions share addresses: there the
-        -- address is the key.)
-        sl_free := ARRAY(
+        -- address is the key.) The suspect and the round's tasks, locked
+        -- by key, are found by it once.
+        IF pg_catalog.cardinality(sl_suspect) + pg_catalog.cardinality(sl_rr) > 0 THEN
+            sl_free := ARRAY(SELECT t.{{address}}
+                               FROM {{table}} t
+                              WHERE t.{{id}} = ANY (sl_suspect || sl_rr));
+        END IF;
+        sl_free := sl_free || ARRAY(
                    SELECT f.{{address}}
                      FROM {{table}} f
                     WHERE f.session_id IS NULL
@@ -1055,23 +1061,6 @@ BEGIN
         -- call, shared by the tasks it takes. The new rows' addresses are
         -- what the answer reads them by.
         sl_drawn := pg_catalog.nextval('session_lock.fence'::pg_catalog.regclass);
-        IF pg_catalog.cardinality(sl_suspect) + pg_catalog.cardinality(sl_rr) > 0 THEN
-            WITH taken AS (
-                UPDATE {{table}} t
-                   SET session_id = p_session,
-                       sl_attempts = t.sl_attempts + 1,
-                       sl_fence = sl_drawn,
-                       sl_last_session = p_session,
-                       sl_server = pg_catalog.pg_postmaster_start_time()
-                 WHERE t.{{id}} = ANY (sl_suspect || sl_rr)
-                   AND t.session_id IS NULL
-                RETURNING t.{{address}} AS address, t.{{id}} AS id
-            )
-            SELECT coalesce(pg_catalog.array_agg(taken.address), '{}'),
-                   coalesce(pg_catalog.array_agg(taken.id), '{}')
-              INTO sl_tids, sl_new
-              FROM taken;
-        END IF;
         WITH taken AS (
             UPDATE {{table}} t
                SET session_id = p_session,
@@ -1083,8 +1072,8 @@ BEGIN
                AND t.session_id IS NULL
             RETURNING t.{{address}} AS address, t.{{id}} AS id
         )
-        SELECT sl_tids || coalesce(pg_catalog.array_agg(taken.address), '{}'),
-               sl_new || coalesce(pg_catalog.array_agg(taken.id), '{}')
+        SELECT coalesce(pg_catalog.array_agg(taken.address), '{}'),
+               coalesce(pg_catalog.array_agg(taken.id), '{}')
           INTO sl_tids, sl_new
           FROM taken;
         sl_got := pg_catalog.cardinality(sl_new);
@@ -1144,11 +1133,10 @@ BEGIN
          WHERE s.id = p_session;
     END IF;
     BEGIN
+    -- The finished ids first, then the tasks held.
+    RETURN QUERY SELECT d.id, {{answer_nulls}} FROM pg_catalog.unnest(sl_done) AS d(id);
     IF p_known IS NULL THEN
         RETURN QUERY
-            SELECT d.id, {{answer_nulls}}
-              FROM pg_catalog.unnest(sl_done) AS d(id)
-            UNION ALL
             (SELECT NULL::bigint, {{answer_row}}
                FROM {{table}} h
               WHERE h.session_id = p_session
@@ -1165,9 +1153,6 @@ BEGIN
         -- there, and not read). A plan of its own: without the lookup by
         -- key it has half the nodes to start.
         RETURN QUERY
-            SELECT d.id, {{answer_nulls}}
-              FROM pg_catalog.unnest(sl_done) AS d(id)
-            UNION ALL
             (SELECT NULL::bigint, {{answer_row}}
                FROM (SELECT t.*
                        FROM {{table}} t
@@ -1185,9 +1170,6 @@ BEGIN
         -- above), as they stand. OFFSET 0 keeps the planner from taking
         -- the session's range of the open index instead.
         RETURN QUERY
-            SELECT d.id, {{answer_nulls}}
-              FROM pg_catalog.unnest(sl_done) AS d(id)
-            UNION ALL
             (SELECT NULL::bigint, {{answer_row}}
                FROM ((SELECT t.*
                         FROM {{table}} t

@@ -1812,14 +1812,8 @@ async fn a_partitioned_table_hands_out_each_task_once() {
 async fn a_free_task_rewritten_by_another_transaction_is_picked_up_as_rewritten() {
     let Setup {
         db, store, client, ..
-    } = setup(2).await;
-    let ids: Vec<TaskId> = client
-        .query("SELECT id FROM example_task ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    } = setup(0).await;
+    let ids = seed(&client, 2).await;
     client
         .execute(
             "UPDATE example_task SET payload = 'rewritten' WHERE id = $1",
