@@ -145,6 +145,9 @@ pub struct RunnerConfig {
     pub(crate) jitter: Duration,
     pub(crate) jitter_seed: Option<u64>,
     pub(crate) workers: usize,
+    /// The least of the Tasker's time a batch hands each worker
+    /// (`workers::slices`): not a setting, the tests shorten it.
+    pub(crate) quantum: Duration,
     pub(crate) batch_timeout: Duration,
     pub(crate) drain_timeout: Duration,
     pub(crate) drain_mode: bool,
@@ -173,6 +176,7 @@ impl RunnerConfig {
                 jitter: DEFAULT_TICK,
                 jitter_seed: None,
                 workers: DEFAULT_WORKERS,
+                quantum: crate::workers::QUANTUM,
                 batch_timeout: DEFAULT_BATCH_TIMEOUT,
                 drain_timeout: DEFAULT_DRAIN_TIMEOUT,
                 drain_mode: true,
@@ -341,8 +345,11 @@ impl RunnerConfigBuilder {
         self
     }
 
-    /// The number of tasker workers a batch is spread over, 1 to 1024.
-    /// Defaults to [`DEFAULT_WORKERS`] (4).
+    /// The number of tasker workers, each on a thread of its own, 1 to
+    /// 1024. Defaults to [`DEFAULT_WORKERS`] (4). A batch goes over as
+    /// many of them as its run time pays for: each gets at least 100 µs of
+    /// the Tasker's time, by the pace of the last batch that ran in full,
+    /// and all of them while that pace is unknown.
     pub fn workers(mut self, workers: usize) -> Self {
         self.config.workers = workers;
         self

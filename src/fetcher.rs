@@ -53,7 +53,7 @@ use crate::store::{Database, DbFinder, GetWork};
 use crate::task::{ScanTask, TaskId};
 use crate::tasker::Tasker;
 use crate::telemetry::{Metrics, SPAN_FAIL, SPAN_FINISH, SPAN_GET_WORK, SPAN_RUN_TASKS, SPAN_TICK};
-use crate::workers::{RunSlice, SliceOutcome, Worker};
+use crate::workers::{self, RunSlice, SliceOutcome, Worker};
 
 /// How long past `batch_timeout` a slice may take to return (a Tasker
 /// dropped at its timeout returns at once; one blocking its thread cannot)
@@ -132,6 +132,9 @@ pub(crate) struct Fetcher<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     carried: Option<Carried>,
     known: Option<Known>,
     last_sweep: Option<Instant>,
+    /// The Tasker's time per task in the last batch that ran in full:
+    /// what the next batch is spread over the workers by.
+    pace: Option<Duration>,
     /// Empty ticks still to go before asking again whether the runner may
     /// be quiet, and how many to wait after the next "no".
     quiet_skip: u32,
@@ -175,6 +178,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             carried: None,
             known: None,
             last_sweep: None,
+            pace: None,
             quiet_skip: 0,
             quiet_backoff: 1,
             drain_waiters: Vec::new(),
@@ -336,6 +340,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             gate: self.gate.clone(),
             epoch: self.gate.epoch.load(Ordering::Relaxed),
             running: self.running.clone(),
+            pace: self.pace,
             lease,
             aborts,
             carried,
@@ -375,6 +380,9 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         self.metrics.failed(report.failed);
         self.metrics.rejected(report.rejected);
         self.metrics.given_back(report.given_back);
+        if let Some(pace) = report.pace {
+            self.pace = pace;
+        }
         if let Some(held) = report.held {
             self.metrics.held(held);
         }
@@ -671,6 +679,9 @@ struct TickReport {
     known: Option<Vec<TaskId>>,
     /// The answer to "may the runner be quiet?", when the tick asked.
     quiet: Option<bool>,
+    /// The Tasker's pace in this tick's batch, when one ran: `Some(None)`
+    /// when some of it failed.
+    pace: Option<Option<Duration>>,
     /// The session is gone (lost, refused, or its database moved).
     lease_gone: bool,
     /// A failure of the tick itself.
@@ -691,6 +702,8 @@ struct TickRun<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     /// The lease epoch when the tick started.
     epoch: u64,
     running: Running,
+    /// The Tasker's pace, if known (`workers::slices`).
+    pace: Option<Duration>,
     lease: Lease,
     aborts: Aborts,
     /// Completed tasks of this lease not yet confirmed finished.
@@ -877,6 +890,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 session_lock.tasks.count = report.fetched as i64,
             ))
             .await;
+        report.pace = Some(workers::pace(&outcomes));
         let mut completed = Vec::with_capacity(report.fetched);
         for outcome in outcomes {
             completed.extend(outcome.completed);
@@ -922,11 +936,17 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
         }
     }
 
-    /// Runs the tasks on the workers, a slice each, and waits until every
-    /// slice has returned. Runs still going `STUCK_GRACE` past the batch
+    /// Runs the tasks on as many workers as their pace pays for
+    /// (`workers::slices`), a slice each, and waits until every slice has
+    /// returned. Runs still going `STUCK_GRACE` past the batch
     /// timeout are reported stuck, and their session left to expire.
     async fn run_tasks(&self, tasks: Vec<(TaskId, T)>) -> Vec<SliceOutcome> {
-        let n = self.workers.len().min(tasks.len());
+        let n = workers::slices(
+            self.workers.len(),
+            tasks.len(),
+            self.pace,
+            self.config.quantum,
+        );
         let mut slices: Vec<(Vec<TaskId>, Vec<T>)> =
             (0..n).map(|_| (Vec::new(), Vec::new())).collect();
         for (i, (id, task)) in tasks.into_iter().enumerate() {
@@ -957,6 +977,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                     completed: Vec::new(),
                     failed: count,
                     error: Some(format!("worker {i} unavailable: {e}")),
+                    ran: Duration::ZERO,
                 });
                 let mut running = running.lock().unwrap_or_else(PoisonError::into_inner);
                 for id in &ids {

@@ -657,3 +657,73 @@ async fn with_keep_a_task_the_batch_did_not_complete_stays_and_runs_next_tick() 
     );
     runner.stop().await;
 }
+
+/// A Tasker that records the size of each slice it is handed and takes
+/// `cost` per task of real time, blocking its thread: the pace is wall
+/// time, which the paused clock does not stop.
+fn pacing_tasker(
+    slices: Arc<Mutex<Vec<usize>>>,
+    cost: Arc<Mutex<Duration>>,
+) -> impl Fn(
+    Vec<TestTask>,
+    Progress,
+) -> futures_util::future::BoxFuture<'static, Result<Vec<TaskId>, TaskerError>>
++ Send
++ Sync
++ 'static {
+    move |tasks: Vec<TestTask>, _progress: Progress| {
+        slices.lock().unwrap().push(tasks.len());
+        let cost = *cost.lock().unwrap();
+        Box::pin(async move {
+            std::thread::sleep(cost * tasks.len() as u32);
+            Ok(tasks.iter().map(|t| t.id).collect())
+        })
+    }
+}
+
+#[actix_rt::test]
+async fn a_batch_goes_over_as_many_workers_as_the_last_batchs_pace_pays_for() {
+    tokio::time::pause();
+    let db = ScriptedDb::new("db", 4);
+    let slices = Arc::new(Mutex::new(Vec::new()));
+    let cost = Arc::new(Mutex::new(Duration::ZERO));
+    // A quantum long enough that no stall of a loaded machine makes a
+    // batch of no time look slow.
+    let mut config = config().max_tasks(4).workers(2).build().unwrap();
+    config.quantum = 50 * MS;
+    let runner = Runner::<TestTask, _, _>::new(
+        config,
+        ScriptedFinder::new(db.clone()),
+        pacing_tasker(slices.clone(), cost.clone()),
+    )
+    .start_inline();
+    let mut next_id: TaskId = 5;
+    // Each step adds a batch of 4 once the last has finished, then says
+    // how it was sliced.
+    let mut batch = async |finished: u64| {
+        if finished > 4 {
+            db.with(|s| {
+                for id in next_id..next_id + 4 {
+                    s.tasks.insert(id, None);
+                }
+            });
+            next_id += 4;
+        }
+        until(&runner, 5000 * MS, |s| s.finished >= finished).await;
+        std::mem::take(&mut *slices.lock().unwrap())
+    };
+    // Pace unknown: every worker.
+    assert_eq!(batch(4).await, vec![2, 2]);
+    // Four tasks of no time: one worker.
+    assert_eq!(batch(8).await, vec![4]);
+    // Tasks of 25 ms, each batch sliced by the last one's pace: the first
+    // still on one worker, the next (100 ms, two quanta) on both.
+    *cost.lock().unwrap() = 25 * MS;
+    assert_eq!(batch(12).await, vec![4]);
+    assert_eq!(batch(16).await, vec![2, 2]);
+    // Quick again: one worker, after one more batch at the old pace.
+    *cost.lock().unwrap() = Duration::ZERO;
+    assert_eq!(batch(20).await, vec![2, 2]);
+    assert_eq!(batch(24).await, vec![4]);
+    runner.stop().await;
+}

@@ -9,12 +9,19 @@
 //! left the Tasker's state half-updated, and a timed-out Tasker's future is
 //! dropped mid-flight). Ids the Tasker was not given are ignored and
 //! reported; ids given twice count once.
+//!
+//! A batch is spread over as many workers as its expected run time pays
+//! for ([`slices`]): each worker is handed at least a quantum ([`QUANTUM`]) of the
+//! Tasker's time, by the pace of the last batch that ran in full, and a
+//! batch of unknown pace goes over every worker. So a Tasker that takes
+//! microseconds does not pay for waking every worker's thread each tick,
+//! and one that takes longer runs its batch side by side.
 
 use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures_util::FutureExt;
@@ -49,6 +56,47 @@ pub(crate) struct SliceOutcome {
     pub(crate) failed: usize,
     /// Why some tasks failed, if they did.
     pub(crate) error: Option<String>,
+    /// How long the Tasker took on the slice (wall time).
+    pub(crate) ran: Duration,
+}
+
+/// The least of the Tasker's time worth a worker of its own: below it,
+/// waking another worker's thread and waiting for its reply costs about as
+/// much as running beside it saves.
+pub(crate) const QUANTUM: Duration = Duration::from_micros(100);
+
+/// How many of `workers` a batch of `tasks` is spread over, given the
+/// Tasker's time per task in the last batch that ran in full (`pace`): as
+/// many as get a `quantum` each, at least one; every worker (up to one per
+/// task) when the pace is unknown.
+pub(crate) fn slices(
+    workers: usize,
+    tasks: usize,
+    pace: Option<Duration>,
+    quantum: Duration,
+) -> usize {
+    let most = workers.min(tasks).max(1);
+    let Some(pace) = pace else {
+        return most;
+    };
+    let total = pace.as_nanos().saturating_mul(tasks as u128);
+    let wanted = total.div_ceil(quantum.as_nanos().max(1)).max(1);
+    most.min(usize::try_from(wanted).unwrap_or(usize::MAX))
+}
+
+/// The Tasker's time per task over a batch's slices, if every task of it
+/// completed: a batch with failures says nothing reliable about the next.
+pub(crate) fn pace(outcomes: &[SliceOutcome]) -> Option<Duration> {
+    let mut ran = Duration::ZERO;
+    let mut tasks = 0u32;
+    for o in outcomes {
+        if o.failed > 0 || o.error.is_some() {
+            return None;
+        }
+        ran = ran.saturating_add(o.ran);
+        tasks = tasks.saturating_add(u32::try_from(o.completed.len()).unwrap_or(u32::MAX));
+    }
+    ran.checked_div(tasks)
 }
 
 pub(crate) struct Worker<T, K> {
@@ -112,6 +160,7 @@ impl<T: Task, K: Tasker<T>> Handler<RunSlice<T>> for Worker<T, K> {
             // The call itself goes inside the guarded future: a Tasker may
             // panic before it even returns its future.
             let reported = progress.clone();
+            let started = Instant::now();
             let run = AssertUnwindSafe(async move { tasker.run(msg.tasks, reported).await })
                 .catch_unwind();
             let run = Abortable::new(tokio::time::timeout(timeout, run), msg.abort);
@@ -122,10 +171,12 @@ impl<T: Task, K: Tasker<T>> Handler<RunSlice<T>> for Worker<T, K> {
                 Ok(Ok(Ok(Err(e)))) => Ending::Failed(e.to_string()),
                 Ok(Ok(Ok(Ok(ids)))) => Ending::Returned(ids),
             };
-            (ending, progress.take())
+            (ending, progress.take(), started.elapsed())
         };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
-            move |(ending, reported), act, ctx| act.outcome(ctx, &given, ending, reported),
+            move |(ending, reported, ran), act, ctx| {
+                act.outcome(ctx, &given, ending, reported, ran)
+            },
         )))
     }
 }
@@ -137,6 +188,7 @@ impl<T: Task, K: Tasker<T>> Worker<T, K> {
         given: &[TaskId],
         ending: Ending,
         mut reported: Vec<TaskId>,
+        ran: Duration,
     ) -> SliceOutcome {
         let mut error = None;
         let mut restart = false;
@@ -191,6 +243,56 @@ impl<T: Task, K: Tasker<T>> Worker<T, K> {
             completed,
             failed,
             error,
+            ran,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(completed: usize, failed: usize, ran_us: u64) -> SliceOutcome {
+        SliceOutcome {
+            completed: (0..completed as TaskId).collect(),
+            failed,
+            error: (failed > 0).then(|| "tasker failed".to_owned()),
+            ran: Duration::from_micros(ran_us),
+        }
+    }
+
+    #[test]
+    fn a_batch_of_unknown_pace_goes_over_every_worker_one_task_each_at_least() {
+        assert_eq!(slices(4, 10, None, QUANTUM), 4);
+        assert_eq!(slices(4, 3, None, QUANTUM), 3);
+        assert_eq!(slices(4, 0, None, QUANTUM), 1);
+    }
+
+    #[test]
+    fn each_worker_gets_a_quantum_of_the_taskers_time() {
+        let us = Duration::from_micros;
+        // 10 tasks of 1 µs: one worker.
+        assert_eq!(slices(4, 10, Some(us(1)), QUANTUM), 1);
+        // 10 tasks of 10 µs: exactly one quantum.
+        assert_eq!(slices(4, 10, Some(us(10)), QUANTUM), 1);
+        // 10 tasks of 25 µs: 250 µs, three quanta.
+        assert_eq!(slices(4, 10, Some(us(25)), QUANTUM), 3);
+        // Slow tasks: every worker, never more workers than tasks.
+        assert_eq!(slices(4, 10, Some(Duration::from_secs(1)), QUANTUM), 4);
+        assert_eq!(slices(4, 2, Some(Duration::from_secs(1)), QUANTUM), 2);
+        // A pace of zero (a clock too coarse to see it) is one worker.
+        assert_eq!(slices(4, 100, Some(Duration::ZERO), QUANTUM), 1);
+        // No overflow at the extremes.
+        assert_eq!(slices(1024, usize::MAX, Some(Duration::MAX), QUANTUM), 1024);
+        assert_eq!(slices(4, 10, Some(us(1)), Duration::ZERO), 4);
+    }
+
+    #[test]
+    fn pace_is_the_taskers_time_per_task_of_a_batch_that_ran_in_full() {
+        let us = Duration::from_micros;
+        assert_eq!(pace(&[outcome(3, 0, 30), outcome(2, 0, 70)]), Some(us(20)));
+        assert_eq!(pace(&[outcome(3, 0, 30), outcome(1, 1, 70)]), None);
+        assert_eq!(pace(&[]), None);
+        assert_eq!(pace(&[outcome(0, 0, 5)]), None);
     }
 }
