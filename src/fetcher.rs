@@ -847,19 +847,25 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             report.known = Some(held.iter().copied().collect());
         }
         report.finished += work.finished.len();
-        let finished: HashSet<TaskId> = work.finished.into_iter().collect();
-        let mut still_carried = Vec::new();
-        for id in report.carry.drain(..) {
-            if finished.contains(&id) {
-                continue;
+        // The database finishes only ids it was passed, each once: as many
+        // finished as carried is all of them (a draining tick).
+        if work.finished.len() == report.carry.len() {
+            report.carry.clear();
+        } else {
+            let finished: HashSet<TaskId> = work.finished.into_iter().collect();
+            let mut still_carried = Vec::new();
+            for id in report.carry.drain(..) {
+                if finished.contains(&id) {
+                    continue;
+                }
+                if held.contains(&id) {
+                    still_carried.push(id);
+                } else {
+                    report.rejected += 1;
+                }
             }
-            if held.contains(&id) {
-                still_carried.push(id);
-            } else {
-                report.rejected += 1;
-            }
+            report.carry = still_carried;
         }
-        report.carry = still_carried;
         let skip: HashSet<TaskId> = report.carry.iter().chain(running.iter()).copied().collect();
         tasks.retain(|(id, _)| !skip.contains(id));
 
@@ -900,7 +906,9 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             }
         }
         report.drain_next = self.config.drain_mode && full_share && !completed.is_empty();
-        if self.config.failed_tasks == FailedTasks::GiveBack {
+        // Each dispatched task is completed at most once: as many completed
+        // as dispatched is all of them.
+        if self.config.failed_tasks == FailedTasks::GiveBack && completed.len() < dispatched.len() {
             let done: HashSet<TaskId> = completed.iter().copied().collect();
             let failed: Vec<TaskId> = dispatched
                 .into_iter()

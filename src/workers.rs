@@ -11,11 +11,12 @@
 //! reported; ids given twice count once.
 //!
 //! A batch is spread over as many workers as its expected run time pays
-//! for ([`slices`]): each worker is handed at least a quantum ([`QUANTUM`]) of the
-//! Tasker's time, by the pace of the last batch that ran in full, and a
-//! batch of unknown pace goes over every worker. So a Tasker that takes
-//! microseconds does not pay for waking every worker's thread each tick,
-//! and one that takes longer runs its batch side by side.
+//! for ([`slices`]): each worker is handed at least a quantum
+//! ([`QUANTUM`]) of the Tasker's time, by the pace of the last batch that
+//! ran in full, and a batch of unknown pace goes over every worker. So a
+//! Tasker that takes microseconds does not pay for waking every worker's
+//! thread each tick, and one that takes longer runs its batch side by
+//! side.
 
 use std::collections::HashSet;
 use std::marker::PhantomData;
@@ -207,17 +208,7 @@ impl<T: Task, K: Tasker<T>> Worker<T, K> {
                 error = Some("tasker stopped: session fenced or runner stopping".into())
             }
         }
-        let given_set: HashSet<TaskId> = given.iter().copied().collect();
-        let mut seen = HashSet::with_capacity(reported.len());
-        let mut foreign = Vec::new();
-        let mut completed = Vec::with_capacity(reported.len());
-        for id in reported {
-            if !given_set.contains(&id) {
-                foreign.push(id);
-            } else if seen.insert(id) {
-                completed.push(id);
-            }
-        }
+        let (completed, foreign) = restrict(reported, given);
         if !foreign.is_empty() {
             tracing::warn!(
                 runner = %self.runner,
@@ -246,6 +237,28 @@ impl<T: Task, K: Tasker<T>> Worker<T, K> {
             ran,
         }
     }
+}
+
+/// What the Tasker reported, split into the given ids it completed (each
+/// once, in the order reported) and the ids it was not given. Most Taskers
+/// report exactly the ids they were given, in order (which are distinct:
+/// a batch holds each task once), and that needs no sets.
+fn restrict(reported: Vec<TaskId>, given: &[TaskId]) -> (Vec<TaskId>, Vec<TaskId>) {
+    if reported == given {
+        return (reported, Vec::new());
+    }
+    let given_set: HashSet<TaskId> = given.iter().copied().collect();
+    let mut seen = HashSet::with_capacity(reported.len());
+    let mut foreign = Vec::new();
+    let mut completed = Vec::with_capacity(reported.len());
+    for id in reported {
+        if !given_set.contains(&id) {
+            foreign.push(id);
+        } else if seen.insert(id) {
+            completed.push(id);
+        }
+    }
+    (completed, foreign)
 }
 
 #[cfg(test)]
@@ -285,6 +298,17 @@ mod tests {
         // No overflow at the extremes.
         assert_eq!(slices(1024, usize::MAX, Some(Duration::MAX), QUANTUM), 1024);
         assert_eq!(slices(4, 10, Some(us(1)), Duration::ZERO), 4);
+    }
+
+    #[test]
+    fn reported_ids_are_restricted_to_the_given_each_once() {
+        assert_eq!(restrict(vec![1, 2, 3], &[1, 2, 3]), (vec![1, 2, 3], vec![]));
+        assert_eq!(restrict(vec![3, 1], &[1, 2, 3]), (vec![3, 1], vec![]));
+        assert_eq!(
+            restrict(vec![2, 9, 2, 1], &[1, 2, 3]),
+            (vec![2, 1], vec![9])
+        );
+        assert_eq!(restrict(vec![], &[1]), (vec![], vec![]));
     }
 
     #[test]
