@@ -770,7 +770,11 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
         };
         // What the last answer named, less what this call finishes (it
         // looks up itself those it does not finish).
+        // (A draining tick finishes exactly what the last answer named.)
         let known: Option<Vec<TaskId>> = self.known.as_ref().map(|known| {
+            if *known == self.carried {
+                return Vec::new();
+            }
             let finishing: HashSet<TaskId> = self.carried.iter().copied().collect();
             known
                 .iter()
@@ -844,7 +848,15 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             report.task_error.get_or_insert_with(|| e.to_string());
         }
         if all_ids {
-            report.known = Some(held.iter().copied().collect());
+            // In the answer's order, which is the order a one-slice batch
+            // completes in: the next tick compares the two.
+            report.known = Some(
+                tasks
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .chain(work.unreadable.iter().filter_map(|e| e.task_id))
+                    .collect(),
+            );
         }
         report.finished += work.finished.len();
         // The database finishes only ids it was passed, each once: as many
