@@ -15,7 +15,10 @@
 # Usage, from anywhere, with a PostgreSQL the caller started (superuser
 # `postgres`, reachable on 127.0.0.1:$PGPORT) and one database per build:
 #   PGPORT=5499 benches/ab_runners.sh DB_A "BIN_A run" DB_B "BIN_B run" [REPS]
-# A build of protocol 1 takes `worker` instead of `run`. Configurations:
+# A build of protocol 1 takes `worker` instead of `run`. The server should
+# run pg_stat_statements (if loaded) at its defaults: `track = all` or
+# `track_planning = on` charge every nested statement, and protocol 2's
+# get_work runs more of them than protocol 1's. Configurations:
 # CONFIGS="tasks:batch:runners ..." (default: 30000:10:1 60000:10:4
 # 100000:100:1 100000:100:4).
 set -euo pipefail
