@@ -77,8 +77,39 @@ pub(crate) struct Drain {
 
 type Aborts = Arc<Mutex<Vec<AbortHandle>>>;
 
-/// The ids of tasks whose runs have not returned.
-type Running = Arc<Mutex<HashSet<TaskId>>>;
+/// The ids of the slices whose runs have not returned, a list per slice
+/// (a tick's slices are disjoint).
+#[derive(Clone, Debug, Default)]
+struct Running(Arc<Mutex<Vec<Arc<[TaskId]>>>>);
+
+impl Running {
+    fn add(&self, slice: &Arc<[TaskId]>) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(slice.clone());
+    }
+
+    fn returned(&self, slice: &Arc<[TaskId]>) {
+        let mut slices = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = slices.iter().position(|s| Arc::ptr_eq(s, slice)) {
+            slices.swap_remove(at);
+        }
+    }
+
+    /// Every id still running, in order.
+    fn ids(&self) -> Vec<TaskId> {
+        let mut ids: Vec<TaskId> = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .flat_map(|s| s.iter().copied())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+}
 
 /// What the tick in flight reads of the actor's state as it changes.
 #[derive(Debug, Default)]
@@ -169,7 +200,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             workers,
             lease: None,
             gate: Arc::default(),
-            running: Arc::default(),
+            running: Running::default(),
             ticking: false,
             wake_pending: false,
             backing_off: false,
@@ -216,18 +247,6 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
                 handle.abort();
             }
         }
-    }
-
-    fn running_ids(&self) -> Vec<TaskId> {
-        let mut ids: Vec<TaskId> = self
-            .running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .copied()
-            .collect();
-        ids.sort_unstable();
-        ids
     }
 
     /// On stop: finishes the completed tasks still carried (if the session
@@ -641,7 +660,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Drain> for Fetcher<T, K, F>
                     if returned {
                         return Vec::new();
                     }
-                    let left = act.running_ids();
+                    let left = act.running.ids();
                     tracing::error!(runner = %act.config.name, tasks = ?left,
                         "stopping with runs that do not return: their session is left to expire, not ended");
                     left
@@ -757,17 +776,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
 
         let listen_gen = self.gate.listen_gen.load(Ordering::SeqCst);
         // One call: finish what completed, then get work.
-        let running: Vec<TaskId> = {
-            let mut ids: Vec<TaskId> = self
-                .running
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .copied()
-                .collect();
-            ids.sort_unstable();
-            ids
-        };
+        let running: Vec<TaskId> = self.running.ids();
         // What the last answer named, less what this call finishes (it
         // looks up itself those it does not finish).
         // (A draining tick finishes exactly what the last answer named.)
@@ -980,10 +989,8 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(handle);
-            self.running
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .extend(ids.iter().copied());
+            let ids: Arc<[TaskId]> = ids.into();
+            self.running.add(&ids);
             let count = ids.len();
             let running = self.running.clone();
             let request = self.workers[i].send(RunSlice {
@@ -999,10 +1006,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                     error: Some(format!("worker {i} unavailable: {e}")),
                     ran: Duration::ZERO,
                 });
-                let mut running = running.lock().unwrap_or_else(PoisonError::into_inner);
-                for id in &ids {
-                    running.remove(id);
-                }
+                running.returned(&ids);
                 outcome
             }
         });
@@ -1011,14 +1015,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
         match tokio::time::timeout(timeout.saturating_add(STUCK_GRACE), &mut all).await {
             Ok(outcomes) => outcomes,
             Err(_) => {
-                let mut stuck: Vec<TaskId> = self
-                    .running
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .iter()
-                    .copied()
-                    .collect();
-                stuck.sort_unstable();
+                let stuck = self.running.ids();
                 tracing::error!(
                     runner = %self.config.name,
                     session = self.lease.session.id,

@@ -38,7 +38,7 @@ use crate::telemetry::Metrics;
 /// giving up after `timeout` or when aborted.
 pub(crate) struct RunSlice<T> {
     pub(crate) tasks: Vec<T>,
-    pub(crate) ids: Vec<TaskId>,
+    pub(crate) ids: Arc<[TaskId]>,
     pub(crate) timeout: Duration,
     pub(crate) abort: AbortRegistration,
 }
