@@ -36,6 +36,9 @@ fn config() -> crate::config::RunnerConfigBuilder {
         .workers(2)
 }
 
+/// What a test's Tasker returns for a batch.
+type Run = futures_util::future::BoxFuture<'static, Result<Vec<TaskId>, TaskerError>>;
+
 /// How many times each task's run started.
 type Runs = Arc<Mutex<BTreeMap<TaskId, u32>>>;
 
@@ -43,13 +46,7 @@ type Runs = Arc<Mutex<BTreeMap<TaskId, u32>>>;
 fn tasker(
     runs: Runs,
     work: Duration,
-) -> impl Fn(
-    Vec<TestTask>,
-    Progress,
-) -> futures_util::future::BoxFuture<'static, Result<Vec<TaskId>, TaskerError>>
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(Vec<TestTask>, Progress) -> Run + Send + Sync + 'static {
     move |tasks: Vec<TestTask>, progress: Progress| {
         let runs = runs.clone();
         Box::pin(async move {
@@ -430,13 +427,7 @@ fn writing_tasker(
     writes: Arc<Mutex<Writes>>,
     replies: tokio::sync::watch::Receiver<bool>,
     at_once: fn(TaskId) -> bool,
-) -> impl Fn(
-    Vec<TestTask>,
-    Progress,
-) -> futures_util::future::BoxFuture<'static, Result<Vec<TaskId>, TaskerError>>
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(Vec<TestTask>, Progress) -> Run + Send + Sync + 'static {
     move |tasks: Vec<TestTask>, progress: Progress| {
         let writes = writes.clone();
         let mut replies = replies.clone();
@@ -580,13 +571,7 @@ async fn a_completion_reported_before_a_fence_is_finished_after_it_and_never_run
 fn failing_tasker(
     runs: Runs,
     failing: TaskId,
-) -> impl Fn(
-    Vec<TestTask>,
-    Progress,
-) -> futures_util::future::BoxFuture<'static, Result<Vec<TaskId>, TaskerError>>
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(Vec<TestTask>, Progress) -> Run + Send + Sync + 'static {
     move |tasks: Vec<TestTask>, progress: Progress| {
         let runs = runs.clone();
         Box::pin(async move {
@@ -664,13 +649,7 @@ async fn with_keep_a_task_the_batch_did_not_complete_stays_and_runs_next_tick() 
 fn pacing_tasker(
     slices: Arc<Mutex<Vec<usize>>>,
     cost: Arc<Mutex<Duration>>,
-) -> impl Fn(
-    Vec<TestTask>,
-    Progress,
-) -> futures_util::future::BoxFuture<'static, Result<Vec<TaskId>, TaskerError>>
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(Vec<TestTask>, Progress) -> Run + Send + Sync + 'static {
     move |tasks: Vec<TestTask>, _progress: Progress| {
         slices.lock().unwrap().push(tasks.len());
         let cost = *cost.lock().unwrap();
