@@ -62,11 +62,14 @@ pub(crate) struct DrainRun {
 }
 
 pub(crate) fn run(ctx: &Ctx) -> Vec<DrainRun> {
-    let (runner_counts, batches, syncs): (Vec<usize>, Vec<u32>, Vec<bool>) = if ctx.opts.full {
+    let (mut runner_counts, batches, syncs): (Vec<usize>, Vec<u32>, Vec<bool>) = if ctx.opts.full {
         (vec![1, 2, 4, 8], vec![10, 100], vec![true, false])
     } else {
         (vec![1, 4], vec![10, 100], vec![true])
     };
+    if let Some(counts) = &ctx.opts.runners {
+        runner_counts.clone_from(counts);
+    }
     let modes = [
         Mode::InProcess,
         Mode::Processes,

@@ -35,7 +35,8 @@
 //! run only those: `cargo bench --bench load -- drain pickup`. `--reps N`
 //! repeats each measurement N times (default 3), `--tasks N` sets the drain
 //! size (default 100000), `--minutes N` how long bloat holds its snapshot
-//! (default 10). `SESSION_LOCK_BENCH_FULL=1` is `--full`.
+//! (default 10), `--runners N,M` the drain's runner counts (default 1,4;
+//! 1,2,4,8 in `--full`). `SESSION_LOCK_BENCH_FULL=1` is `--full`.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -68,6 +69,8 @@ struct Opts {
     tasks: u64,
     /// Minutes the bloat benchmark holds its snapshot.
     minutes: u64,
+    /// The drain's runner counts, when given.
+    runners: Option<Vec<usize>>,
     only: Vec<String>,
 }
 
@@ -78,6 +81,7 @@ impl Opts {
             reps: 3,
             tasks: 100_000,
             minutes: 10,
+            runners: None,
             only: Vec::new(),
         };
         let mut args = std::env::args().skip(1);
@@ -88,9 +92,23 @@ impl Opts {
                 "--reps" => o.reps = args.next().and_then(|v| v.parse().ok()).unwrap_or(3),
                 "--tasks" => o.tasks = args.next().and_then(|v| v.parse().ok()).unwrap_or(100_000),
                 "--minutes" => o.minutes = args.next().and_then(|v| v.parse().ok()).unwrap_or(10),
+                "--runners" => {
+                    let given = args.next().unwrap_or_default();
+                    let counts: Vec<usize> = given
+                        .split(',')
+                        .filter_map(|n| n.trim().parse().ok())
+                        .collect();
+                    if counts.is_empty() || counts.contains(&0) {
+                        eprintln!(
+                            "bench: --runners takes runner counts above 0, comma-separated (got {given:?})"
+                        );
+                        std::process::exit(2);
+                    }
+                    o.runners = Some(counts);
+                }
                 "--help" | "-h" => {
                     println!(
-                        "cargo bench --bench load -- [--full] [--reps N] [--tasks N] [--minutes N] [drain|pooled|pickup|failover|fairness|idle|footprint|diag|tenants|baseline|bloat]..."
+                        "cargo bench --bench load -- [--full] [--reps N] [--tasks N] [--minutes N] [--runners N,M] [drain|pooled|pickup|failover|fairness|idle|footprint|diag|tenants|baseline|bloat]..."
                     );
                     std::process::exit(0);
                 }
