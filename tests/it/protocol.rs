@@ -1321,6 +1321,68 @@ async fn a_completed_task_someone_else_has_locked_stays_held_until_it_can_be_fin
 }
 
 #[tokio::test]
+async fn a_finish_that_gave_up_on_a_locked_row_waits_for_the_table_under_the_declared_lock_timeout()
+{
+    // The finish waits at most 100 ms for a row, then skips locked rows;
+    // that second try waits for the table itself (here behind a queued
+    // ACCESS EXCLUSIVE) under the declaration's lock_timeout (1 s), not
+    // the 100 ms meant for rows.
+    let s = setup(4).await;
+    let a = start(&s.store, "behind-ddl").await;
+    let held = work(&s.store, &a).await;
+    let foreign = s.db.client().await;
+    foreign
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM example_task WHERE id = {} FOR UPDATE",
+            held[0]
+        ))
+        .await
+        .unwrap();
+    let ddl = s.db.client().await;
+    let ddl_pid: i32 = ddl
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let queued = tokio::spawn(async move {
+        ddl.batch_execute("BEGIN; LOCK TABLE example_task IN ACCESS EXCLUSIVE MODE; ROLLBACK")
+            .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !s
+        .client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)",
+            &[&ddl_pid],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    {
+        assert!(std::time::Instant::now() < deadline, "the DDL never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = std::time::Instant::now();
+    let err = finish_and_work(&s.store, &a, &held[..2], &[])
+        .await
+        .expect_err("the table stays locked past the lock_timeout");
+    let waited = started.elapsed();
+    assert!(err.is_transient(), "a lock timeout, to retry: {err:?}");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "gave up on the table after {waited:?}: the row's 100 ms, not the declared 1 s"
+    );
+    foreign.batch_execute("ROLLBACK").await.unwrap();
+    queued.await.unwrap().unwrap();
+    let w = finish_and_work(&s.store, &a, &held[..2], &[])
+        .await
+        .unwrap();
+    let mut finished = w.finished;
+    finished.sort_unstable();
+    assert_eq!(finished, held[..2].to_vec(), "finished once the locks go");
+}
+
+#[tokio::test]
 async fn the_first_releases_calls_are_refused_as_another_protocol() {
     let s = setup(2).await;
     let a = start(&s.store, "old").await;
