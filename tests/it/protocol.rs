@@ -84,6 +84,19 @@ async fn finish_and_work(
         .await
 }
 
+/// A connection of someone else's whose open transaction holds task `id`
+/// FOR UPDATE until it rolls back.
+async fn lock_row(db: &TestDb, id: TaskId) -> tokio_postgres::Client {
+    let foreign = db.client().await;
+    foreign
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM example_task WHERE id = {id} FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    foreign
+}
+
 /// Marks `ids` as handed out by another server than this one (a server
 /// since failed over from, or restarted).
 async fn hand_out_elsewhere(client: &tokio_postgres::Client, ids: &[TaskId]) {
@@ -1293,14 +1306,7 @@ async fn a_completed_task_someone_else_has_locked_stays_held_until_it_can_be_fin
     let s = setup(4).await;
     let a = start(&s.store, "locked").await;
     let held = work(&s.store, &a).await;
-    let foreign = s.db.client().await;
-    foreign
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM example_task WHERE id = {} FOR UPDATE",
-            held[0]
-        ))
-        .await
-        .unwrap();
+    let foreign = lock_row(&s.db, held[0]).await;
     let started = std::time::Instant::now();
     let w = finish_and_work(&s.store, &a, &held[..2], &[])
         .await
@@ -1330,14 +1336,7 @@ async fn a_finish_that_gave_up_on_a_locked_row_waits_for_the_table_under_the_dec
     let s = setup(4).await;
     let a = start(&s.store, "behind-ddl").await;
     let held = work(&s.store, &a).await;
-    let foreign = s.db.client().await;
-    foreign
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM example_task WHERE id = {} FOR UPDATE",
-            held[0]
-        ))
-        .await
-        .unwrap();
+    let foreign = lock_row(&s.db, held[0]).await;
     let ddl = s.db.client().await;
     let ddl_pid: i32 = ddl
         .query_one("SELECT pg_backend_pid()", &[])
@@ -1647,14 +1646,7 @@ async fn a_locked_task_from_another_server_is_given_back_once_the_lock_goes() {
     let a = start(&s.store, "elsewhere-locked").await;
     let held = work(&s.store, &a).await;
     hand_out_elsewhere(&s.client, &held[..2]).await;
-    let foreign = s.db.client().await;
-    foreign
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM example_task WHERE id = {} FOR UPDATE",
-            held[0]
-        ))
-        .await
-        .unwrap();
+    let foreign = lock_row(&s.db, held[0]).await;
     let w = finish_and_work(&s.store, &a, &held, &[])
         .await
         .expect("get_work does not wait for the locked row");
