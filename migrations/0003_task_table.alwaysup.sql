@@ -70,8 +70,9 @@
 --      read from S's stretch of the open index when it names none, or when
 --      S was last served by another server (a failover, a restart);
 --   7. check S's lease again (a call that outlived it commits nothing),
---      record S's held counter (and the server), and return the finished
---      ids and S's tasks.
+--      record S's held counter, whether S is waiting (holds less than C:
+--      inserts notify while a session of T waits) and the server, and
+--      return the finished ids and S's tasks.
 -- Every pickup counts an attempt (sl_attempts) and draws a fencing token
 -- (sl_fence, from session_lock.fence, one per call for the tasks it takes:
 -- a task's token grows with every change of holder); a task picked up
@@ -92,16 +93,53 @@
 -- TimeZone = UTC), whatever the caller set; the internal functions they
 -- call run under them.
 
--- New tasks wake idle runners at once (LISTEN <channel>) instead of
--- waiting for their next tick: one notification per statement, however
--- many rows it inserts. The channel is the trigger's argument.
+-- New tasks wake runners with room at once (LISTEN <channel>) instead of
+-- at their next tick: one notification per statement, however many rows
+-- it inserts, and only while a session of the table is waiting (holds
+-- less than its capacity: session.waiting, written with its held counter,
+-- and by quiet)
+-- or the statement cannot tell. A notifying commit takes PostgreSQL's one
+-- notify lock and holds it through its WAL flush, serialising every
+-- notifying commit of the cluster; while every runner is busy with a
+-- backlog there is nobody to wake, and inserts commit in groups.
+-- The channel is the trigger's argument.
+--
+-- What a skipped notification may cost, and why no more:
+-- - A runner goes quiet (waits quiet_tick, not tick) only through quiet,
+--   which first takes the table's insert lock exclusive with a try and
+--   says no when it fails. This trigger takes the lock shared, with a try,
+--   before it reads the flags, and holds it to commit: so a quiet decision
+--   never overlaps an insert in flight that did not see its session
+--   waiting, and an insert that meets a quiet decision under way (the try
+--   fails) notifies. Key: (1936485993 = 'slni', the table's oid), in the
+--   two-integer space of advisory locks.
+-- - A REPEATABLE READ or SERIALIZABLE statement reads the flags as of its
+--   transaction's snapshot, which may predate them: it always notifies.
+-- - A session whose get_work commits its flag after this read, while this
+--   insert commits after that get_work's snapshot, was not told: it sees
+--   the tasks at its next tick (at most a tick late, as without LISTEN).
 CREATE OR REPLACE FUNCTION session_lock.notify_task_inserted()
 RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    sl_locked boolean;
 BEGIN
-    PERFORM pg_catalog.pg_notify(TG_ARGV[0], '');
+    -- The lock before the read (two statements: an OR may run its
+    -- operands in either order).
+    sl_locked := pg_catalog.pg_try_advisory_xact_lock_shared(1936485993, TG_RELID::oid::integer);
+    IF NOT sl_locked
+       OR pg_catalog.current_setting('transaction_isolation') <> 'read committed'
+       OR EXISTS (SELECT 1
+                    FROM session_lock.session s
+                   WHERE s.task_table = TG_RELID::regclass
+                     AND s.waiting
+                     AND s.ended_at IS NULL
+                     AND s.reclaimed_at IS NULL) THEN
+        PERFORM pg_catalog.pg_notify(TG_ARGV[0], '');
+    END IF;
     RETURN NULL;
 END;
 $$;
@@ -768,6 +806,7 @@ DECLARE
     sl_look     bigint[] := '{}';
     sl_same_server boolean;
     sl_held_was integer;
+    sl_waiting_was boolean;
     sl_leased   boolean := false;
 BEGIN
     IF p_finished IS NULL OR p_running IS NULL OR p_sweep IS NULL THEN
@@ -789,9 +828,9 @@ BEGIN
     -- writes nothing, and commits nothing. (Two statements, one with the
     -- lock: a lock clause cannot depend on a value.)
     IF pg_catalog.cardinality(p_finished) > 0 THEN
-        SELECT s.name, s.capacity, s.task_table, s.group_cursor, s.held,
+        SELECT s.name, s.capacity, s.task_table, s.group_cursor, s.held, s.waiting,
                s.server IS NOT DISTINCT FROM pg_catalog.pg_postmaster_start_time()
-          INTO sl_name, sl_capacity, sl_bound, sl_round, sl_held_was, sl_same_server
+          INTO sl_name, sl_capacity, sl_bound, sl_round, sl_held_was, sl_waiting_was, sl_same_server
           FROM session_lock.session s
          WHERE s.id = p_session
            AND s.token = p_token
@@ -802,9 +841,9 @@ BEGIN
            FOR KEY SHARE;
         sl_leased := FOUND;
     ELSE
-        SELECT s.name, s.capacity, s.task_table, s.group_cursor, s.held,
+        SELECT s.name, s.capacity, s.task_table, s.group_cursor, s.held, s.waiting,
                s.server IS NOT DISTINCT FROM pg_catalog.pg_postmaster_start_time()
-          INTO sl_name, sl_capacity, sl_bound, sl_round, sl_held_was, sl_same_server
+          INTO sl_name, sl_capacity, sl_bound, sl_round, sl_held_was, sl_waiting_was, sl_same_server
           FROM session_lock.session s
          WHERE s.id = p_session
            AND s.token = p_token
@@ -1121,7 +1160,8 @@ BEGIN
     END IF;
 
     -- 7. A call that outlived the lease commits nothing (its finishes
-    -- neither); then the counter the others size their shares by, the
+    -- neither); then the counter the others size their shares by, whether
+    -- the session waits for new tasks (inserts notify while it does), the
     -- binding to this table, and the answer.
     PERFORM 1
        FROM session_lock.session s
@@ -1133,10 +1173,12 @@ BEGIN
         PERFORM session_lock.raise_not_live(p_session);
     END IF;
     IF sl_held IS DISTINCT FROM sl_held_was OR sl_bound IS NULL OR NOT sl_same_server
-       OR (sl_moved AND sl_cursor IS DISTINCT FROM sl_round) THEN
+       OR (sl_moved AND sl_cursor IS DISTINCT FROM sl_round)
+       OR sl_waiting_was IS DISTINCT FROM (sl_held < sl_capacity) THEN
 {{lease}}
         UPDATE session_lock.session s
            SET held = sl_held,
+               waiting = sl_held < sl_capacity,
                server = pg_catalog.pg_postmaster_start_time(),
                task_table = {{regclass}},
                group_cursor = CASE WHEN sl_moved THEN sl_cursor ELSE s.group_cursor END
@@ -1261,7 +1303,8 @@ BEGIN
     END IF;
     IF pg_catalog.cardinality(sl_done) > 0 THEN
         UPDATE session_lock.session s
-           SET held = greatest(s.held - pg_catalog.cardinality(sl_done), 0)
+           SET held = greatest(s.held - pg_catalog.cardinality(sl_done), 0),
+               waiting = greatest(s.held - pg_catalog.cardinality(sl_done), 0) < s.capacity
          WHERE s.id = p_session;
     END IF;
     RETURN QUERY SELECT d.id FROM pg_catalog.unnest(sl_done) AS d(id);
@@ -1338,7 +1381,8 @@ BEGIN
     END IF;
     IF pg_catalog.cardinality(sl_done) > 0 THEN
         UPDATE session_lock.session s
-           SET held = greatest(s.held - pg_catalog.cardinality(sl_done), 0)
+           SET held = greatest(s.held - pg_catalog.cardinality(sl_done), 0),
+               waiting = greatest(s.held - pg_catalog.cardinality(sl_done), 0) < s.capacity
          WHERE s.id = p_session;
     END IF;
     RETURN QUERY SELECT d.id FROM pg_catalog.unnest(sl_done) AS d(id);
@@ -1508,27 +1552,46 @@ $tmpl$,
 -- next tick: the lease is live, and no open task of the table could be
 -- picked up without an INSERT first (none free, none held by any session,
 -- none waiting out a retry backoff; quarantined ones come back through
--- retry, which notifies). An INSERT notifies; so a runner that listened
--- before it asked misses nothing by waiting. Reads one index entry at most.
+-- retry, which notifies). Never while an INSERT is in flight (the table's
+-- insert lock, taken exclusive with a try: see notify_task_inserted); and
+-- the session is marked waiting before the answer, so every INSERT that
+-- commits after it notifies: a runner that listened before it asked
+-- misses nothing by waiting. Reads one index entry at most, and writes
+-- the session's row only if get_work had not marked it.
 $tmpl$
 CREATE OR REPLACE FUNCTION {{fn:quiet}}(p_session bigint, p_token uuid)
 RETURNS boolean
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql
 SECURITY DEFINER
 {{settings}}
 {{plans}}
 AS $sl_fn$
 -- Generated by session-lock (protocol 2) for {{table}}: do not edit.
+DECLARE
+    sl_bound   regclass;
+    sl_waiting boolean;
 BEGIN
-    IF NOT EXISTS (SELECT 1
-                     FROM session_lock.session s
-                    WHERE s.id = p_session
-                      AND s.token = p_token
-                      AND s.protocol = 2
-                      AND s.ended_at IS NULL
-                      AND s.reclaimed_at IS NULL
-                      AND s.expires_at > pg_catalog.clock_timestamp()) THEN
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(1936485993, {{regclass}}::oid::integer) THEN
         RETURN false;
+    END IF;
+    SELECT s.task_table, s.waiting INTO sl_bound, sl_waiting
+      FROM session_lock.session s
+     WHERE s.id = p_session
+       AND s.token = p_token
+       AND s.protocol = 2
+       AND s.ended_at IS NULL
+       AND s.reclaimed_at IS NULL
+       AND s.expires_at > pg_catalog.clock_timestamp();
+    IF NOT FOUND OR sl_bound IS DISTINCT FROM {{regclass}} AND sl_bound IS NOT NULL THEN
+        RETURN false;
+    END IF;
+    IF sl_bound IS NULL OR NOT sl_waiting THEN
+        -- Bound to this table as its first get_work would: the INSERT
+        -- trigger looks for waiting sessions by table.
+        UPDATE session_lock.session s
+           SET waiting = true,
+               task_table = {{regclass}}
+         WHERE s.id = p_session;
     END IF;
     RETURN NOT EXISTS (
         SELECT 1

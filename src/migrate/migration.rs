@@ -47,6 +47,11 @@ const CORE_FILES: &[(&str, MigrationKind, &str)] = &[
         include_str!("../../migrations/0001_session_lock_v2_known.up.sql"),
     ),
     (
+        "0001_session_lock_v2_waiting.up.sql",
+        MigrationKind::Once,
+        include_str!("../../migrations/0001_session_lock_v2_waiting.up.sql"),
+    ),
+    (
         "0002_session_lock.alwaysup.sql",
         MigrationKind::Always,
         include_str!("../../migrations/0002_session_lock.alwaysup.sql"),

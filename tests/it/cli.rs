@@ -49,7 +49,7 @@ async fn migrate_then_status_shows_sessions_and_task_counts() {
         "{stdout}"
     );
     let again = session_lock(&["migrate", "--database-url", &db.url, "--example"]);
-    assert!(text(&again.stdout).contains("0 applied, 3 re-applied, 7 already applied"));
+    assert!(text(&again.stdout).contains("0 applied, 3 re-applied, 8 already applied"));
 
     let client = db.client().await;
     client

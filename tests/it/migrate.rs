@@ -169,6 +169,7 @@ async fn user_dir_once_and_always_files() {
             "session_lock/0001_session_lock_v2_retries.up.sql".to_owned(),
             "session_lock/0001_session_lock_v2_task_groups.up.sql".to_owned(),
             "session_lock/0001_session_lock_v2_known.up.sql".to_owned(),
+            "session_lock/0001_session_lock_v2_waiting.up.sql".to_owned(),
             "app/0001_counter.up.sql".to_owned(),
         ]
     );
@@ -413,6 +414,7 @@ async fn several_dirs_get_distinct_set_names() {
     assert_eq!(
         sets,
         vec![
+            "session_lock",
             "session_lock",
             "session_lock",
             "session_lock",

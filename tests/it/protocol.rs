@@ -1569,6 +1569,175 @@ async fn quiet_only_when_nothing_open_could_be_picked_up_without_an_insert() {
     );
 }
 
+/// Every notification on the worked example's channel, payload and all,
+/// in the order the server delivers them (the senders' commit order).
+struct Notifications {
+    _client: tokio_postgres::Client,
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Notifications {
+    async fn listen(db: &TestDb) -> Self {
+        let (client, mut conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+            .await
+            .expect("listener connects");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(message) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = message
+                    && tx.send(n.payload().to_owned()).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        client
+            .batch_execute("LISTEN session_lock_example_task")
+            .await
+            .expect("listen");
+        Notifications {
+            _client: client,
+            rx,
+        }
+    }
+
+    /// What every transaction committed before now notified: the payloads
+    /// delivered ahead of a mark this sends now.
+    async fn until_now(&mut self, client: &tokio_postgres::Client) -> Vec<String> {
+        let mark = format!("mark {}", fastrand::u64(..));
+        client
+            .execute(
+                "SELECT pg_notify('session_lock_example_task', $1)",
+                &[&mark],
+            )
+            .await
+            .expect("notify the mark");
+        let mut heard = Vec::new();
+        loop {
+            let payload = tokio::time::timeout(Duration::from_secs(30), self.rx.recv())
+                .await
+                .expect("the mark arrives within 30 s")
+                .expect("still listening");
+            if payload == mark {
+                return heard;
+            }
+            heard.push(payload);
+        }
+    }
+}
+
+/// An INSERT notifies only while a live session of the table has room (a
+/// notifying commit takes the cluster's one notify lock through its WAL
+/// flush, so inserts into a backlog that nobody can take yet commit
+/// without it), or when it cannot tell: a REPEATABLE READ insert reads
+/// the sessions as of its snapshot, and always notifies.
+#[actix_rt::test]
+async fn an_insert_notifies_only_while_a_session_of_the_table_has_room() {
+    let s = setup(2).await;
+    let mut heard = Notifications::listen(&s.db).await;
+    let nothing: Vec<String> = Vec::new();
+    let woken = vec![String::new()];
+    assert_eq!(
+        heard.until_now(&s.client).await,
+        nothing,
+        "no session: nobody to wake"
+    );
+
+    let a = start_cap(&s.store, "room", 2).await;
+    let held = work(&s.store, &a).await;
+    assert_eq!(held.len(), 2);
+    seed(&s.client, 1).await;
+    assert_eq!(
+        heard.until_now(&s.client).await,
+        nothing,
+        "a session at its capacity has no room for the task"
+    );
+
+    let w = finish_and_work(&s.store, &a, &held, &[]).await.unwrap();
+    assert_eq!(w.finished, held);
+    assert_eq!(w.tasks.len(), 1, "the one open task");
+    seed(&s.client, 1).await;
+    assert_eq!(
+        heard.until_now(&s.client).await,
+        woken,
+        "a session with room is woken"
+    );
+
+    let foreign = s.db.client().await;
+    foreign
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; \
+             INSERT INTO example_task (payload) VALUES ('repeatable read'); COMMIT",
+        )
+        .await
+        .unwrap();
+    assert_eq!(heard.until_now(&s.client).await, woken);
+
+    assert!(s.store.end_session(&a).await.unwrap());
+    seed(&s.client, 1).await;
+    assert_eq!(
+        heard.until_now(&s.client).await,
+        nothing,
+        "an ended session waits for nothing"
+    );
+    foreign
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; \
+             INSERT INTO example_task (payload) VALUES ('repeatable read'); COMMIT",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        heard.until_now(&s.client).await,
+        woken,
+        "a REPEATABLE READ insert cannot tell, and notifies"
+    );
+}
+
+/// A runner goes quiet (waits `quiet_tick` for a notification) only on
+/// quiet's yes, so quiet must never say yes while an INSERT is in flight
+/// whose trigger saw no session waiting: that insert did not notify, and
+/// its task is invisible until it commits. And a yes marks the session
+/// waiting, so that every insert after it notifies, whether or not a
+/// get_work marked it before.
+#[actix_rt::test]
+async fn quiet_says_no_while_an_insert_is_in_flight_and_its_yes_marks_the_session_waiting() {
+    let s = setup(1).await;
+    let mut heard = Notifications::listen(&s.db).await;
+    let quiet = |session: &Session| {
+        let store = s.store.clone();
+        let session = session.clone();
+        async move {
+            store
+                .quiet::<ExampleTask>(&session)
+                .await
+                .expect("quiet answers")
+        }
+    };
+    let a = start_cap(&s.store, "in-flight", 1).await;
+    let held = work(&s.store, &a).await;
+    assert_eq!(held.len(), 1, "a at its capacity");
+    let producer = s.db.client().await;
+    producer
+        .batch_execute("BEGIN; INSERT INTO example_task (payload) VALUES ('in flight')")
+        .await
+        .unwrap();
+    let w = finish_and_work(&s.store, &a, &held, &[]).await.unwrap();
+    assert_eq!(w.finished, held);
+    assert!(w.tasks.is_empty(), "the insert is not committed yet");
+    assert!(!quiet(&a).await, "an insert in flight: not quiet");
+    producer.batch_execute("ROLLBACK").await.unwrap();
+    assert!(quiet(&a).await, "rolled back: quiet");
+    assert_eq!(heard.until_now(&s.client).await, Vec::<String>::new());
+
+    // A session that never ticked, marked by quiet alone.
+    assert!(s.store.end_session(&a).await.unwrap());
+    let b = start_cap(&s.store, "in-flight", 1).await;
+    assert!(quiet(&b).await);
+    seed(&s.client, 1).await;
+    assert_eq!(heard.until_now(&s.client).await, vec![String::new()]);
+}
+
 /// After a failover to an asynchronous standby, a session can come over
 /// still holding tasks whose runs wrote to the old primary only: their
 /// completions must not be finished on the new primary (the work would be

@@ -886,6 +886,7 @@ async fn upgrade_keeps_every_task_holder_and_held_counter() {
             "session_lock/0001_session_lock_v2_retries.up.sql",
             "session_lock/0001_session_lock_v2_task_groups.up.sql",
             "session_lock/0001_session_lock_v2_known.up.sql",
+            "session_lock/0001_session_lock_v2_waiting.up.sql",
             "example/0001_example_task_tenant.up.sql",
         ];
         if declare == Declare::InFile {
@@ -1332,6 +1333,7 @@ async fn migrating_again_changes_nothing() {
             "session_lock/0001_session_lock_v2_retries.up.sql",
             "session_lock/0001_session_lock_v2_task_groups.up.sql",
             "session_lock/0001_session_lock_v2_known.up.sql",
+            "session_lock/0001_session_lock_v2_waiting.up.sql",
             "example/0001_example_task.up.sql",
             "example/0001_example_task_tenant.up.sql",
             "app/0001_tasks.up.sql",
