@@ -46,7 +46,9 @@
 //!     finished in the table that no finish returned;
 //!  3. once settled (foreign transactions ended, every session ticked with
 //!     a sweep) no open task names a session that is not live;
-//!  4. every live session's held counter equals its open tasks;
+//!  4. every live session's held counter equals its open tasks, and the
+//!     session is marked waiting (inserts notify while a session of the
+//!     table is) exactly when that counter is below its capacity;
 //!  5. at the end, after every session of a name ticked twice, each holds
 //!     its weighted share: its capacity when the name's open tasks O (its
 //!     sessions' and the free ones) reach its live capacity W, otherwise
@@ -533,6 +535,10 @@ struct TaskRow {
 #[derive(Debug, Clone)]
 struct SessionRow {
     held: i32,
+    capacity: i32,
+    /// Whether the session waits for new tasks (inserts notify while it
+    /// does); None until its first call writes it.
+    waiting: Option<bool>,
     live: bool,
     ended: bool,
     reclaimed: bool,
@@ -572,7 +578,8 @@ impl DbState {
                 "SELECT id, held,
                         ended_at IS NULL AND reclaimed_at IS NULL
                             AND expires_at > clock_timestamp(),
-                        ended_at IS NOT NULL, reclaimed_at IS NOT NULL
+                        ended_at IS NOT NULL, reclaimed_at IS NOT NULL,
+                        capacity, CASE WHEN task_table IS NOT NULL THEN waiting END
                    FROM session_lock.session",
                 &[],
             )
@@ -586,6 +593,8 @@ impl DbState {
                         live: r.get(2),
                         ended: r.get(3),
                         reclaimed: r.get(4),
+                        capacity: r.get(5),
+                        waiting: r.get(6),
                     },
                 )
             })
@@ -1811,12 +1820,23 @@ impl World {
                     s.id, s.believed
                 ));
             }
-            let held = db.sessions[&s.id].held;
+            let row = &db.sessions[&s.id];
+            let held = row.held;
             if held as usize != actual.len() {
                 self.fail(format!(
                     "invariant 4: live s{}'s held counter says {held}, it holds {} open tasks",
                     s.id,
                     actual.len()
+                ));
+            }
+            if let Some(waiting) = row.waiting
+                && waiting != (held < row.capacity)
+            {
+                self.fail(format!(
+                    "invariant 4: live s{} holds {held} of its capacity {} but is marked {}",
+                    s.id,
+                    row.capacity,
+                    if waiting { "waiting" } else { "not waiting" }
                 ));
             }
         }
