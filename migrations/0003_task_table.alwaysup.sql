@@ -95,13 +95,15 @@
 
 -- New tasks wake runners with room at once (LISTEN <channel>) instead of
 -- at their next tick: one notification per statement, however many rows
--- it inserts, and only while a session of the table is waiting (holds
--- less than its capacity: session.waiting, written with its held counter,
--- and by quiet)
--- or the statement cannot tell. A notifying commit takes PostgreSQL's one
--- notify lock and holds it through its WAL flush, serialising every
--- notifying commit of the cluster; while every runner is busy with a
--- backlog there is nobody to wake, and inserts commit in groups.
+-- it inserts, and only while a live session of the table (or one that has
+-- not ticked yet, which may be of any table) is waiting (holds less than
+-- its capacity: session.waiting, written with its held counter, and by
+-- quiet) or the statement cannot tell. A session whose lease ran out is
+-- left out even before it is reclaimed: its runner cannot take the task.
+-- A notifying commit takes PostgreSQL's one notify lock and holds it
+-- through its WAL flush, serialising every notifying commit of the
+-- cluster; while every runner is busy with a backlog there is nobody to
+-- wake, and inserts commit in groups.
 -- The channel is the trigger's argument.
 --
 -- What a skipped notification may cost, and why no more:
@@ -134,10 +136,11 @@ BEGIN
        OR pg_catalog.current_setting('transaction_isolation') <> 'read committed'
        OR EXISTS (SELECT 1
                     FROM session_lock.session s
-                   WHERE s.task_table = TG_RELID::regclass
+                   WHERE (s.task_table = TG_RELID::regclass OR s.task_table IS NULL)
                      AND s.waiting
                      AND s.ended_at IS NULL
-                     AND s.reclaimed_at IS NULL) THEN
+                     AND s.reclaimed_at IS NULL
+                     AND s.expires_at > pg_catalog.clock_timestamp()) THEN
         PERFORM pg_catalog.pg_notify(TG_ARGV[0], '');
     END IF;
     RETURN NULL;

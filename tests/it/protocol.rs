@@ -1629,8 +1629,9 @@ impl Notifications {
 /// An INSERT notifies only while a live session of the table has room (a
 /// notifying commit takes the cluster's one notify lock through its WAL
 /// flush, so inserts into a backlog that nobody can take yet commit
-/// without it), or when it cannot tell: a REPEATABLE READ insert reads
-/// the sessions as of its snapshot, and always notifies.
+/// without it), or may have (a session that has not ticked yet), or when
+/// it cannot tell: a REPEATABLE READ insert reads the sessions as of its
+/// snapshot, and always notifies.
 #[actix_rt::test]
 async fn an_insert_notifies_only_while_a_session_of_the_table_has_room() {
     let s = setup(2).await;
@@ -1644,6 +1645,13 @@ async fn an_insert_notifies_only_while_a_session_of_the_table_has_room() {
     );
 
     let a = start_cap(&s.store, "room", 2).await;
+    seed(&s.client, 1).await;
+    assert_eq!(
+        heard.until_now(&s.client).await,
+        woken,
+        "a session that has not ticked yet may work this table"
+    );
+
     let held = work(&s.store, &a).await;
     assert_eq!(held.len(), 2);
     seed(&s.client, 1).await;
@@ -1653,33 +1661,30 @@ async fn an_insert_notifies_only_while_a_session_of_the_table_has_room() {
         "a session at its capacity has no room for the task"
     );
 
-    let w = finish_and_work(&s.store, &a, &held, &[]).await.unwrap();
-    assert_eq!(w.finished, held);
-    assert_eq!(w.tasks.len(), 1, "the one open task");
+    let finished = s
+        .store
+        .finish_tasks::<ExampleTask>(&a, &held)
+        .await
+        .unwrap();
+    assert_eq!(finished, held);
     seed(&s.client, 1).await;
     assert_eq!(
         heard.until_now(&s.client).await,
         woken,
-        "a session with room is woken"
+        "a session with room (after its finish) is woken"
     );
 
-    let foreign = s.db.client().await;
-    foreign
-        .batch_execute(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ; \
-             INSERT INTO example_task (payload) VALUES ('repeatable read'); COMMIT",
-        )
-        .await
-        .unwrap();
-    assert_eq!(heard.until_now(&s.client).await, woken);
-
-    assert!(s.store.end_session(&a).await.unwrap());
+    expire(&s.client, a.id).await;
+    let b = start_cap(&s.store, "room", 2).await;
+    assert!(s.store.end_session(&b).await.unwrap());
     seed(&s.client, 1).await;
     assert_eq!(
         heard.until_now(&s.client).await,
         nothing,
-        "an ended session waits for nothing"
+        "neither a session whose lease ran out nor an ended one can take it"
     );
+
+    let foreign = s.db.client().await;
     foreign
         .batch_execute(
             "BEGIN ISOLATION LEVEL REPEATABLE READ; \
