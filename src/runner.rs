@@ -37,7 +37,7 @@ use crate::gauges::Gauges;
 use crate::reaper::Reaper;
 use crate::session::{EndSession, SessionActor, Subscribe};
 use crate::status::{RunnerStatus, StatusTx};
-use crate::store::DbFinder;
+use crate::store::{DbFinder, ForRunner};
 use crate::task::ScanTask;
 use crate::tasker::Tasker;
 use crate::telemetry::{Metrics, SCOPE};
@@ -185,10 +185,10 @@ enum State {
 struct Running<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     control: Option<Arbiter>,
     worker_arbiters: Vec<Arbiter>,
-    session: Addr<SessionActor<F>>,
-    fetcher: Addr<Fetcher<T, K, F>>,
-    _reaper: Addr<Reaper<F>>,
-    _gauges: Addr<Gauges<T, F>>,
+    session: Addr<SessionActor<ForRunner<F>>>,
+    fetcher: Addr<Fetcher<T, K, ForRunner<F>>>,
+    _reaper: Addr<Reaper<ForRunner<F>>>,
+    _gauges: Addr<Gauges<T, ForRunner<F>>>,
     _workers: Arc<[Addr<Worker<T, K>>]>,
 }
 
@@ -226,6 +226,9 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
             (Some(Arbiter::new()), workers)
         };
         let on = |arbiter: Option<&Arbiter>| arbiter.map_or_else(Arbiter::current, Arbiter::handle);
+        // The control actors reach the database through handles made on
+        // their own arbiter (see ForRunner).
+        let finder = Arc::new(ForRunner::new(self.finder.clone()));
         let workers: Arc<[Addr<Worker<T, K>>]> = (0..self.config.workers)
             .map(|i| {
                 let runner: Arc<str> = self.config.name.as_str().into();
@@ -240,7 +243,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
         let session = {
             let (config, finder, status, metrics) = (
                 self.config.clone(),
-                self.finder.clone(),
+                finder.clone(),
                 self.status.clone(),
                 self.metrics.clone(),
             );
@@ -251,7 +254,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
         let fetcher = {
             let (config, finder, status, metrics) = (
                 self.config.clone(),
-                self.finder.clone(),
+                finder.clone(),
                 self.status.clone(),
                 self.metrics.clone(),
             );
@@ -262,7 +265,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
         };
         session.do_send(Subscribe(fetcher.clone().recipient()));
         let reaper = {
-            let (config, finder) = (self.config.clone(), self.finder.clone());
+            let (config, finder) = (self.config.clone(), finder.clone());
             Supervisor::start_in_arbiter(&on(control.as_ref()), move |_| {
                 Reaper::new(config, finder)
             })
@@ -270,12 +273,12 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
         let gauges = {
             let (config, finder, status, metrics) = (
                 self.config.clone(),
-                self.finder.clone(),
+                finder.clone(),
                 self.status.clone(),
                 self.metrics.clone(),
             );
             Supervisor::start_in_arbiter(&on(control.as_ref()), move |_| {
-                Gauges::<T, F>::new(config, finder, status, metrics)
+                Gauges::<T, ForRunner<F>>::new(config, finder, status, metrics)
             })
         };
         tracing::info!(runner = %self.config.name, workers = self.config.workers, "runner started");

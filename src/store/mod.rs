@@ -6,6 +6,7 @@
 //! function of the protocol and is named like it (`start_session`,
 //! `bump_session`, `get_work`, ...), so one grep finds both sides.
 
+mod for_runner;
 mod interval;
 mod pool;
 mod pooler;
@@ -15,6 +16,7 @@ mod token;
 use std::future::Future;
 use std::time::Duration;
 
+pub(crate) use for_runner::ForRunner;
 pub(crate) use interval::Interval;
 pub use pool::ConnectError;
 pub(crate) use postgres::local_host_name;
@@ -245,6 +247,28 @@ pub trait Database: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Listener>>> + Send {
         let _ = channel;
         async { Ok(None) }
+    }
+    /// A handle on this database for one runner's own actors, called on the
+    /// thread they run on (the runner's control arbiter, which ends with
+    /// the runner): a store may give them connections opened and driven
+    /// there, so that no call of theirs crosses threads to its connection.
+    /// Called on such a handle, returns another handle on it. `None`, the
+    /// default: the runner uses this handle.
+    fn for_runner(&self) -> Option<Self>
+    where
+        Self: Sized,
+    {
+        None
+    }
+    /// Whether `other` is this handle or a clone of it, so that its
+    /// [`for_runner`](Self::for_runner) handle serves both. The default:
+    /// never.
+    fn same_handle(&self, other: &Self) -> bool
+    where
+        Self: Sized,
+    {
+        let _ = other;
+        false
     }
 }
 

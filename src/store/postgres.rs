@@ -3,8 +3,10 @@
 //! and session starts use the control pool, which nothing else draws from,
 //! so no slow get_work and no query of the application's can make a renewal
 //! wait; get_work and finish_tasks use the work pool; the application's own
-//! queries ([`PgStore::client`]) a third. Every call is bounded on the
-//! client, and a connection whose call was abandoned is never reused.
+//! queries ([`PgStore::client`]) a third. A runner's actors use a handle of
+//! their own ([`Database::for_runner`]) whose control and work pools are
+//! driven on their thread. Every call is bounded on the client, and a
+//! connection whose call was abandoned is never reused.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,7 +59,11 @@ pub struct StoreOptions {
     /// Encryption and server verification. Defaults to [`TlsMode::Prefer`],
     /// as libpq; [`PgStore::connect`] takes it from the URL's `sslmode`.
     pub tls: TlsMode,
-    /// Most connections in the pool. Defaults to [`DEFAULT_POOL_SIZE`].
+    /// Most connections in each pool: the work pool and the application's
+    /// ([`PgStore::client`]); each runner has a work pool of this size of
+    /// its own, and a control pool of two (see [`Database::for_runner`]).
+    /// Connections open as calls need them. Defaults to
+    /// [`DEFAULT_POOL_SIZE`].
     pub pool_size: u32,
     /// Time allowed to open a connection, and to wait for one from the pool.
     /// Defaults to [`DEFAULT_CONNECT_TIMEOUT`].
@@ -183,6 +189,11 @@ struct Inner {
     tls: Tls,
     connect_errors: ConnectErrors,
     call_timeout: Duration,
+    pool_size: u32,
+    connect_timeout: Duration,
+    /// A runner's handle ([`Database::for_runner`]): its control and work
+    /// pools are its own, their connections driven on the runner's thread.
+    for_runner: bool,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -211,6 +222,44 @@ impl std::ops::Deref for StoreClient<'_> {
 
     fn deref(&self) -> &tokio_postgres::Client {
         &self.0
+    }
+}
+
+/// What a store's pools are made of.
+struct Pools<'a> {
+    config: &'a tokio_postgres::Config,
+    tls: &'a Tls,
+    connect_timeout: Duration,
+    identity: &'a Arc<IdentityCell>,
+    pooler: &'a Arc<PoolerCell>,
+    connect_errors: &'a ConnectErrors,
+}
+
+impl Pools<'_> {
+    /// A pool of at most `size` connections, opened and driven on the
+    /// runtime this is called on; `identified`: each new connection records
+    /// the database it reached (the protocol's pools).
+    fn pool(&self, size: u32, identified: bool, test_on_check_out: bool) -> Pool<Manager> {
+        Pool::builder()
+            .error_sink(Box::new(self.connect_errors.clone()))
+            .max_size(size)
+            .min_idle(Some(0))
+            .connection_timeout(self.connect_timeout)
+            // The protocol's pools find a broken connection when a call
+            // fails, and bb8 then drops it: testing every checkout would
+            // add a round trip to every call. The application's pool
+            // tests, since its users' calls are not guarded.
+            .test_on_check_out(test_on_check_out)
+            // A failed connect is reported (see ConnectErrors) rather
+            // than retried silently until the caller's wait times out.
+            .retry_connection(false)
+            .build_unchecked(Manager::new(
+                self.config.clone(),
+                self.tls.clone(),
+                self.connect_timeout,
+                identified.then(|| self.identity.clone()),
+                self.pooler.clone(),
+            ))
     }
 }
 
@@ -263,41 +312,30 @@ impl PgStore {
         let connect_errors = ConnectErrors::default();
         let identity = Arc::new(IdentityCell::default());
         let pooler = Arc::new(PoolerCell::declared(options.pooler));
-        let pool = |size: u32, identity: Option<Arc<IdentityCell>>, test_on_check_out: bool| {
-            Pool::builder()
-                .error_sink(Box::new(connect_errors.clone()))
-                .max_size(size)
-                .min_idle(Some(0))
-                .connection_timeout(options.connect_timeout)
-                // The protocol's pools find a broken connection when a call
-                // fails, and bb8 then drops it: testing every checkout would
-                // add a round trip to every call. The application's pool
-                // tests, since its users' calls are not guarded.
-                .test_on_check_out(test_on_check_out)
-                // A failed connect is reported (see ConnectErrors) rather
-                // than retried silently until the caller's wait times out.
-                .retry_connection(false)
-                .build_unchecked(Manager::new(
-                    config.clone(),
-                    tls.clone(),
-                    options.connect_timeout,
-                    identity,
-                    pooler.clone(),
-                ))
+        let pools = Pools {
+            config: &config,
+            tls: &tls,
+            connect_timeout: options.connect_timeout,
+            identity: &identity,
+            pooler: &pooler,
+            connect_errors: &connect_errors,
         };
         Ok(PgStore {
             inner: Arc::new(Inner {
-                control: pool(CONTROL_POOL_SIZE, Some(identity.clone()), false),
-                work: pool(options.pool_size, Some(identity.clone()), false),
-                user: pool(options.pool_size, None, true),
-                identity,
-                config,
+                control: pools.pool(CONTROL_POOL_SIZE, true, false),
+                work: pools.pool(options.pool_size, true, false),
+                user: pools.pool(options.pool_size, false, true),
+                identity: identity.clone(),
+                config: config.clone(),
                 direct,
-                pooler,
+                pooler: pooler.clone(),
                 told_no_listen: AtomicBool::new(false),
-                tls,
-                connect_errors,
+                tls: tls.clone(),
+                connect_errors: connect_errors.clone(),
                 call_timeout: options.call_timeout,
+                pool_size: options.pool_size,
+                connect_timeout: options.connect_timeout,
+                for_runner: false,
             }),
         })
     }
@@ -366,6 +404,47 @@ impl PgStore {
 }
 
 impl Database for PgStore {
+    /// Control and work pools of the runner's own, their connections opened
+    /// and driven on the runner's thread (they close with it); the
+    /// application's pool and everything learnt about the database (its
+    /// identity, whether it is a pooler, why a connect failed) shared.
+    fn for_runner(&self) -> Option<Self> {
+        let inner = &self.inner;
+        if inner.for_runner {
+            return Some(self.clone());
+        }
+        let pools = Pools {
+            config: &inner.config,
+            tls: &inner.tls,
+            connect_timeout: inner.connect_timeout,
+            identity: &inner.identity,
+            pooler: &inner.pooler,
+            connect_errors: &inner.connect_errors,
+        };
+        Some(PgStore {
+            inner: Arc::new(Inner {
+                control: pools.pool(CONTROL_POOL_SIZE, true, false),
+                work: pools.pool(inner.pool_size, true, false),
+                user: inner.user.clone(),
+                identity: inner.identity.clone(),
+                config: inner.config.clone(),
+                direct: inner.direct.clone(),
+                pooler: inner.pooler.clone(),
+                told_no_listen: AtomicBool::new(inner.told_no_listen.load(Ordering::Relaxed)),
+                tls: inner.tls.clone(),
+                connect_errors: inner.connect_errors.clone(),
+                call_timeout: inner.call_timeout,
+                pool_size: inner.pool_size,
+                connect_timeout: inner.connect_timeout,
+                for_runner: true,
+            }),
+        })
+    }
+
+    fn same_handle(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     async fn database_identity(&self) -> Result<DatabaseId> {
         if let Some(id) = self.inner.identity.get() {
             return Ok(id);

@@ -776,6 +776,63 @@ async fn a_new_task_wakes(runner: &RunnerHandle, client: &Client, within: Durati
     );
 }
 
+/// `url` with the connection parameter `application_name` set to `name`.
+fn with_application_name(url: &str, name: &str) -> String {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}application_name={name}")
+    } else {
+        format!("{url} application_name={name}")
+    }
+}
+
+/// A runner calls the database on connections of its own, opened and
+/// driven on the arbiter its actors run on (so that no call crosses
+/// threads to reach its connection): opened once, not tick after tick, and
+/// closed when the runner stops, while the store it was given stays
+/// usable.
+#[actix_rt::test]
+async fn a_runner_keeps_its_own_connections_and_closes_them_when_it_stops() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    seed(&client, 30).await;
+    let app = "sl-runner-connections";
+    let store = PgStore::connect(&with_application_name(&db.url, app))
+        .await
+        .unwrap();
+    let config = fast_config("connections").listen(false).build().unwrap();
+    let runner = Runner::new(config, store.clone(), completing(Runs::default())).start();
+    let backends = "SELECT coalesce(array_agg(pid ORDER BY pid), '{}') FROM pg_stat_activity WHERE application_name = $1";
+    status_until(&runner, "five ticks", DEADLINE, |s| s.ticks >= 5).await;
+    let early: Vec<i32> = client.query_one(backends, &[&app]).await.unwrap().get(0);
+    assert!(
+        !early.is_empty(),
+        "the runner's connections carry the URL's name"
+    );
+    status_until(&runner, "thirty ticks", DEADLINE, |s| s.ticks >= 30).await;
+    let later: Vec<i32> = client.query_one(backends, &[&app]).await.unwrap().get(0);
+    assert!(
+        early.iter().all(|pid| later.contains(pid)),
+        "connections opened once, kept tick after tick: {early:?} then {later:?}"
+    );
+    assert!(
+        later.len() <= 6,
+        "at most a control pool (2) and a work pool (4): {later:?}"
+    );
+
+    runner.stop().await;
+    poll_sql(
+        &client,
+        "the runner's connections to close",
+        "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = $1",
+        &[&app],
+    )
+    .await;
+    let conn = store.client().await.expect("the store still connects");
+    let one: i32 = conn.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
 /// On an empty table a listening runner stops ticking every tick (a
 /// quiet tick no test lives to see) and is still woken by a new task at
 /// once.
