@@ -1480,6 +1480,14 @@ async fn a_session_answers_only_to_its_token() {
     );
 }
 
+/// `quiet` for `session`, which must answer.
+async fn quiet(store: &PgStore, session: &Session) -> bool {
+    store
+        .quiet::<ExampleTask>(session)
+        .await
+        .expect("quiet answers")
+}
+
 /// `quiet` says yes only when no open task could be picked up without an
 /// INSERT first, and only to a live session: a task free, held by anyone,
 /// or waiting out its retry backoff keeps every runner ticking; a
@@ -1487,25 +1495,15 @@ async fn a_session_answers_only_to_its_token() {
 #[actix_rt::test]
 async fn quiet_only_when_nothing_open_could_be_picked_up_without_an_insert() {
     let s = setup(0).await;
-    let quiet = |session: &Session| {
-        let store = s.store.clone();
-        let session = session.clone();
-        async move {
-            store
-                .quiet::<ExampleTask>(&session)
-                .await
-                .expect("quiet answers")
-        }
-    };
     let a = start(&s.store, "quiet").await;
     let b = start(&s.store, "quiet").await;
-    assert!(quiet(&a).await, "an empty table is quiet");
+    assert!(quiet(&s.store, &a).await, "an empty table is quiet");
 
     let ids = seed(&s.client, 1).await;
-    assert!(!quiet(&a).await, "a free task is not quiet");
+    assert!(!quiet(&s.store, &a).await, "a free task is not quiet");
     assert_eq!(work(&s.store, &b).await, ids);
     assert!(
-        !quiet(&a).await,
+        !quiet(&s.store, &a).await,
         "a task another session holds is not quiet: it may die"
     );
 
@@ -1517,7 +1515,7 @@ async fn quiet_only_when_nothing_open_could_be_picked_up_without_an_insert() {
         .expect("fail_tasks");
     assert_eq!(failed, ids);
     assert!(
-        !quiet(&a).await,
+        !quiet(&s.store, &a).await,
         "a task waiting out its backoff is not quiet"
     );
 
@@ -1529,7 +1527,10 @@ async fn quiet_only_when_nothing_open_could_be_picked_up_without_an_insert() {
         )
         .await
         .expect("quarantine");
-    assert!(quiet(&a).await, "a quarantined task alone is quiet");
+    assert!(
+        quiet(&s.store, &a).await,
+        "a quarantined task alone is quiet"
+    );
 
     let mut listener = s
         .store
@@ -1550,21 +1551,24 @@ async fn quiet_only_when_nothing_open_could_be_picked_up_without_an_insert() {
         tokio::time::timeout(Duration::from_secs(30), listener.notified()).await == Ok(true),
         "the release notified"
     );
-    assert!(!quiet(&a).await, "a released task is not quiet");
+    assert!(!quiet(&s.store, &a).await, "a released task is not quiet");
 
     s.client
         .batch_execute("UPDATE example_task SET finished_at = now()")
         .await
         .expect("finish all");
-    assert!(quiet(&a).await, "all finished: quiet again");
+    assert!(quiet(&s.store, &a).await, "all finished: quiet again");
     expire(&s.client, a.id).await;
-    assert!(!quiet(&a).await, "never to a session that is not live");
+    assert!(
+        !quiet(&s.store, &a).await,
+        "never to a session that is not live"
+    );
     let forged = Session {
         token: SessionToken([0x5a; 16]),
         ..b.clone()
     };
     assert!(
-        !quiet(&forged).await,
+        !quiet(&s.store, &forged).await,
         "never to a session without its token"
     );
 }
@@ -1709,16 +1713,6 @@ async fn an_insert_notifies_only_while_a_session_of_the_table_has_room() {
 async fn quiet_says_no_while_an_insert_is_in_flight_and_its_yes_marks_the_session_waiting() {
     let s = setup(1).await;
     let mut heard = Notifications::listen(&s.db).await;
-    let quiet = |session: &Session| {
-        let store = s.store.clone();
-        let session = session.clone();
-        async move {
-            store
-                .quiet::<ExampleTask>(&session)
-                .await
-                .expect("quiet answers")
-        }
-    };
     let a = start_cap(&s.store, "in-flight", 1).await;
     let held = work(&s.store, &a).await;
     assert_eq!(held.len(), 1, "a at its capacity");
@@ -1730,15 +1724,15 @@ async fn quiet_says_no_while_an_insert_is_in_flight_and_its_yes_marks_the_sessio
     let w = finish_and_work(&s.store, &a, &held, &[]).await.unwrap();
     assert_eq!(w.finished, held);
     assert!(w.tasks.is_empty(), "the insert is not committed yet");
-    assert!(!quiet(&a).await, "an insert in flight: not quiet");
+    assert!(!quiet(&s.store, &a).await, "an insert in flight: not quiet");
     producer.batch_execute("ROLLBACK").await.unwrap();
-    assert!(quiet(&a).await, "rolled back: quiet");
+    assert!(quiet(&s.store, &a).await, "rolled back: quiet");
     assert_eq!(heard.until_now(&s.client).await, Vec::<String>::new());
 
     // A session that never ticked, marked by quiet alone.
     assert!(s.store.end_session(&a).await.unwrap());
     let b = start_cap(&s.store, "in-flight", 1).await;
-    assert!(quiet(&b).await);
+    assert!(quiet(&s.store, &b).await);
     seed(&s.client, 1).await;
     assert_eq!(heard.until_now(&s.client).await, vec![String::new()]);
 }
