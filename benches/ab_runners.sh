@@ -5,8 +5,10 @@
 # every minute's load. For each configuration (batch, runners) it runs
 # REPS pairs in the order A B, B A, A B, ...; each run seeds TASKS no-op
 # tasks, starts the runners (`--noop --max-tasks <batch> --jitter-ms 0`),
-# and measures from the first finish to the last open task: tasks/s, the
-# runners' CPU and all postgres processes' CPU per 1,000 tasks (from /proc).
+# and measures tasks/s over the span of the finishes' own stamps (first to
+# last finished_at), and from the first finish to the last open task seen
+# by a watcher, the runners' CPU and all postgres processes' CPU per 1,000
+# tasks (from /proc).
 #
 # What it keeps true: each build works its own database (each migrates its
 # own SQL when it starts), the runners are stopped with SIGINT after each
@@ -32,11 +34,21 @@ pg_cpu() { { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk '$2=="(postgres)
 
 # One run: database, command, tasks, batch, runners.
 run() {
-    local db=$1 cmd=$2 n=$3 batch=$4 runners=$5 pids=() i t0 t1 c0 c1 p0 p1
+    local db=$1 cmd=$2 n=$3 batch=$4 runners=$5 pids=() i c0 c1 p0 p1 span
     psql_in "$db" -c "TRUNCATE public.example_task RESTART IDENTITY CASCADE" \
         -c "DELETE FROM session_lock.session" \
         -c "INSERT INTO public.example_task (payload) SELECT 'noop' FROM generate_series(1, $n)" \
         -c "VACUUM ANALYZE public.example_task" >/dev/null
+    # The drain is watched over one connection, not a psql started per
+    # look: a process and a backend started twenty times a second cost
+    # more CPU than a runner, on the same two cores.
+    coproc POLL { psql -h 127.0.0.1 -p "$port" -U postgres -qtA -d "$db" 2>&1; }
+    ask() {
+        local line
+        echo "$1" >&"${POLL[1]}"
+        read -r -t 10 line <&"${POLL[0]}" || line=
+        echo "$line"
+    }
     for ((i = 0; i < runners; i++)); do
         # shellcheck disable=SC2086 # the command and its subcommand
         $cmd --database-url "postgres://postgres@127.0.0.1:$port/$db" --noop \
@@ -53,26 +65,31 @@ run() {
         echo "$s"
     }
     local deadline=$((SECONDS + 120))
-    until [ "$(psql_in "$db" -c "SELECT EXISTS (SELECT 1 FROM public.example_task WHERE finished_at IS NOT NULL)")" = t ]; do
+    until [ "$(ask "SELECT EXISTS (SELECT 1 FROM public.example_task WHERE finished_at IS NOT NULL);")" = t ]; do
         [ $SECONDS -lt $deadline ] || break
-        sleep 0.02
+        sleep 0.01
     done
-    t0=$(date +%s.%N) c0=$(cpu) p0=$(pg_cpu)
-    until [ "$(psql_in "$db" -c "SELECT NOT EXISTS (SELECT 1 FROM public.example_task WHERE finished_at IS NULL)")" = t ]; do
+    c0=$(cpu) p0=$(pg_cpu)
+    until [ "$(ask "SELECT NOT EXISTS (SELECT 1 FROM public.example_task WHERE finished_at IS NULL);")" = t ]; do
         [ $SECONDS -lt $deadline ] || break
-        sleep 0.05
+        sleep 0.01
     done
-    t1=$(date +%s.%N) c1=$(cpu) p1=$(pg_cpu)
+    c1=$(cpu) p1=$(pg_cpu)
+    # The drain's span as its finishes recorded it (each finish stamps
+    # its transaction's start), not as the watcher saw it.
+    span=$(ask "SELECT extract(epoch FROM max(finished_at) - min(finished_at)) FROM public.example_task;")
     kill -INT "${pids[@]}" 2>/dev/null || true
     wait "${pids[@]}" 2>/dev/null || true
+    exec {POLL[1]}>&-
+    wait "$POLL_PID" 2>/dev/null || true
     if [ $SECONDS -ge $deadline ]; then
         echo "$db batch=$batch runners=$runners: did not drain within 120 s"
         return
     fi
-    echo "$n $t0 $t1 $c0 $c1 $p0 $p1" | awk -v db="$db" -v b="$batch" -v r="$runners" '{
-        d = $3 - $2; k = $1 / 1000
+    echo "$n $span $c0 $c1 $p0 $p1" | awk -v db="$db" -v b="$batch" -v r="$runners" '{
+        k = $1 / 1000
         printf "%s batch=%s runners=%s: %.0f tasks/s, runner CPU %.1f ms per 1k, PostgreSQL CPU %.1f ms per 1k\n",
-            db, b, r, $1 / d, ($5 - $4) * 10 / k, ($7 - $6) * 10 / k }'
+            db, b, r, $1 / $2, ($4 - $3) * 10 / k, ($6 - $5) * 10 / k }'
 }
 
 # No runner outlives the script, however it ends.
