@@ -42,9 +42,12 @@ pub struct TaskQueries {
     /// session's tasks after moving it to its fair share. Parameters: `$1`
     /// session id (BIGINT), `$2` its token (UUID), `$3` ids to finish first
     /// (BIGINT[]), `$4` ids still running (BIGINT[]), `$5` whether to sweep
-    /// for orphans (BOOLEAN). Returns the column `sl_finished` (an id
-    /// finished by this call, the other columns NULL) followed by the task
-    /// table's columns (a held task, `sl_finished` NULL).
+    /// for orphans (BOOLEAN), `$6` the ids the previous answer named, or
+    /// NULL (BIGINT[]), `$7` whether to answer the finished ids in one array
+    /// (BOOLEAN, always true). Returns the columns `sl_finished` (unused
+    /// when `$7`) and `sl_finished_ids` (every id finished by this call, in
+    /// one row whose other columns are NULL) followed by the task table's
+    /// columns (a held task, both NULL).
     pub get_work: &'static str,
     /// Calls the table's generated `session_lock.<prefix>_finish_tasks`,
     /// the fenced finish. Parameters: `$1` session id (BIGINT), `$2` its
@@ -131,7 +134,7 @@ macro_rules! task_queries {
             get_work: concat!(
                 "SELECT * FROM session_lock.\"",
                 $prefix,
-                "_get_work\"($1, $2, $3, $4, $5, $6)"
+                "_get_work\"($1, $2, $3, $4, $5, $6, $7)"
             ),
             finish: concat!(
                 "SELECT * FROM session_lock.\"",

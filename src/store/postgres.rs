@@ -528,6 +528,7 @@ impl Database for PgStore {
                     (&params.running, Type::INT8_ARRAY),
                     (&params.sweep, Type::BOOL),
                     (&params.known, Type::INT8_ARRAY),
+                    (&true, Type::BOOL),
                 ],
                 Some(session),
             )
@@ -538,13 +539,14 @@ impl Database for PgStore {
             unreadable: Vec::new(),
         };
         for row in &rows {
-            // A finished id comes first in its row, with the task's columns
-            // NULL; a held task has no finished id.
-            let finished: Option<TaskId> = row
-                .try_get(0)
+            // The finished ids come first, in one row of their own (asked
+            // for by the last parameter), with the task's columns NULL; a
+            // held task has none.
+            let finished: Option<Vec<TaskId>> = row
+                .try_get(1)
                 .map_err(|e| Error::from_db(e, Some(session)))?;
             match finished {
-                Some(id) => work.finished.push(id),
+                Some(ids) => work.finished.extend(ids),
                 None => match T::scan(row) {
                     Ok(task) => work.tasks.push(task),
                     Err(e) => work.unreadable.push(e),

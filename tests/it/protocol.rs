@@ -550,6 +550,100 @@ async fn a_get_work_that_names_what_its_session_holds_answers_as_a_range_read_do
     assert_eq!(by_range, held, "a range read agrees");
 }
 
+/// What a get_work of `session` finishing `finished` answers, with the
+/// finished ids in one array or a row each (`array`): per row, sl_finished,
+/// sl_finished_ids and the task id. In a transaction rolled back, so that
+/// both shapes answer from the same state.
+async fn answer_rows(
+    client: &mut tokio_postgres::Client,
+    session: &Session,
+    finished: &[TaskId],
+    array: bool,
+) -> Vec<(Option<TaskId>, Option<Vec<TaskId>>, Option<TaskId>)> {
+    let tx = client.transaction().await.unwrap();
+    let rows = tx
+        .query(
+            "SELECT w.sl_finished, w.sl_finished_ids, w.id
+               FROM session_lock.example_task_get_work($1, $2, $3, '{}', true, NULL, $4) w",
+            &[&session.id, &session.token, &finished, &array],
+        )
+        .await
+        .expect("get_work");
+    tx.rollback().await.unwrap();
+    rows.iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// A runner asks for the finished ids in one row (`sl_finished_ids`); an
+/// older runner's call, without the last argument, still gets a row per
+/// id (`sl_finished`). Either way the same ids, the same tasks after them,
+/// and an id the call did not finish (another session's) in neither.
+#[tokio::test]
+async fn get_work_answers_the_finished_ids_in_one_row_or_a_row_each() {
+    let Setup {
+        store, mut client, ..
+    } = setup(20).await;
+    let a = start(&store, "answer").await;
+    let b = start(&store, "answer").await;
+    let mine = work(&store, &a).await;
+    let theirs = work(&store, &b).await;
+    assert_eq!((mine.len(), theirs.len()), (10, 10));
+    let mut finishing = mine[..4].to_vec();
+    finishing.push(theirs[0]);
+
+    let array = answer_rows(&mut client, &a, &finishing, true).await;
+    assert_eq!(
+        array[0],
+        (None, Some(mine[..4].to_vec()), None),
+        "one row of finished ids first, the rest of it NULL: {array:?}"
+    );
+    let held: Vec<TaskId> = array[1..]
+        .iter()
+        .map(|row| match row {
+            (None, None, Some(id)) => *id,
+            other => panic!("a held task's row, the finished columns NULL: {other:?}"),
+        })
+        .collect();
+    assert_eq!(held, mine[4..].to_vec());
+
+    let each = answer_rows(&mut client, &a, &finishing, false).await;
+    let expected: Vec<_> = mine[..4]
+        .iter()
+        .map(|id| (Some(*id), None, None))
+        .chain(held.iter().map(|id| (None, None, Some(*id))))
+        .collect();
+    assert_eq!(each, expected, "an older runner's answer");
+    // The call of an older runner: five arguments, the same rows.
+    let tx = client.transaction().await.unwrap();
+    let older: Vec<Option<TaskId>> = tx
+        .query(
+            "SELECT w.sl_finished FROM session_lock.example_task_get_work($1, $2, $3, '{}', true) w",
+            &[&a.id, &a.token, &finishing],
+        )
+        .await
+        .expect("get_work with five arguments")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tx.rollback().await.unwrap();
+    assert_eq!(older, expected.iter().map(|r| r.0).collect::<Vec<_>>());
+
+    // Nothing finished: no finished row at all.
+    let none = answer_rows(&mut client, &a, &[theirs[1]], true).await;
+    assert!(
+        none.iter()
+            .all(|(f, ids, id)| f.is_none() && ids.is_none() && id.is_some()),
+        "{none:?}"
+    );
+    assert_eq!(none.len(), 10);
+    // And the store reads the one row.
+    let w = finish_and_work(&store, &a, &finishing, &[]).await.unwrap();
+    assert_eq!(w.finished, mine[..4].to_vec());
+    let kept: Vec<TaskId> = w.tasks.iter().map(|t| t.id).collect();
+    assert_eq!(kept, mine[4..].to_vec(), "nothing free to pick up");
+}
+
 /// Named tasks are looked up by key, one probe of the primary key each,
 /// never by reading the session's stretch of the open index (where a
 /// snapshot held elsewhere keeps a dead entry for every task it held), and

@@ -794,7 +794,7 @@ async fn my_task_entry_points(client: &Client) -> Vec<(String, bool)> {
 fn generated_my_task_entry_points() -> Vec<(String, bool)> {
     [
         "session_lock.my_task_finish_tasks(bigint,uuid,bigint[])",
-        "session_lock.my_task_get_work(bigint,uuid,bigint[],bigint[],boolean,bigint[])",
+        "session_lock.my_task_get_work(bigint,uuid,bigint[],bigint[],boolean,bigint[],boolean)",
         "session_lock.my_task_held()",
     ]
     .into_iter()
