@@ -2176,3 +2176,192 @@ async fn a_free_task_rewritten_by_another_transaction_is_picked_up_as_rewritten(
     let holders = holdings(&client).await;
     assert_eq!(holders.get(&Some(a.id)), Some(&2), "{holders:?}");
 }
+
+/// One get_work of `session` finishing `finished`, sweeping or not, naming
+/// `kept` as the rest it holds: the ids it now holds.
+async fn pick_keeping(
+    store: &PgStore,
+    session: &Session,
+    finished: &[TaskId],
+    kept: &[TaskId],
+    sweep: bool,
+) -> Vec<TaskId> {
+    let w = store
+        .get_work::<ExampleTask>(GetWork {
+            finished,
+            sweep,
+            known: Some(kept),
+            ..GetWork::new(session)
+        })
+        .await
+        .expect("get_work");
+    let mut done = w.finished.clone();
+    done.sort_unstable();
+    let mut asked = finished.to_vec();
+    asked.sort_unstable();
+    assert_eq!(done, asked, "finished as asked");
+    w.tasks.iter().map(|t| t.id).collect()
+}
+
+/// [`pick_keeping`] of a session that finishes all it held.
+async fn pick(store: &PgStore, session: &Session, finished: &[TaskId], sweep: bool) -> Vec<TaskId> {
+    pick_keeping(store, session, finished, &[], sweep).await
+}
+
+/// A pickup in key order starts where the table's last pickup began, not
+/// at the head of the free range (so that it steps over no more than the
+/// tasks taken since). A task left behind it, here one a foreign
+/// transaction had locked while the pickups passed it, waits for a call
+/// that sweeps (once a tick): that one starts from the head, and takes it
+/// first.
+#[tokio::test]
+async fn a_pickup_starts_where_the_last_began_and_a_sweeping_call_takes_what_it_left_behind() {
+    let db = migrated_db().await;
+    let store = PgStore::connect(&db.url).await.expect("store connects");
+    let client = db.client().await;
+    let ids = seed(&client, 30).await;
+    let a = start_cap(&store, "cursor", 5).await;
+
+    let foreign = lock_row(&db, ids[0]).await;
+    assert_eq!(pick(&store, &a, &[], false).await, ids[1..6].to_vec());
+    foreign.batch_execute("ROLLBACK").await.unwrap();
+    // Unlocked now, but behind the cursor (where the last pickup began).
+    assert_eq!(
+        pick(&store, &a, &ids[1..6], false).await,
+        ids[6..11].to_vec(),
+        "a call that does not sweep starts at the cursor"
+    );
+    let swept = pick(&store, &a, &ids[6..11], true).await;
+    assert_eq!(
+        swept,
+        [&ids[..1], &ids[11..15]].concat(),
+        "a sweeping call starts from the head"
+    );
+    // On from where that one began (the head): past the tasks taken since.
+    assert_eq!(pick(&store, &a, &swept, false).await, ids[15..20].to_vec());
+    // A stretch from the cursor too short for the room: the rest from the
+    // head, where a task was reopened behind the cursor.
+    client
+        .execute(
+            "UPDATE example_task SET finished_at = now() WHERE id > $1",
+            &[&ids[20]],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE example_task SET finished_at = NULL, finished_by = NULL, session_id = NULL WHERE id = $1",
+            &[&ids[1]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        pick(&store, &a, &ids[15..20], false).await,
+        vec![ids[1], ids[20]]
+    );
+}
+
+/// Freeing a dead session's tasks moves the pickup cursor back to them:
+/// the next pickup of any session of the name takes them first, sweeping
+/// or not, as it would without a cursor.
+#[tokio::test]
+async fn a_dead_sessions_tasks_freed_behind_the_cursor_are_picked_up_next() {
+    let db = migrated_db().await;
+    let store = PgStore::connect(&db.url).await.expect("store connects");
+    let client = db.client().await;
+    let ids = seed(&client, 40).await;
+    let a = start_cap(&store, "behind", 5).await;
+    let b = start_cap(&store, "behind", 5).await;
+    let c = start_cap(&store, "behind", 5).await;
+    assert_eq!(pick(&store, &a, &[], false).await, ids[..5].to_vec());
+    let mine = pick(&store, &b, &[], false).await;
+    assert_eq!(mine, ids[5..10].to_vec());
+    assert_eq!(pick(&store, &c, &[], false).await, ids[10..15].to_vec());
+    expire(&client, a.id).await;
+    // c reclaims a, frees its tasks and has no room for any of them.
+    assert_eq!(
+        pick_keeping(&store, &c, &[], &ids[10..15], false).await,
+        ids[10..15].to_vec()
+    );
+    assert_eq!(holdings(&client).await.get(&None), Some(&30));
+    // b, not sweeping, finds them where the cursor now is.
+    assert_eq!(pick(&store, &b, &mine, false).await, ids[..5].to_vec());
+}
+
+/// Index entries of the open-task index a get_work of `session` read,
+/// finishing `finished`, sweeping or not: the backend's count before and
+/// after it, in one transaction (rolled back), since the count also holds
+/// what earlier transactions read until it is reported.
+async fn open_index_reads(
+    client: &mut tokio_postgres::Client,
+    session: &Session,
+    finished: &[TaskId],
+    sweep: bool,
+) -> i64 {
+    let count = "SELECT pg_stat_get_xact_tuples_returned('example_task_open_idx'::regclass)";
+    let tx = client.transaction().await.unwrap();
+    let before: i64 = tx.query_one(count, &[]).await.unwrap().get(0);
+    tx.query(
+        "SELECT * FROM session_lock.example_task_get_work($1, $2, $3, '{}', $4, '{}', true)",
+        &[&session.id, &session.token, &finished, &sweep],
+    )
+    .await
+    .expect("get_work");
+    let after: i64 = tx.query_one(count, &[]).await.unwrap().get(0);
+    tx.rollback().await.unwrap();
+    after - before
+}
+
+/// While a snapshot held elsewhere keeps every dead entry of the open-task
+/// index, a draining call that does not sweep reads the entries of the
+/// tasks taken since the last pickup began, not every task taken since the
+/// snapshot (which a walk from the head of the free range reads, as a
+/// sweeping call still does once a tick).
+#[tokio::test]
+async fn under_a_held_snapshot_a_draining_pickup_reads_no_dead_head() {
+    let db = migrated_db().await;
+    let store = PgStore::connect(&db.url).await.expect("store connects");
+    let mut client = db.client().await;
+    seed(&client, 2_000).await;
+    let a = start_cap(&store, "held", 10).await;
+    let snapshot = db.client().await;
+    snapshot
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM example_task")
+        .await
+        .unwrap();
+    let mut held = pick(&store, &a, &[], false).await;
+    for _ in 0..100 {
+        held = pick(&store, &a, &held, false).await;
+        assert_eq!(held.len(), 10);
+    }
+    let draining = open_index_reads(&mut client, &a, &held, false).await;
+    let sweeping = open_index_reads(&mut client, &a, &held, true).await;
+    // The head is walked by the first sweeping call of a second: one
+    // that comes after a walk (here said to be 30 s ahead of the clock,
+    // so that no pause of this machine can make it a second ago) starts
+    // at the cursor too; after the clock went back over a minute, it
+    // walks.
+    let walked_at = |ahead_ms: i64| {
+        format!(
+            "SELECT setval('session_lock.example_task_head_at', (extract(epoch FROM clock_timestamp()) * 1000)::bigint + {ahead_ms})"
+        )
+    };
+    client.batch_execute(&walked_at(30_000)).await.unwrap();
+    let second = open_index_reads(&mut client, &a, &held, true).await;
+    client.batch_execute(&walked_at(7_200_000)).await.unwrap();
+    let went_back = open_index_reads(&mut client, &a, &held, true).await;
+    snapshot.batch_execute("COMMIT").await.unwrap();
+    assert!(
+        sweeping > 1_000,
+        "a walk from the head reads the dead entries of the 1,010 tasks taken: {sweeping}"
+    );
+    assert!(
+        draining < 100,
+        "a draining pickup reads past the tasks taken since the last began: {draining}"
+    );
+    assert!(
+        second < 100,
+        "a second sweeping call within the second starts at the cursor: {second}"
+    );
+    assert!(went_back > 1_000, "{went_back}");
+}
