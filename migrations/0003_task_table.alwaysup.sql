@@ -73,8 +73,10 @@
 --      the default order (by key) the pickup starts at the table's cursor,
 --      where the last pickup began, and from the head of the free range
 --      only for what that stretch lacks, on the first call of the table
---      that sweeps in each second, and on one that reclaimed (freeing a
---      dead session's tasks moves the cursor back to them);
+--      that sweeps once the head is due (a second after the last walk
+--      from it began, and no sooner than nine times its length after it
+--      ended), and on one that reclaimed (freeing a dead session's tasks
+--      moves the cursor back to them);
 --   7. check S's lease again (a call that outlived it commits nothing),
 --      record S's held counter, whether S is waiting (holds less than C:
 --      inserts notify while a session of T waits) and the server, and
@@ -188,7 +190,7 @@ BEGIN
                  'sl_stop', 'sl_held_was', 'sl_leased', 'sl_elsewhere', 'p_known', 'sl_new',
                  'sl_look', 'sl_same_server', 'sl_free', 'sl_tids', 'sl_drawn', 'sl_named',
                  'p_finished_array', 'sl_finished_ids', 'sl_first', 'sl_ahead', 'sl_began',
-                 'sl_low', 'sl_now_ms', 'sl_walked'];
+                 'sl_low', 'sl_now_ms', 'sl_walked', 'sl_walking'];
 END;
 $$;
 
@@ -352,7 +354,7 @@ $$;
 --   {{answer_nulls}} as many NULLs, each of its column's type
 --   {{cursor}}       whether the pickup keeps a cursor (the order is the key's)
 --   {{cursor_seq}}   the cursor, session_lock.<prefix>_cursor, as a regclass
---   {{head_at_seq}}  when a pickup last started from the head instead,
+--   {{head_at_seq}}  when a pickup may next start from the head instead,
 --                    session_lock.<prefix>_head_at, as a regclass
 --   {{name}}         the table's name as a string literal, for messages
 --   {{open}}         the open_when fragment
@@ -849,6 +851,7 @@ DECLARE
     sl_began    bigint;
     sl_now_ms   bigint;
     sl_walked   bigint;
+    sl_walking  boolean := false;
 BEGIN
     IF p_finished IS NULL OR p_running IS NULL OR p_sweep IS NULL OR p_finished_array IS NULL THEN
         RAISE EXCEPTION 'get_work of %: finished, running, sweep and finished_array must not be NULL', {{name}}
@@ -1138,20 +1141,25 @@ BEGIN
         -- free range, which a snapshot held elsewhere keeps, and a walk
         -- from the head would read them all, every call). From the head,
         -- for what the cursor's stretch lacks, on a call that reclaimed,
-        -- and on the first call that sweeps in each second (of any
-        -- session of the table, or one after the clock went back more
-        -- than a minute): what is free behind the cursor (a task whose
-        -- backoff ended, a row another transaction had locked while
+        -- and on the first call that sweeps once the head is due (of any
+        -- session of the table): what is free behind the cursor (a task
+        -- whose backoff ended, a row another transaction had locked while
         -- pickups passed it, a pickup rolled back, a task reopened by
-        -- hand) is picked up there, within a tick and a second. Only for
-        -- the default order (the key): with any other the whole pickup is
-        -- from the head.
+        -- hand) is picked up there. The head is due a second after the
+        -- last walk from it began, and no sooner than nine times that
+        -- walk's length after it ended (at most 50 s), so that however
+        -- many dead entries a snapshot keeps there, the walks take at
+        -- most a tenth of the time; and at once when the clock went back
+        -- more than a minute. Only for the default order (the key): with
+        -- any other the whole pickup is from the head.
         IF {{cursor}} AND sl_dead IS NULL THEN
             sl_now_ms := (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000)::bigint;
             sl_walked := pg_catalog.pg_sequence_last_value({{head_at_seq}});
-            IF p_sweep AND (sl_walked IS NULL OR sl_now_ms - sl_walked >= 1000
+            IF p_sweep AND (sl_walked IS NULL OR sl_now_ms >= sl_walked
                             OR sl_walked - sl_now_ms > 60000) THEN
-                PERFORM pg_catalog.setval({{head_at_seq}}, sl_now_ms);
+                -- Due: walked by this call; not by another in this second.
+                PERFORM pg_catalog.setval({{head_at_seq}}, sl_now_ms + 1000);
+                sl_walking := true;
             ELSE
                 sl_from := pg_catalog.pg_sequence_last_value({{cursor_seq}});
             END IF;
@@ -1221,6 +1229,12 @@ BEGIN
         -- cursor, not behind it.
         IF {{cursor}} AND sl_began IS NOT NULL THEN
             PERFORM pg_catalog.setval({{cursor_seq}}, sl_began);
+        END IF;
+        IF sl_walking THEN
+            sl_walked := (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000)::bigint;
+            PERFORM pg_catalog.setval({{head_at_seq}}, greatest(
+                sl_now_ms + 1000,
+                sl_walked + least(9 * (sl_walked - sl_now_ms), 50000)));
         END IF;
         sl_held := sl_held + sl_got;
     END IF;
@@ -1863,7 +1877,7 @@ BEGIN
     -- get_work's pickup cursor: where the last pickup in key order began.
     -- A sequence, so that moving it on every call leaves no row version
     -- behind (a snapshot held elsewhere would keep every one).
-    -- And when a pickup last started from the head instead (ms since
+    -- And when a pickup may next start from the head instead (ms since
     -- the epoch).
     v_cursor := pg_catalog.format('session_lock.%I', d.fn_prefix || '_cursor');
     v_head_at := pg_catalog.format('session_lock.%I', d.fn_prefix || '_head_at');

@@ -2335,20 +2335,33 @@ async fn under_a_held_snapshot_a_draining_pickup_reads_no_dead_head() {
         assert_eq!(held.len(), 10);
     }
     let draining = open_index_reads(&mut client, &a, &held, false).await;
+    let clock = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+    let began: i64 = client.query_one(clock, &[]).await.unwrap().get(0);
     let sweeping = open_index_reads(&mut client, &a, &held, true).await;
-    // The head is walked by the first sweeping call of a second: one
-    // that comes after a walk (here said to be 30 s ahead of the clock,
-    // so that no pause of this machine can make it a second ago) starts
-    // at the cursor too; after the clock went back over a minute, it
-    // walks.
-    let walked_at = |ahead_ms: i64| {
+    let due: i64 = client
+        .query_one(
+            "SELECT pg_sequence_last_value('session_lock.example_task_head_at')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        due >= began + 1_000,
+        "the head is next due a second after this walk began at the earliest"
+    );
+    // The head is walked by the first sweeping call once it is due: one
+    // before that (here it is due in 30 s, so that no pause of this
+    // machine can make it due) starts at the cursor too; after the clock
+    // went back over a minute, it walks.
+    let due_in = |ahead_ms: i64| {
         format!(
             "SELECT setval('session_lock.example_task_head_at', (extract(epoch FROM clock_timestamp()) * 1000)::bigint + {ahead_ms})"
         )
     };
-    client.batch_execute(&walked_at(30_000)).await.unwrap();
+    client.batch_execute(&due_in(30_000)).await.unwrap();
     let second = open_index_reads(&mut client, &a, &held, true).await;
-    client.batch_execute(&walked_at(7_200_000)).await.unwrap();
+    client.batch_execute(&due_in(7_200_000)).await.unwrap();
     let went_back = open_index_reads(&mut client, &a, &held, true).await;
     snapshot.batch_execute("COMMIT").await.unwrap();
     assert!(
@@ -2361,7 +2374,7 @@ async fn under_a_held_snapshot_a_draining_pickup_reads_no_dead_head() {
     );
     assert!(
         second < 100,
-        "a second sweeping call within the second starts at the cursor: {second}"
+        "a sweeping call before the head is due starts at the cursor: {second}"
     );
     assert!(went_back > 1_000, "{went_back}");
 }
