@@ -138,16 +138,23 @@ impl bb8::ManageConnection for Manager {
             }
             other => other,
         }?;
+        // Both checks as unnamed statements (query_typed), as every call
+        // of the store: behind a transaction pooler a named one may be
+        // bound on another server connection, to another client's
+        // statement of the same name, and answer with its columns.
         if self.identity.is_some() {
             // A standby refuses every write the protocol makes: find the
             // primary instead (the next connect tries the URL's hosts anew).
             let check = tokio::time::timeout(
                 limit,
-                client.query_one("SELECT pg_catalog.pg_is_in_recovery()", &[]),
+                client.query_typed("SELECT pg_catalog.pg_is_in_recovery()", &[]),
             )
             .await
             .map_err(|_| ConnectError::TimedOut(limit))?;
-            if check.is_ok_and(|row| row.get::<_, bool>(0)) {
+            let standby = check
+                .ok()
+                .and_then(|rows| rows.first().and_then(|row| row.try_get::<_, bool>(0).ok()));
+            if standby == Some(true) {
                 return Err(ConnectError::Standby);
             }
         }
@@ -156,14 +163,15 @@ impl bb8::ManageConnection for Manager {
             // own calls report that, with the remedy.
             let read = tokio::time::timeout(
                 limit,
-                client.query_opt("SELECT session_lock.database_identity()", &[]),
+                client.query_typed("SELECT session_lock.database_identity()", &[]),
             )
             .await
             .map_err(|_| ConnectError::TimedOut(limit))?;
-            if let Ok(Some(row)) = read {
-                if let Ok(id) = row.try_get::<_, String>(0) {
-                    cell.set(DatabaseId(id));
-                }
+            if let Some(id) = read.ok().and_then(|rows| {
+                rows.first()
+                    .and_then(|row| row.try_get::<_, String>(0).ok())
+            }) {
+                cell.set(DatabaseId(id));
             }
         }
         Ok(PgConnection {
