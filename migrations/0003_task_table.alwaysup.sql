@@ -190,7 +190,7 @@ BEGIN
                  'sl_stop', 'sl_held_was', 'sl_leased', 'sl_elsewhere', 'p_known', 'sl_new',
                  'sl_look', 'sl_same_server', 'sl_free', 'sl_tids', 'sl_drawn', 'sl_named',
                  'p_finished_array', 'sl_finished_ids', 'sl_first', 'sl_ahead', 'sl_began',
-                 'sl_low', 'sl_now_ms', 'sl_walked', 'sl_walking'];
+                 'sl_low', 'sl_now_ms', 'sl_walked', 'sl_walking', 'sl_lo', 'sl_hi'];
 END;
 $$;
 
@@ -847,7 +847,9 @@ DECLARE
     sl_leased   boolean := false;
     sl_from     bigint;
     sl_first    integer;
-    sl_ahead    {{address_type}}[];
+    sl_ahead    {{address_type}}[] := '{}';
+    sl_lo       bigint;
+    sl_hi       bigint;
     sl_began    bigint;
     sl_now_ms   bigint;
     sl_walked   bigint;
@@ -1153,41 +1155,31 @@ BEGIN
         -- more than a minute. Only for the default order (the key): with
         -- any other the whole pickup is from the head.
         IF {{cursor}} AND sl_dead IS NULL THEN
-            sl_now_ms := (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000)::bigint;
-            sl_walked := pg_catalog.pg_sequence_last_value({{head_at_seq}});
-            IF p_sweep AND (sl_walked IS NULL OR sl_now_ms >= sl_walked
-                            OR sl_walked - sl_now_ms > 60000) THEN
-                -- Due: walked by this call; not by another in this second.
-                PERFORM pg_catalog.setval({{head_at_seq}}, sl_now_ms + 1000);
-                sl_walking := true;
-            ELSE
+            IF p_sweep THEN
+                sl_now_ms := (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000)::bigint;
+                sl_walked := pg_catalog.pg_sequence_last_value({{head_at_seq}});
+                IF sl_walked IS NULL OR sl_now_ms >= sl_walked OR sl_walked - sl_now_ms > 60000 THEN
+                    -- Due: walked by this call; not by another in this second.
+                    PERFORM pg_catalog.setval({{head_at_seq}}, sl_now_ms + 1000);
+                    sl_walking := true;
+                END IF;
+            END IF;
+            IF NOT sl_walking THEN
                 sl_from := pg_catalog.pg_sequence_last_value({{cursor_seq}});
             END IF;
         END IF;
+        -- One statement for both stretches (from the cursor on, then
+        -- before it for what is missing), so that they take tasks by the
+        -- same rules: ids from sl_lo to sl_hi.
         sl_first := sl_pick - pg_catalog.cardinality(sl_suspect) - pg_catalog.cardinality(sl_rr);
-        sl_ahead := ARRAY(
-                   SELECT f.{{address}}
-                     FROM {{table}} f
-                    WHERE f.session_id IS NULL
-                      AND f.{{id}} >= coalesce(sl_from, -9223372036854775808)
-                      AND (
-{{open}}
-                          )
-                      AND f.sl_attempts < LEAST({{suspect_from}}, {{max_attempts}})
-                      AND (f.sl_retry_at IS NULL
-                           OR f.sl_retry_at <= pg_catalog.clock_timestamp())
-                      AND NOT (f.{{id}} = ANY (sl_rr))
-                    ORDER BY f.session_id,
-{{order}}
-                    LIMIT sl_first
-                      FOR NO KEY UPDATE SKIP LOCKED);
-        sl_free := sl_free || sl_ahead;
-        IF sl_from IS NOT NULL AND pg_catalog.cardinality(sl_ahead) < sl_first THEN
-            sl_free := sl_free || ARRAY(
+        sl_lo := coalesce(sl_from, -9223372036854775808);
+        sl_hi := 9223372036854775807;
+        LOOP
+            sl_ahead := sl_ahead || ARRAY(
                        SELECT f.{{address}}
                          FROM {{table}} f
                         WHERE f.session_id IS NULL
-                          AND f.{{id}} < sl_from
+                          AND f.{{id}} BETWEEN sl_lo AND sl_hi
                           AND (
 {{open}}
                               )
@@ -1199,7 +1191,11 @@ BEGIN
 {{order}}
                         LIMIT sl_first - pg_catalog.cardinality(sl_ahead)
                           FOR NO KEY UPDATE SKIP LOCKED);
-        END IF;
+            EXIT WHEN pg_catalog.cardinality(sl_ahead) >= sl_first OR sl_lo = -9223372036854775808;
+            sl_hi := sl_lo - 1;
+            sl_lo := -9223372036854775808;
+        END LOOP;
+        sl_free := sl_free || sl_ahead;
         -- Each pickup is an attempt, and gets a new fencing token: one per
         -- call, shared by the tasks it takes. The new rows' addresses are
         -- what the answer reads them by.
