@@ -1168,33 +1168,45 @@ BEGIN
                 sl_from := pg_catalog.pg_sequence_last_value({{cursor_seq}});
             END IF;
         END IF;
-        -- One statement for both stretches (from the cursor on, then
-        -- before it for what is missing), so that they take tasks by the
-        -- same rules: ids from sl_lo to sl_hi.
+        -- One statement for both stretches, from the cursor on (ids from
+        -- sl_lo), then from the head (ids below sl_hi) for what is
+        -- missing, so that they take tasks by the same rules. Each
+        -- stretch is a row the scan is parameterized by, with one bound
+        -- in the index and the upper one a filter: a generic plan (the
+        -- plan cache's choice after five calls, or plan_cache_mode's)
+        -- takes a range between two unknown values for a two hundredth
+        -- of the table, and would sort that range out of the primary key
+        -- instead of walking the open index in order. (The head's stretch
+        -- is read only when the cursor's came up short, so past sl_hi it
+        -- reads no more than that stretch had.)
         sl_first := sl_pick - pg_catalog.cardinality(sl_suspect) - pg_catalog.cardinality(sl_rr);
         sl_lo := coalesce(sl_from, -9223372036854775808);
-        sl_hi := 9223372036854775807;
-        LOOP
-            sl_ahead := sl_ahead || ARRAY(
-                       SELECT f.{{address}}
-                         FROM {{table}} f
-                        WHERE f.session_id IS NULL
-                          AND f.{{id}} BETWEEN sl_lo AND sl_hi
-                          AND (
+        IF sl_lo > -9223372036854775808 THEN
+            sl_hi := sl_lo;
+        END IF;
+        sl_ahead := ARRAY(
+                   SELECT p.address
+                     FROM (VALUES (sl_lo, NULL::bigint),
+                                  (CASE WHEN sl_hi IS NOT NULL THEN (-9223372036854775808)::bigint END,
+                                   sl_hi)) r(lo, below)
+                    CROSS JOIN LATERAL (
+                          SELECT f.{{address}} AS address
+                            FROM {{table}} f
+                           WHERE f.session_id IS NULL
+                             AND f.{{id}} >= r.lo
+                             AND (r.below IS NULL OR f.{{id}} < r.below)
+                             AND (
 {{open}}
-                              )
-                          AND f.sl_attempts < LEAST({{suspect_from}}, {{max_attempts}})
-                          AND (f.sl_retry_at IS NULL
-                               OR f.sl_retry_at <= pg_catalog.clock_timestamp())
-                          AND NOT (f.{{id}} = ANY (sl_rr))
-                        ORDER BY f.session_id,
+                                 )
+                             AND f.sl_attempts < LEAST({{suspect_from}}, {{max_attempts}})
+                             AND (f.sl_retry_at IS NULL
+                                  OR f.sl_retry_at <= pg_catalog.clock_timestamp())
+                             AND NOT (f.{{id}} = ANY (sl_rr))
+                           ORDER BY f.session_id,
 {{order}}
-                        LIMIT sl_first - pg_catalog.cardinality(sl_ahead)
-                          FOR NO KEY UPDATE SKIP LOCKED);
-            EXIT WHEN pg_catalog.cardinality(sl_ahead) >= sl_first OR sl_lo = -9223372036854775808;
-            sl_hi := sl_lo - 1;
-            sl_lo := -9223372036854775808;
-        END LOOP;
+                           LIMIT sl_first
+                             FOR NO KEY UPDATE SKIP LOCKED) p
+                    LIMIT sl_first);
         sl_free := sl_free || sl_ahead;
         -- Each pickup is an attempt, and gets a new fencing token: one per
         -- call, shared by the tasks it takes. The new rows' addresses are

@@ -2288,28 +2288,41 @@ async fn a_dead_sessions_tasks_freed_behind_the_cursor_are_picked_up_next() {
     assert_eq!(pick(&store, &b, &mine, false).await, ids[..5].to_vec());
 }
 
-/// Index entries of the open-task index a get_work of `session` read,
-/// finishing `finished`, sweeping or not: the backend's count before and
-/// after it, in one transaction (rolled back), since the count also holds
-/// what earlier transactions read until it is reported.
-async fn open_index_reads(
+/// Index entries a get_work of `session` read, finishing `finished`,
+/// sweeping or not, in the open-task index and in the primary key: the
+/// backend's counts before and after it, in one transaction (rolled back),
+/// since the counts also hold what earlier transactions read until they
+/// are reported.
+async fn index_reads(
     client: &mut tokio_postgres::Client,
     session: &Session,
     finished: &[TaskId],
     sweep: bool,
-) -> i64 {
-    let count = "SELECT pg_stat_get_xact_tuples_returned('example_task_open_idx'::regclass)";
+) -> (i64, i64) {
+    let counts = "SELECT pg_stat_get_xact_tuples_returned('example_task_open_idx'::regclass),
+                         pg_stat_get_xact_tuples_returned('example_task_pkey'::regclass)";
     let tx = client.transaction().await.unwrap();
-    let before: i64 = tx.query_one(count, &[]).await.unwrap().get(0);
+    let before = tx.query_one(counts, &[]).await.unwrap();
     tx.query(
         "SELECT * FROM session_lock.example_task_get_work($1, $2, $3, '{}', $4, '{}', true)",
         &[&session.id, &session.token, &finished, &sweep],
     )
     .await
     .expect("get_work");
-    let after: i64 = tx.query_one(count, &[]).await.unwrap().get(0);
+    let after = tx.query_one(counts, &[]).await.unwrap();
     tx.rollback().await.unwrap();
-    after - before
+    let read = |i: usize| after.get::<_, i64>(i) - before.get::<_, i64>(i);
+    (read(0), read(1))
+}
+
+/// The open-task index's entries [`index_reads`] counts.
+async fn open_index_reads(
+    client: &mut tokio_postgres::Client,
+    session: &Session,
+    finished: &[TaskId],
+    sweep: bool,
+) -> i64 {
+    index_reads(client, session, finished, sweep).await.0
 }
 
 /// While a snapshot held elsewhere keeps every dead entry of the open-task
@@ -2377,4 +2390,36 @@ async fn under_a_held_snapshot_a_draining_pickup_reads_no_dead_head() {
         "a sweeping call before the head is due starts at the cursor: {second}"
     );
     assert!(went_back > 1_000, "{went_back}");
+}
+
+/// Under generic plans (the plan cache's choice after five calls, or every
+/// call with plan_cache_mode = force_generic_plan), where the planner
+/// knows no bound of the pickup's or the count's stretches, a get_work
+/// still walks the open index from the cursor: it reads no range of the
+/// primary key, whatever the backlog.
+#[tokio::test]
+async fn under_generic_plans_a_pickup_and_a_count_walk_the_open_index() {
+    let db = migrated_db().await;
+    let store = PgStore::connect(&db.url).await.expect("store connects");
+    let mut client = db.client().await;
+    seed(&client, 200_000).await;
+    client
+        .batch_execute("VACUUM ANALYZE example_task")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SET plan_cache_mode = force_generic_plan")
+        .await
+        .unwrap();
+    let a = start_cap(&store, "generic", 10).await;
+    let _peer = start_cap(&store, "generic", 90).await;
+    let mut held = pick(&store, &a, &[], false).await;
+    held = pick(&store, &a, &held, false).await;
+    for sweep in [false, true] {
+        let (open, key) = index_reads(&mut client, &a, &held, sweep).await;
+        assert!(
+            open < 300 && key < 100,
+            "sweep {sweep}: {open} open-index entries and {key} primary-key entries read"
+        );
+    }
 }
