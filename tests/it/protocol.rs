@@ -2392,6 +2392,66 @@ async fn under_a_held_snapshot_a_draining_pickup_reads_no_dead_head() {
     assert!(went_back > 1_000, "{went_back}");
 }
 
+/// A share is sized by a count of the free tasks (when the others' held
+/// counters leave more to find than the session wants). Counted from the
+/// pickup cursor on, and behind it for what that stretch lacks: here a
+/// task a foreign transaction had locked while the first pickup passed it
+/// is behind the cursor, and the count that sizes the second session's
+/// share still finds it (12 open: 6 each; without it, 11, and 5).
+#[tokio::test]
+async fn a_share_counts_the_free_tasks_behind_the_cursor_too() {
+    let db = migrated_db().await;
+    let store = PgStore::connect(&db.url).await.expect("store connects");
+    let client = db.client().await;
+    let ids = seed(&client, 12).await;
+    let first = start_cap(&store, "behind", 10).await;
+    let second = start_cap(&store, "behind", 10).await;
+
+    let foreign = lock_row(&db, ids[0]).await;
+    assert_eq!(pick(&store, &second, &[], false).await, ids[1..7].to_vec());
+    foreign.batch_execute("ROLLBACK").await.unwrap();
+    let mut taken = pick(&store, &first, &[], false).await;
+    taken.sort_unstable();
+    let mut expected = ids[7..12].to_vec();
+    expected.push(ids[0]);
+    expected.sort_unstable();
+    assert_eq!(
+        taken, expected,
+        "the first session's share of 12 open tasks is 6"
+    );
+}
+
+/// A session whose share needs the count (its peer has room for 90 and
+/// holds nothing, as between a quick batch and the next tick) counts from
+/// the pickup cursor: under a held snapshot it reads no more of the open
+/// index than the count's bound and its own pickup, however many dead
+/// entries the tasks taken before the cursor left at the head.
+#[tokio::test]
+async fn under_a_held_snapshot_a_count_reads_no_dead_head() {
+    let db = migrated_db().await;
+    let store = PgStore::connect(&db.url).await.expect("store connects");
+    let mut client = db.client().await;
+    seed(&client, 2_000).await;
+    let a = start_cap(&store, "counted", 10).await;
+    let _peer = start_cap(&store, "counted", 90).await;
+    let snapshot = db.client().await;
+    snapshot
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM example_task")
+        .await
+        .unwrap();
+    let mut held = pick(&store, &a, &[], false).await;
+    for _ in 0..100 {
+        held = pick(&store, &a, &held, false).await;
+        assert_eq!(held.len(), 10);
+    }
+    let counting = open_index_reads(&mut client, &a, &held, false).await;
+    snapshot.batch_execute("COMMIT").await.unwrap();
+    assert!(
+        counting < 300,
+        "the count reads up to 100 free tasks from the cursor and the pickup 10 past the 10 taken since: {counting}"
+    );
+}
+
 /// Under generic plans (the plan cache's choice after five calls, or every
 /// call with plan_cache_mode = force_generic_plan), where the planner
 /// knows no bound of the pickup's or the count's stretches, a get_work
