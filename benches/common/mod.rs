@@ -33,6 +33,19 @@ pub fn start_server() -> EmbeddedPostgres {
             "pg_stat_statements".to_owned(),
         ));
     }
+    // SESSION_LOCK_BENCH_PG_SETTINGS="name=value;name=value": settings of
+    // the server that replace these or add to them (plan_cache_mode, a
+    // preloaded auto_explain and its log_min_duration, ...).
+    if let Ok(settings) = std::env::var("SESSION_LOCK_BENCH_PG_SETTINGS") {
+        for setting in settings.split(';').filter(|s| !s.trim().is_empty()) {
+            let (name, value) = setting.split_once('=').unwrap_or_else(|| {
+                panic!("SESSION_LOCK_BENCH_PG_SETTINGS: {setting:?} is not name=value")
+            });
+            let name = name.trim().to_owned();
+            extra.retain(|(n, _)| *n != name);
+            extra.push((name, value.trim().to_owned()));
+        }
+    }
     let opts = EmbeddedOptions {
         durable: true,
         // 200 idle runners with LISTEN hold 600 connections (benchmark 6).
