@@ -2444,11 +2444,16 @@ async fn under_a_held_snapshot_a_count_reads_no_dead_head() {
         held = pick(&store, &a, &held, false).await;
         assert_eq!(held.len(), 10);
     }
+    // No count left by an earlier call to stand in for this one's.
+    client
+        .batch_execute("SELECT setval('session_lock.example_task_free_seen', 0)")
+        .await
+        .unwrap();
     let counting = open_index_reads(&mut client, &a, &held, false).await;
     snapshot.batch_execute("COMMIT").await.unwrap();
     assert!(
-        counting < 300,
-        "the count reads up to 100 free tasks from the cursor and the pickup 10 past the 10 taken since: {counting}"
+        counting < 500,
+        "the count reads up to 300 free tasks from the cursor and the pickup 10 past the 10 taken since: {counting}"
     );
 }
 
@@ -2478,8 +2483,89 @@ async fn under_generic_plans_a_pickup_and_a_count_walk_the_open_index() {
     for sweep in [false, true] {
         let (open, key) = index_reads(&mut client, &a, &held, sweep).await;
         assert!(
-            open < 300 && key < 100,
+            open < 500 && key < 100,
             "sweep {sweep}: {open} open-index entries and {key} primary-key entries read"
         );
     }
+}
+
+/// A count of the free tasks goes on to three times what it needs, and
+/// the calls after it take what it found, less the largest capacity of
+/// the table's live sessions for every pickup since, instead of counting
+/// again: here the second call reads no more of the open index than its
+/// pickup, and once the pickups since could have taken what the count
+/// found beyond the need, a call counts again.
+#[tokio::test]
+async fn a_count_is_left_for_the_calls_after_it_until_pickups_could_have_used_it_up() {
+    let db = migrated_db().await;
+    let store = PgStore::connect(&db.url).await.expect("store connects");
+    let mut client = db.client().await;
+    seed(&client, 3_000).await;
+    // With no statistics yet, the finish reads the open index whole.
+    client.batch_execute("ANALYZE example_task").await.unwrap();
+    let a = start_cap(&store, "seen", 10).await;
+    let _peer = start_cap(&store, "seen", 90).await;
+    // a's count needs 100 free tasks (its name's capacity), finds 300.
+    let first = open_index_reads(&mut client, &a, &[], false).await;
+    let seen: i64 = client
+        .query_one(
+            "SELECT pg_sequence_last_value('session_lock.example_task_free_seen')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        seen, 300,
+        "the count goes on to three times the 100 it needs"
+    );
+    // One pickup since (that call's, rolled back): 300 - 90 >= 100, no
+    // count.
+    let second = open_index_reads(&mut client, &a, &[], false).await;
+    // Two: 300 - 180 >= 100, no count.
+    let held = pick(&store, &a, &[], false).await;
+    assert_eq!(held.len(), 10);
+    // Three could have taken 270 of the 300: it counts.
+    let third = open_index_reads(&mut client, &a, &held, false).await;
+    assert!(
+        first >= 300,
+        "the first call counts 300 free tasks: {first}"
+    );
+    assert!(
+        second < 50,
+        "the second reads only its pickup's stretch: {second}"
+    );
+    assert!(
+        third >= 300,
+        "once pickups could have used up the count, a call counts again: {third}"
+    );
+}
+
+/// The pickups since a count left for later calls are taken off it at the
+/// largest capacity of any live session of the table, another name's too:
+/// here, after a session of another name took 20 of the 40 free tasks a
+/// count saw, the next session of the first name counts again and takes
+/// its fair share of what is left (7 of 10, with 3 left for the third),
+/// not all of it.
+#[tokio::test]
+async fn a_count_left_by_an_earlier_call_is_spent_by_other_names_pickups() {
+    let db = migrated_db().await;
+    let store = PgStore::connect(&db.url).await.expect("store connects");
+    let client = db.client().await;
+    seed(&client, 40).await;
+    let a = start_cap(&store, "spent", 10).await;
+    let b = start_cap(&store, "spent", 10).await;
+    let c = start_cap(&store, "spent", 10).await;
+    let other = start_cap(&store, "another name", 20).await;
+    assert_eq!(pick_keeping(&store, &a, &[], &[], false).await.len(), 10);
+    assert_eq!(
+        pick_keeping(&store, &other, &[], &[], false).await.len(),
+        20
+    );
+    assert_eq!(
+        pick_keeping(&store, &b, &[], &[], false).await.len(),
+        7,
+        "b's share of 20 open among 30 of capacity, after a's 10"
+    );
+    assert_eq!(pick_keeping(&store, &c, &[], &[], false).await.len(), 3);
 }
