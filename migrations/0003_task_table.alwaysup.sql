@@ -191,7 +191,7 @@ BEGIN
                  'sl_look', 'sl_same_server', 'sl_free', 'sl_tids', 'sl_drawn', 'sl_named',
                  'p_finished_array', 'sl_finished_ids', 'sl_first', 'sl_ahead', 'sl_began',
                  'sl_low', 'sl_now_ms', 'sl_walked', 'sl_walking', 'sl_lo', 'sl_hi', 'sl_behind',
-                 'sl_most', 'sl_fences', 'sl_seen_at', 'sl_seen', 'sl_need'];
+                 'sl_fences', 'sl_seen_at', 'sl_seen', 'sl_need', 'sl_enough'];
 END;
 $$;
 
@@ -529,7 +529,10 @@ $tmpl$,
 -- time leaves a count (a try of an advisory lock held to commit, key
 -- (1936483955 = 'slfs', the table's oid)), which it writes before its
 -- fence, and a call reads the fence first: a count is never taken for
--- one made before the fence it is read with.
+-- one made before the fence it is read with (one made after the fences
+-- a call read is taken as it is). The sessions are read once, and the
+-- count, which runs only when what was left falls short, in the same
+-- statement.
 $tmpl$
 CREATE OR REPLACE FUNCTION {{fn:count_open}}(p_name text, p_session bigint, p_held integer, p_bound bigint)
 RETURNS bigint
@@ -541,48 +544,38 @@ DECLARE
     sl_from    bigint := -9223372036854775808;
     sl_behind  bigint;
     sl_others  bigint;
-    sl_most    bigint;
     sl_fences  bigint;
     sl_seen_at bigint;
     sl_seen    bigint;
     sl_need    bigint;
+    sl_enough  boolean;
     sl_n       bigint;
 BEGIN
-    SELECT coalesce(pg_catalog.sum(s.held) FILTER (WHERE s.name = p_name AND s.id <> p_session), 0),
-           coalesce(pg_catalog.max(s.capacity), 0)
-      INTO sl_others, sl_most
-      FROM session_lock.session s
-     WHERE (s.task_table = {{regclass}} OR s.task_table IS NULL)
-       AND s.reclaimed_at IS NULL
-       AND s.ended_at IS NULL
-       AND s.expires_at > pg_catalog.clock_timestamp();
-    IF p_held + sl_others >= p_bound THEN
-        RETURN p_held + sl_others;
-    END IF;
     -- (No fence drawn yet: none since.)
     sl_fences := coalesce(pg_catalog.pg_sequence_last_value('session_lock.fence'::pg_catalog.regclass), 0);
     sl_seen_at := pg_catalog.pg_sequence_last_value({{free_seen_at_seq}});
     sl_seen := pg_catalog.pg_sequence_last_value({{free_seen_seq}});
-    IF sl_seen - (sl_fences - sl_seen_at) * greatest(sl_most, 1)
-           >= p_bound - p_held - sl_others THEN
-        RETURN p_bound;
-    END IF;
     IF {{cursor}} THEN
         sl_from := coalesce(pg_catalog.pg_sequence_last_value({{cursor_seq}}), sl_from);
     END IF;
     IF sl_from > -9223372036854775808 THEN
         sl_behind := sl_from;
     END IF;
-    SELECT o.held, greatest(p_bound - p_held - o.held, 0), coalesce(free.n, 0)
-      INTO sl_others, sl_need, sl_n
-      FROM (SELECT coalesce(pg_catalog.sum(s.held), 0) AS held
-              FROM session_lock.session s
-             WHERE s.name = p_name
-               AND s.id <> p_session
-               AND (s.task_table = {{regclass}} OR s.task_table IS NULL)
-               AND s.reclaimed_at IS NULL
-               AND s.ended_at IS NULL
-               AND s.expires_at > pg_catalog.clock_timestamp()) o
+    -- The sessions read once: the others' held counters and the largest
+    -- capacity; the count (gated: not run when the count left by an
+    -- earlier call is enough) in the same snapshot.
+    SELECT o.held, o.need, o.floor >= o.need, coalesce(free.n, 0)
+      INTO sl_others, sl_need, sl_enough, sl_n
+      FROM (SELECT v.held, greatest(p_bound - p_held - v.held, 0) AS need,
+                   coalesce(sl_seen - greatest(sl_fences - sl_seen_at, 0) * greatest(v.most, 1), -1) AS floor
+              FROM (SELECT coalesce(pg_catalog.sum(s.held) FILTER (WHERE s.name = p_name
+                                                                   AND s.id <> p_session), 0) AS held,
+                           coalesce(pg_catalog.max(s.capacity), 0) AS most
+                      FROM session_lock.session s
+                     WHERE (s.task_table = {{regclass}} OR s.task_table IS NULL)
+                       AND s.reclaimed_at IS NULL
+                       AND s.ended_at IS NULL
+                       AND s.expires_at > pg_catalog.clock_timestamp()) v) o
       LEFT JOIN LATERAL (
             SELECT pg_catalog.count(*) AS n
               FROM (SELECT 1
@@ -592,7 +585,8 @@ BEGIN
                      CROSS JOIN LATERAL (
                             SELECT 1
                               FROM {{table}} c
-                             WHERE c.session_id IS NULL
+                             WHERE o.floor < o.need
+                               AND c.session_id IS NULL
                                AND c.{{id}} >= r.lo
                                AND (r.below IS NULL OR c.{{id}} < r.below)
                                AND (
@@ -603,9 +597,12 @@ BEGIN
                                     OR c.sl_retry_at <= pg_catalog.clock_timestamp())
                              ORDER BY c.session_id,
 {{order}}
-                             LIMIT 3 * greatest(p_bound - p_held - o.held, 0)) t
-                     LIMIT 3 * greatest(p_bound - p_held - o.held, 0)) f
+                             LIMIT 3 * o.need) t
+                     LIMIT 3 * o.need) f
            ) free ON true;
+    IF sl_enough THEN
+        RETURN p_held + sl_others + sl_need;
+    END IF;
     IF sl_n > sl_need
        AND pg_catalog.pg_try_advisory_xact_lock(1936483955, {{regclass}}::oid::integer) THEN
         PERFORM pg_catalog.setval({{free_seen_seq}}, sl_n);
