@@ -3,8 +3,8 @@
 //! hold its share.
 //!
 //! n runners in one process (max_tasks 10, tick 200 ms, jitter 200 ms,
-//! LISTEN off) with a Tasker that completes nothing, so the backlog stays
-//! put and every tick is a chance to rebalance. After 2 s of settling, the
+//! LISTEN off, failed tasks kept) with a Tasker that completes nothing, so
+//! the backlog stays put and every tick is a chance to rebalance. After 2 s of settling, the
 //! tasks held per live session are sampled every 200 ms for 2 s; then an
 //! (n+1)th runner joins and its ticks are counted until it holds its fair
 //! floor, for at most 5 s.
@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use session_lock::{Progress, Runner, RunnerConfig, TaskId, TaskerError};
+use session_lock::{FailedTasks, Progress, Runner, RunnerConfig, TaskId, TaskerError};
 use session_lock_testkit::example::ExampleTask;
 
 use crate::common::{self, Table, median, quantile};
@@ -115,12 +115,16 @@ fn fairness_config(name: &str) -> RunnerConfig {
         .tick(Duration::from_millis(200))
         .jitter(Duration::from_millis(200))
         .listen(false)
+        // What the Tasker does not complete stays held, to run again: with
+        // the default (give back, after a backoff) no session would hold
+        // anything.
+        .failed_tasks(FailedTasks::Keep)
         .build()
         .expect("config")
 }
 
-/// A tasker that holds its tasks: it completes none, so they stay assigned
-/// and the backlog stays steady.
+/// A tasker that holds its tasks: it completes none, so (kept) they stay
+/// assigned and the backlog stays steady.
 fn holding_tasker() -> impl session_lock::Tasker<ExampleTask> {
     |_tasks: Vec<ExampleTask>, _p: Progress| async { Ok::<Vec<TaskId>, TaskerError>(Vec::new()) }
 }
