@@ -2325,6 +2325,28 @@ async fn open_index_reads(
     index_reads(client, session, finished, sweep).await.0
 }
 
+/// Holds a snapshot open on another connection (REPEATABLE READ, one read
+/// taken), then drains 1,010 tasks through `session`, ten a call, so that
+/// their dead entries stay at the head of the open index: the connection
+/// holding the snapshot (COMMIT it when done) and the ten held last.
+async fn drain_under_a_held_snapshot(
+    db: &TestDb,
+    store: &PgStore,
+    session: &Session,
+) -> (tokio_postgres::Client, Vec<TaskId>) {
+    let snapshot = db.client().await;
+    snapshot
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM example_task")
+        .await
+        .unwrap();
+    let mut held = pick(store, session, &[], false).await;
+    for _ in 0..100 {
+        held = pick(store, session, &held, false).await;
+        assert_eq!(held.len(), 10);
+    }
+    (snapshot, held)
+}
+
 /// While a snapshot held elsewhere keeps every dead entry of the open-task
 /// index, a draining call that does not sweep reads the entries of the
 /// tasks taken since the last pickup began, not every task taken since the
@@ -2337,16 +2359,7 @@ async fn under_a_held_snapshot_a_draining_pickup_reads_no_dead_head() {
     let mut client = db.client().await;
     seed(&client, 2_000).await;
     let a = start_cap(&store, "held", 10).await;
-    let snapshot = db.client().await;
-    snapshot
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM example_task")
-        .await
-        .unwrap();
-    let mut held = pick(&store, &a, &[], false).await;
-    for _ in 0..100 {
-        held = pick(&store, &a, &held, false).await;
-        assert_eq!(held.len(), 10);
-    }
+    let (snapshot, held) = drain_under_a_held_snapshot(&db, &store, &a).await;
     let draining = open_index_reads(&mut client, &a, &held, false).await;
     let clock = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint";
     let began: i64 = client.query_one(clock, &[]).await.unwrap().get(0);
@@ -2434,16 +2447,7 @@ async fn under_a_held_snapshot_a_count_reads_no_dead_head() {
     seed(&client, 2_000).await;
     let a = start_cap(&store, "counted", 10).await;
     let _peer = start_cap(&store, "counted", 90).await;
-    let snapshot = db.client().await;
-    snapshot
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM example_task")
-        .await
-        .unwrap();
-    let mut held = pick(&store, &a, &[], false).await;
-    for _ in 0..100 {
-        held = pick(&store, &a, &held, false).await;
-        assert_eq!(held.len(), 10);
-    }
+    let (snapshot, held) = drain_under_a_held_snapshot(&db, &store, &a).await;
     // No count left by an earlier call to stand in for this one's.
     client
         .batch_execute("SELECT setval('session_lock.example_task_free_seen', 0)")
