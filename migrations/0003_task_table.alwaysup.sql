@@ -1242,9 +1242,9 @@ BEGIN
         -- sl_lo), then from the head (ids below sl_hi) for what is
         -- missing, so that they take tasks by the same rules. Each
         -- stretch is a row the scan is parameterized by, with one bound
-        -- in the index and the upper one a filter: a generic plan (the
-        -- plan cache's choice after five calls, or plan_cache_mode's)
-        -- takes a range between two unknown values for a two hundredth
+        -- in the index and the upper one a filter: get_work's plans are
+        -- generic (pinned: made once per connection), and a generic
+        -- plan takes a range between two unknown values for a two hundredth
         -- of the table, and would sort that range out of the primary key
         -- instead of walking the open index in order. (The head's stretch
         -- is read only when the cursor's came up short, so past sl_hi it
