@@ -919,7 +919,7 @@ DECLARE
     sl_first    integer;
     sl_ahead    {{address_type}}[] := '{}';
     sl_lo       bigint;
-    sl_hi       bigint;
+    sl_behind   bigint;
     sl_began    bigint;
     sl_now_ms   bigint;
     sl_walked   bigint;
@@ -1239,7 +1239,7 @@ BEGIN
             END IF;
         END IF;
         -- One statement for both stretches, from the cursor on (ids from
-        -- sl_lo), then from the head (ids below sl_hi) for what is
+        -- sl_lo), then from the head (ids below sl_behind) for what is
         -- missing, so that they take tasks by the same rules. Each
         -- stretch is a row the scan is parameterized by, with one bound
         -- in the index and the upper one a filter: get_work's plans are
@@ -1247,18 +1247,18 @@ BEGIN
         -- plan takes a range between two unknown values for a two hundredth
         -- of the table, and would sort that range out of the primary key
         -- instead of walking the open index in order. (The head's stretch
-        -- is read only when the cursor's came up short, so past sl_hi it
+        -- is read only when the cursor's came up short, so past sl_behind it
         -- reads no more than that stretch had.)
         sl_first := sl_pick - pg_catalog.cardinality(sl_suspect) - pg_catalog.cardinality(sl_rr);
         sl_lo := coalesce(sl_from, -9223372036854775808);
         IF sl_lo > -9223372036854775808 THEN
-            sl_hi := sl_lo;
+            sl_behind := sl_lo;
         END IF;
         sl_ahead := ARRAY(
                    SELECT p.address
                      FROM (VALUES (sl_lo, NULL::bigint),
-                                  (CASE WHEN sl_hi IS NOT NULL THEN (-9223372036854775808)::bigint END,
-                                   sl_hi)) r(lo, below)
+                                  (CASE WHEN sl_behind IS NOT NULL THEN (-9223372036854775808)::bigint END,
+                                   sl_behind)) r(lo, below)
                     CROSS JOIN LATERAL (
                           SELECT f.{{address}} AS address
                             FROM {{table}} f
