@@ -1,6 +1,8 @@
 -- session-lock sessions: start, renew, end and reap the leases, protocol 2.
 -- Re-applied on every run (a *.alwaysup.sql file): every statement must be
--- safe to repeat. The task-table half of the protocol is generated per
+-- safe to repeat, and a run with nothing to change must leave alone the
+-- catalog rows the running fleet's cached plans hang on (the privileges at
+-- the end; the generated functions in 0003). The task-table half of the protocol is generated per
 -- declared table by 0003_task_table.alwaysup.sql.
 --
 -- Error codes raised (the Rust store turns them into typed errors):
@@ -339,23 +341,76 @@ SELECT s.id, s.name, s.host, s.pid, s.started_at, s.bumped_at, s.expires_at,
 
 -- Least privilege (README): nobody but the owner may call these unless
 -- granted. The runtime role gets exactly the calls a runner makes; the
--- generated task-table functions are granted by 0003.
-REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA session_lock FROM PUBLIC;
+-- generated task-table functions are granted by 0003. Each grant and
+-- revoke only where it is missing: a GRANT writes its object's catalog row
+-- even when it changes nothing, and that costs every connection of the
+-- running fleet its cached plans (a schema's row: every plan; a function's:
+-- its compiled body), at every migrator run.
+
+-- Revokes EXECUTE from PUBLIC on each function in session_lock that still
+-- has it (a new one has it by default); returns how many.
+CREATE OR REPLACE FUNCTION session_lock.revoke_from_public()
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_fn regprocedure;
+    v_n  integer := 0;
+BEGIN
+    FOR v_fn IN
+        SELECT p.oid::regprocedure
+          FROM pg_catalog.pg_proc p
+         WHERE p.pronamespace = 'session_lock'::regnamespace
+           AND pg_catalog.has_function_privilege('public', p.oid, 'EXECUTE')
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', v_fn);
+        v_n := v_n + 1;
+    END LOOP;
+    RETURN v_n;
+END;
+$$;
+
+-- Grants EXECUTE on p_functions to p_role where it lacks it; returns how
+-- many it granted.
+CREATE OR REPLACE FUNCTION session_lock.grant_execute(p_role name, p_functions regprocedure[])
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_fn regprocedure;
+    v_n  integer := 0;
+BEGIN
+    FOREACH v_fn IN ARRAY p_functions LOOP
+        IF NOT pg_catalog.has_function_privilege(p_role, v_fn, 'EXECUTE') THEN
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', v_fn, p_role);
+            v_n := v_n + 1;
+        END IF;
+    END LOOP;
+    RETURN v_n;
+END;
+$$;
+
+SELECT session_lock.revoke_from_public();
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'session_lock_runtime') THEN
-        GRANT USAGE ON SCHEMA session_lock TO session_lock_runtime;
-        GRANT EXECUTE ON FUNCTION
-            session_lock.start_session(text, interval, integer, text, integer),
-            session_lock.bump_session(bigint, uuid, interval),
-            session_lock.end_session(bigint, uuid),
-            session_lock.reap_sessions(interval),
-            session_lock.database_identity()
-        TO session_lock_runtime;
-        -- The first release granted these; they now refuse or are for
-        -- operators only.
-        REVOKE EXECUTE ON FUNCTION session_lock.end_session(bigint)
-            FROM session_lock_runtime;
+        IF NOT pg_catalog.has_schema_privilege('session_lock_runtime', 'session_lock', 'USAGE') THEN
+            GRANT USAGE ON SCHEMA session_lock TO session_lock_runtime;
+        END IF;
+        PERFORM session_lock.grant_execute('session_lock_runtime', ARRAY[
+            'session_lock.start_session(text, interval, integer, text, integer)',
+            'session_lock.bump_session(bigint, uuid, interval)',
+            'session_lock.end_session(bigint, uuid)',
+            'session_lock.reap_sessions(interval)',
+            'session_lock.database_identity()']::regprocedure[]);
+        -- The first release granted this one; it is for operators only now.
+        IF pg_catalog.has_function_privilege('session_lock_runtime',
+               'session_lock.end_session(bigint)'::regprocedure, 'EXECUTE') THEN
+            REVOKE EXECUTE ON FUNCTION session_lock.end_session(bigint)
+                FROM session_lock_runtime;
+        END IF;
     END IF;
 END;
 $$;

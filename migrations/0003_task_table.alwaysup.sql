@@ -1860,6 +1860,9 @@ DECLARE
     v_nulls    text;
     v_had      text;
     v_partitioned boolean;
+    v_stamp    text;
+    v_proc     regprocedure;
+    v_changed  boolean := false;
 BEGIN
     SELECT * INTO d FROM session_lock.task_table t WHERE t.task_table = p_table;
     IF NOT FOUND THEN
@@ -2098,29 +2101,44 @@ BEGIN
             WHEN d.notify IS NULL THEN 'NULL;'
             ELSE pg_catalog.format('PERFORM pg_catalog.pg_notify(%L, %L);', d.notify, '')
         END);
-        EXECUTE v_sql;
+        -- Created only when no function of this schema was created from
+        -- this very text, which its marker line carries a digest of: a
+        -- function replaced, even by the same text, is compiled again and
+        -- its plans made again by every connection that calls it, and the
+        -- migrator runs this at every start of every instance of a fleet.
+        v_stamp := pg_catalog.md5(v_sql);
+        v_sql := pg_catalog.replace(v_sql, ': do not edit.', ': do not edit (' || v_stamp || ').');
+        IF NOT EXISTS (SELECT 1
+                         FROM pg_catalog.pg_proc p
+                        WHERE p.pronamespace = 'session_lock'::regnamespace
+                          AND p.proowner = (SELECT r.oid FROM pg_catalog.pg_roles r
+                                             WHERE r.rolname = CURRENT_USER)
+                          AND pg_catalog.strpos(p.prosrc, v_stamp) > 0) THEN
+            EXECUTE v_sql;
+            v_changed := true;
+        END IF;
     END LOOP;
 
     FOR v_fn IN SELECT * FROM session_lock.generated_functions(d.fn_prefix) LOOP
-        EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION session_lock.%I(%s) FROM PUBLIC',
-            v_fn.name, v_fn.args);
+        v_proc := pg_catalog.format('session_lock.%I(%s)', v_fn.name, v_fn.args)::regprocedure;
+        IF pg_catalog.has_function_privilege('public', v_proc, 'EXECUTE') THEN
+            EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', v_proc);
+        END IF;
     END LOOP;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'session_lock_runtime') THEN
         -- The entry points, with the signatures generated_functions gives.
-        FOR v_fn IN
-            SELECT *
+        PERFORM session_lock.grant_execute('session_lock_runtime', ARRAY(
+            SELECT pg_catalog.format('session_lock.%I(%s)', g.name, g.args)::regprocedure
               FROM session_lock.generated_functions(d.fn_prefix) g
              WHERE g.name IN (d.fn_prefix || '_get_work', d.fn_prefix || '_finish_tasks',
                               d.fn_prefix || '_fail_tasks', d.fn_prefix || '_held',
-                              d.fn_prefix || '_stats', d.fn_prefix || '_quiet')
-        LOOP
-            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION session_lock.%I(%s) TO session_lock_runtime',
-                v_fn.name, v_fn.args);
-        END LOOP;
+                              d.fn_prefix || '_stats', d.fn_prefix || '_quiet')));
     END IF;
-    UPDATE session_lock.task_table t
-       SET generated_at = pg_catalog.clock_timestamp()
-     WHERE t.task_table = p_table;
+    IF v_changed THEN
+        UPDATE session_lock.task_table t
+           SET generated_at = pg_catalog.clock_timestamp()
+         WHERE t.task_table = p_table;
+    END IF;
 END;
 $$;
 
@@ -2571,6 +2589,6 @@ BEGIN
 END;
 $$;
 
-REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA session_lock FROM PUBLIC;
+SELECT session_lock.revoke_from_public();
 
 SELECT session_lock.generate_task_tables();

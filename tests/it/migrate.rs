@@ -607,6 +607,100 @@ async fn a_task_table_declared_in_rust_gets_its_protocol_at_the_end_of_the_run()
     );
 }
 
+/// Where each function of the schema session_lock and the schema itself
+/// stand in the catalog (their row versions: a connection compiles a
+/// function again, and drops the plans that use it, when its row has a new
+/// version), and who may call the generated get_work.
+async fn catalog_rows(client: &Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT 'function ' || p.oid::regprocedure::text || ' ' || p.xmin::text || ' ' || p.ctid::text
+               FROM pg_proc p
+              WHERE p.pronamespace = 'session_lock'::regnamespace
+                AND p.proname LIKE 'example_task%'
+             UNION ALL
+             SELECT 'schema ' || n.xmin::text || ' ' || n.ctid::text
+               FROM pg_namespace n WHERE n.nspname = 'session_lock'
+             UNION ALL
+             SELECT 'runtime may call get_work: '
+                    || has_function_privilege('session_lock_runtime',
+                           'session_lock.example_task_get_work(bigint, uuid, bigint[], bigint[], boolean, bigint[], boolean)',
+                           'EXECUTE')::text
+                    || ', public may: '
+                    || has_function_privilege('public',
+                           'session_lock.example_task_get_work(bigint, uuid, bigint[], bigint[], boolean, bigint[], boolean)',
+                           'EXECUTE')::text
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_run_that_changes_nothing_leaves_the_fleets_functions_and_plans_alone() {
+    let db = fresh_db().await;
+    let mut client = db.client().await;
+    client
+        .batch_execute(
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'session_lock_runtime') THEN
+                     CREATE ROLE session_lock_runtime NOLOGIN;
+                 END IF;
+             EXCEPTION WHEN duplicate_object THEN NULL;
+             END $$;",
+        )
+        .await
+        .unwrap();
+    let migrator = Migrator::new().with_example();
+    migrator.run(&mut client).await.unwrap();
+    let before = catalog_rows(&client).await;
+    assert!(
+        before.iter().filter(|r| r.starts_with("function ")).count() >= 10,
+        "{before:?}"
+    );
+    assert!(
+        before.contains(&"runtime may call get_work: true, public may: false".to_owned()),
+        "{before:?}"
+    );
+
+    // Every instance of a fleet runs the migrator when it starts: a run
+    // with nothing to change rewrites no function's row and no schema's
+    // (a grant rewrites its object's row even when it changes nothing).
+    migrator.run(&mut client).await.unwrap();
+    assert_eq!(catalog_rows(&client).await, before);
+
+    // A change to the table still reaches its functions: get_work answers
+    // with the new column.
+    client
+        .batch_execute("ALTER TABLE public.example_task ADD COLUMN note text")
+        .await
+        .unwrap();
+    migrator.run(&mut client).await.unwrap();
+    let after = catalog_rows(&client).await;
+    assert_ne!(after, before);
+    assert!(
+        after.contains(&"runtime may call get_work: true, public may: false".to_owned()),
+        "{after:?}"
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pg_attribute
+              WHERE attrelid = (SELECT typrelid FROM pg_type WHERE typname = 'example_task_answer')
+                AND attname = 'note'"
+        )
+        .await,
+        1
+    );
+    // And the run after that changes nothing again.
+    migrator.run(&mut client).await.unwrap();
+    assert_eq!(catalog_rows(&client).await, after);
+}
+
 /// A file of the user's that defines a function session-lock generates.
 const REPLACES_GENERATED: &str = "
 CREATE OR REPLACE FUNCTION session_lock.jobs_finish_tasks(p_session bigint, p_token uuid, p_ids bigint[])
