@@ -76,6 +76,6 @@ fn drain(direct: &str, url: &str, runners: usize, batch: u32, tasks: u64) -> f64
         let direct = common::connect(direct).await;
         common::seed(&direct, tasks).await;
         drain_in_process(url, runners, batch, tasks, Duration::from_secs(900)).await;
-        crate::drain::drain_rate(&direct).await.1
+        crate::drain::drain_rate(&direct, None).await.1
     })
 }
