@@ -4,6 +4,7 @@
 //! connection whose call was abandoned; and the record of connect failures
 //! that lets a caller waiting for a connection learn why none came.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -11,8 +12,10 @@ use std::time::Duration;
 
 use bb8::ManageConnection as _;
 use bb8_postgres::PostgresConnectionManager;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Row, Statement};
 
-use super::pooler::{PoolerCell, refused_options, without_options};
+use super::pooler::{PoolerCell, own_backend, refused_options, without_options};
 use crate::error::{Error, Result};
 use crate::store::DatabaseId;
 use crate::tls::Tls;
@@ -138,24 +141,46 @@ impl bb8::ManageConnection for Manager {
             }
             other => other,
         }?;
-        // Both checks as unnamed statements (query_typed), as every call
-        // of the store: behind a transaction pooler a named one may be
-        // bound on another server connection, to another client's
-        // statement of the same name, and answer with its columns.
+        // Both checks as unnamed statements (query_typed): a connection
+        // prepares named ones only once it is known to be its backend's
+        // own. Behind a transaction pooler a named one may be bound on
+        // another server connection, to another client's statement of the
+        // same name, and answer with its columns.
+        let mut prepares = false;
         if self.identity.is_some() {
             // A standby refuses every write the protocol makes: find the
             // primary instead (the next connect tries the URL's hosts anew).
+            // And whether the connection is the backend's own: its cancel
+            // key names that backend.
             let check = tokio::time::timeout(
                 limit,
-                client.query_typed("SELECT pg_catalog.pg_is_in_recovery()", &[]),
+                client.query_typed(
+                    "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.pg_backend_pid()",
+                    &[],
+                ),
             )
             .await
             .map_err(|_| ConnectError::TimedOut(limit))?;
-            let standby = check
+            let (standby, backend) = check
                 .ok()
-                .and_then(|rows| rows.first().and_then(|row| row.try_get::<_, bool>(0).ok()));
+                .and_then(|rows| {
+                    rows.first().map(|row| {
+                        (
+                            row.try_get::<_, bool>(0).ok(),
+                            row.try_get::<_, i32>(1).ok(),
+                        )
+                    })
+                })
+                .unwrap_or_default();
             if standby == Some(true) {
                 return Err(ConnectError::Standby);
+            }
+            if !self.pooler.is_pooler() {
+                match own_backend(&client, backend).await {
+                    Some(true) => prepares = true,
+                    Some(false) => self.pooler.found_by_cancel_key(),
+                    None => {}
+                }
             }
         }
         if let Some(cell) = &self.identity {
@@ -177,6 +202,7 @@ impl bb8::ManageConnection for Manager {
         Ok(PgConnection {
             client,
             abandoned: AtomicBool::new(false),
+            statements: prepares.then(Mutex::default),
         })
     }
 
@@ -210,11 +236,24 @@ impl bb8::ManageConnection for Manager {
 /// request outstanding whose answer may never come: behind a partition that
 /// a proxy acknowledges, TCP timeouts never fire, and reusing such a
 /// connection would hang every later call on it.
+///
+/// On a connection straight to PostgreSQL (its cancel key names its
+/// backend) each statement of the store is prepared once and kept, by its
+/// text: a call then skips the parsing and planning of its statement (a
+/// tenth of a draining get_work's server time when sent unnamed). Behind a
+/// pooler every call is an unnamed statement (see the pooler module).
 #[derive(Debug)]
 pub(crate) struct PgConnection {
     client: tokio_postgres::Client,
     abandoned: AtomicBool,
+    /// The statements prepared on this connection, by their text; `None`
+    /// where it must not prepare any.
+    statements: Option<Mutex<HashMap<String, Statement>>>,
 }
+
+/// Most statements one connection keeps prepared: the store has about a
+/// dozen; past this (a program sending texts of its own) it starts over.
+const MAX_PREPARED: usize = 64;
 
 impl PgConnection {
     /// Runs `call` on this connection; if the call does not complete (it
@@ -235,6 +274,52 @@ impl PgConnection {
         out
     }
 
+    /// Runs `sql` with `params` (each with its type): as a statement
+    /// prepared once on this connection when it may keep one, otherwise
+    /// unnamed. A kept statement the server no longer takes (its result
+    /// type changed since, when a task table's columns did; or it is gone)
+    /// fails before anything ran: it is prepared again and the call made
+    /// once more.
+    pub(crate) async fn query_params(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
+        let Some(statements) = &self.statements else {
+            return self.client.query_typed(sql, params).await;
+        };
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        let statement = self.prepared(statements, sql, params).await?;
+        match self.client.query(&statement, &values).await {
+            Err(e) if stale_statement(&e) => {
+                lock(statements).remove(sql);
+                let statement = self.prepared(statements, sql, params).await?;
+                self.client.query(&statement, &values).await
+            }
+            other => other,
+        }
+    }
+
+    /// The statement kept for `sql`, prepared now if there is none.
+    async fn prepared(
+        &self,
+        statements: &Mutex<HashMap<String, Statement>>,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> std::result::Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = lock(statements).get(sql) {
+            return Ok(statement.clone());
+        }
+        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+        let statement = self.client.prepare_typed(sql, &types).await?;
+        let mut kept = lock(statements);
+        if kept.len() >= MAX_PREPARED {
+            kept.clear();
+        }
+        kept.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
     /// Throws the connection away instead of pooling it again: it reached
     /// a server that cannot serve the protocol any more (a primary demoted
     /// to a standby, SQLSTATE 25006), so the next connect may find the
@@ -246,6 +331,24 @@ impl PgConnection {
 
 /// SQLSTATE read_only_sql_transaction: the server is (now) a standby.
 const READ_ONLY: &str = "25006";
+
+/// Whether `e` is the server's refusal of a kept statement before running
+/// it: its result type changed since it was prepared (0A000, "cached plan
+/// must not change result type"), or it is gone (26000).
+fn stale_statement(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        let code = db.code().code();
+        code == "26000"
+            || (code == "0A000"
+                && db
+                    .message()
+                    .starts_with("cached plan must not change result type"))
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Whether `e` says the server cannot take writes: a standby, or a primary
 /// demoted in a failover.

@@ -18,7 +18,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::interval::Interval;
 use super::pool::{ConnectErrors, IdentityCell, Manager, bounded_connect, is_read_only};
-use super::pooler::{PoolerCell, refused_options};
+use super::pooler::{PoolerCell, own_backend, refused_options};
 use super::{
     Database, DatabaseId, DbFinder, GetWork, Listener, Session, SessionId, SessionStart, TaskStats,
     Work,
@@ -382,7 +382,7 @@ impl PgStore {
         let conn = self.checkout(pool).await?;
         let limit = self.inner.call_timeout;
         let rows = conn
-            .guarded(tokio::time::timeout(limit, conn.query_typed(sql, params)))
+            .guarded(tokio::time::timeout(limit, conn.query_params(sql, params)))
             .await
             .map_err(|_| Error::Timeout(limit))?;
         rows.map_err(|e| {
@@ -689,6 +689,22 @@ impl PgStore {
                 }
             }
         });
+        if self.inner.direct.is_none() {
+            // A pooler that let `options` through: told by its cancel key.
+            let backend = tokio::time::timeout(
+                limit,
+                client.query_typed("SELECT pg_catalog.pg_backend_pid()", &[]),
+            )
+            .await
+            .ok()
+            .and_then(|rows| rows.ok())
+            .and_then(|rows| rows.first().and_then(|row| row.try_get::<_, i32>(0).ok()));
+            if own_backend(&client, backend).await == Some(false) {
+                self.inner.pooler.found_by_cancel_key();
+                self.tell_no_listen();
+                return Ok(None);
+            }
+        }
         // LISTEN takes no bind parameters; the channel is a constant chosen
         // in code (TaskQueries::notify_channel), quoted as an identifier.
         tokio::time::timeout(

@@ -8,7 +8,9 @@
 //!   own, removed on drop), `pool_mode = transaction`, and trust
 //!   authentication of the embedded server's superuser. In particular
 //!   `ignore_startup_parameters` is left empty, so a client sending the
-//!   startup parameter `options` is refused, as in a default install.
+//!   startup parameter `options` is refused, as in a default install
+//!   ([`start_ignoring_options`](PgBouncer::start_ignoring_options) lets it
+//!   through, as some installs do).
 //! - It never outlives this value: dropping it kills the process, and the
 //!   process is told to die with the thread that started it. Run as root,
 //!   it runs as the server's unprivileged user (PgBouncer refuses root).
@@ -94,6 +96,17 @@ impl PgBouncer {
     /// authentication of user `postgres`, as the embedded server has), for
     /// every database there.
     pub fn start(host: &str, port: u16) -> Result<Self, PgBouncerError> {
+        Self::start_with(host, port, "")
+    }
+
+    /// [`start`](Self::start), with `ignore_startup_parameters = options`:
+    /// a client's startup parameter `options` is accepted and ignored, so
+    /// it cannot tell the pooler by a refusal.
+    pub fn start_ignoring_options(host: &str, port: u16) -> Result<Self, PgBouncerError> {
+        Self::start_with(host, port, "ignore_startup_parameters = options\n")
+    }
+
+    fn start_with(host: &str, port: u16, extra: &str) -> Result<Self, PgBouncerError> {
         let bin = find_bin().ok_or(PgBouncerError::NotFound)?;
         let run_as = run_as().map_err(|_| PgBouncerError::NoUser)?;
         let dir = std::env::temp_dir().join(format!(
@@ -120,7 +133,8 @@ impl PgBouncer {
              auth_file = {dir}/userlist.txt\n\
              pool_mode = transaction\n\
              logfile = {dir}/pgbouncer.log\n\
-             pidfile = {dir}/pgbouncer.pid\n",
+             pidfile = {dir}/pgbouncer.pid\n\
+             {extra}",
             dir = dir.display()
         );
         for (name, text) in [

@@ -15,7 +15,7 @@ use session_lock::{
 };
 use session_lock_testkit::db::{TestDb, migrated_db};
 use session_lock_testkit::example::ExampleTask;
-use session_lock_testkit::pgbouncer::PgBouncer;
+use session_lock_testkit::pgbouncer::{PgBouncer, PgBouncerError};
 use session_lock_testkit::{RunnerCommand, RunnerProcess, wait_for_status};
 use tokio_postgres::Client;
 use tokio_postgres::config::Host;
@@ -32,13 +32,21 @@ const RESTART_GRACE: Duration = Duration::from_secs(5);
 
 /// PgBouncer in front of the test database's server.
 fn bouncer_for(db: &TestDb) -> PgBouncer {
+    bouncer_started(db, PgBouncer::start)
+}
+
+/// A PgBouncer in front of the test database's server, started by `start`.
+fn bouncer_started(
+    db: &TestDb,
+    start: fn(&str, u16) -> Result<PgBouncer, PgBouncerError>,
+) -> PgBouncer {
     let config = db.config();
     let host = match config.get_hosts().first() {
         Some(Host::Tcp(h)) => h.clone(),
         other => panic!("the test server is not on TCP: {other:?}"),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
-    PgBouncer::start(&host, port).unwrap_or_else(|e| panic!("start pgbouncer: {e}"))
+    start(&host, port).unwrap_or_else(|e| panic!("start pgbouncer: {e}"))
 }
 
 async fn seed(client: &Client, n: i32) {
@@ -92,6 +100,44 @@ async fn a_runner_through_pgbouncer_drains_on_its_tick_and_says_it_cannot_listen
     )
     .await;
     assert_eq!(live, 0, "Stop ended the session through the pooler");
+}
+
+/// A PgBouncer that lets the startup parameter `options` through cannot be
+/// told by its refusal: the store tells it by its cancel key, which names
+/// no backend, and then sends every call as an unnamed statement (a named
+/// one would be missing on the next server connection, or be another
+/// client's) and does not LISTEN through it.
+#[actix_rt::test]
+async fn a_pooler_that_lets_options_through_is_told_by_its_cancel_key() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    let bouncer = bouncer_started(&db, PgBouncer::start_ignoring_options);
+    seed(&client, 200).await;
+
+    let store = PgStore::connect(&bouncer.url(&db.name))
+        .await
+        .expect("a store on the pooler");
+    let config = RunnerConfig::builder("pooled")
+        .ttl(Duration::from_secs(6))
+        .heartbeat(Duration::from_secs(1))
+        .tick(Duration::from_millis(50))
+        .max_tasks(5)
+        .jitter(Duration::ZERO)
+        .build()
+        .unwrap();
+    let runner = Runner::new(config, store, completing).start();
+    let mut rx = runner.subscribe();
+    let status = wait_for_status(&mut rx, DEADLINE, |s| s.finished >= 200)
+        .await
+        .unwrap_or_else(|| panic!("not drained through the pooler: {:?}", runner.status()));
+    assert!(
+        !status.listening,
+        "taken for a pooler: no LISTEN through it"
+    );
+    assert_eq!(status.session_losses, 0, "{status:?}");
+    assert_eq!(status.last_error, None, "{status:?}");
+    runner.stop().await;
+    assert_eq!(unfinished(&client).await, 0);
 }
 
 #[actix_rt::test]

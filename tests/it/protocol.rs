@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use session_lock::{
-    Database, Error, GetWork, PgStore, Session, SessionId, SessionStart, SessionToken, TaskId, Work,
+    Database, Error, GetWork, PgStore, Session, SessionId, SessionStart, SessionToken,
+    StoreOptions, TaskId, Work,
 };
 use session_lock_testkit::example::ExampleTask;
 
@@ -1937,6 +1938,40 @@ async fn a_locked_task_from_another_server_is_given_back_once_the_lock_goes() {
     assert!(w.tasks.is_empty(), "given back: {:?}", w.tasks);
     assert_eq!(holdings(&s.client).await, BTreeMap::from([(None, 2)]));
     assert_counters_match(&s.client, "the give-back after the lock").await;
+}
+
+/// On a connection straight to PostgreSQL the store prepares each call's
+/// statement once and keeps it. When the table gains a column and its
+/// functions are generated again, the server refuses the kept get_work
+/// before running it (its answer's row type changed): the store prepares
+/// it again and the call goes through, instead of failing on that
+/// connection until it closes.
+#[tokio::test]
+async fn a_kept_get_work_statement_is_prepared_again_once_the_answer_gains_a_column() {
+    let s = setup(6).await;
+    // One connection per pool, so that every call reuses the statement.
+    let options = StoreOptions {
+        pool_size: 1,
+        ..StoreOptions::default()
+    };
+    let store = PgStore::from_config(s.db.config(), options)
+        .await
+        .expect("store");
+    let a = start(&store, "kept").await;
+    assert_eq!(work(&store, &a).await.len(), 6);
+    s.client
+        .batch_execute(
+            "ALTER TABLE example_task ADD COLUMN note text DEFAULT 'n';
+             SELECT session_lock.generate_task_tables();",
+        )
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let held = try_work(&store, &a)
+            .await
+            .expect("the kept statement is prepared again");
+        assert_eq!(held.len(), 6);
+    }
 }
 
 #[tokio::test]
