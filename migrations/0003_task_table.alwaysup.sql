@@ -1861,7 +1861,6 @@ DECLARE
     v_had      text;
     v_partitioned boolean;
     v_stamp    text;
-    v_proc     regprocedure;
     v_changed  boolean := false;
 BEGIN
     SELECT * INTO d FROM session_lock.task_table t WHERE t.task_table = p_table;
@@ -2119,12 +2118,7 @@ BEGIN
         END IF;
     END LOOP;
 
-    FOR v_fn IN SELECT * FROM session_lock.generated_functions(d.fn_prefix) LOOP
-        v_proc := pg_catalog.format('session_lock.%I(%s)', v_fn.name, v_fn.args)::regprocedure;
-        IF pg_catalog.has_function_privilege('public', v_proc, 'EXECUTE') THEN
-            EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', v_proc);
-        END IF;
-    END LOOP;
+    PERFORM session_lock.revoke_from_public();
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'session_lock_runtime') THEN
         -- The entry points, with the signatures generated_functions gives.
         PERFORM session_lock.grant_execute('session_lock_runtime', ARRAY(

@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use session_lock::{
-    Error, Migrator, PgStore, Progress, Runner, RunnerConfig, StoreOptions, Task, TaskId,
-    TaskerError,
+    Error, Migrator, PgStore, Progress, Runner, RunnerConfig, RunnerStatus, StoreOptions, Task,
+    TaskId, TaskerError,
 };
 use session_lock_testkit::db::{TestDb, migrated_db};
 use session_lock_testkit::example::ExampleTask;
@@ -59,6 +59,26 @@ async fn seed(client: &Client, n: i32) {
         .unwrap();
 }
 
+/// One runner on a store of `url` until it finished 200 tasks; its status
+/// then, once it has stopped.
+async fn drain_200_through(url: &str) -> RunnerStatus {
+    let store = PgStore::connect(url).await.expect("a store on the pooler");
+    let config = RunnerConfig::builder("pooled")
+        .ttl(Duration::from_secs(6))
+        .heartbeat(Duration::from_secs(1))
+        .tick(Duration::from_millis(100))
+        .jitter(Duration::ZERO)
+        .build()
+        .unwrap();
+    let runner = Runner::new(config, store, completing).start();
+    let mut rx = runner.subscribe();
+    let status = wait_for_status(&mut rx, DEADLINE, |s| s.finished >= 200)
+        .await
+        .unwrap_or_else(|| panic!("not drained through the pooler: {:?}", runner.status()));
+    runner.stop().await;
+    status
+}
+
 fn completing(
     tasks: Vec<ExampleTask>,
     _progress: Progress,
@@ -74,24 +94,9 @@ async fn a_runner_through_pgbouncer_drains_on_its_tick_and_says_it_cannot_listen
     let pooled = bouncer.url(&db.name);
     seed(&client, 200).await;
 
-    let store = PgStore::connect(&pooled)
-        .await
-        .expect("a store on the pooler");
-    let config = RunnerConfig::builder("pooled")
-        .ttl(Duration::from_secs(6))
-        .heartbeat(Duration::from_secs(1))
-        .tick(Duration::from_millis(100))
-        .jitter(Duration::ZERO)
-        .build()
-        .unwrap();
-    let runner = Runner::new(config, store, completing).start();
-    let mut rx = runner.subscribe();
-    let status = wait_for_status(&mut rx, DEADLINE, |s| s.finished >= 200)
-        .await
-        .unwrap_or_else(|| panic!("not drained through the pooler: {:?}", runner.status()));
+    let status = drain_200_through(&pooled).await;
     assert!(!status.listening, "no LISTEN through a transaction pooler");
     assert_eq!(status.session_losses, 0, "{status:?}");
-    runner.stop().await;
     assert_eq!(unfinished(&client).await, 0);
     let live = count(
         &client,
@@ -114,29 +119,13 @@ async fn a_pooler_that_lets_options_through_is_told_by_its_cancel_key() {
     let bouncer = bouncer_started(&db, PgBouncer::start_ignoring_options);
     seed(&client, 200).await;
 
-    let store = PgStore::connect(&bouncer.url(&db.name))
-        .await
-        .expect("a store on the pooler");
-    let config = RunnerConfig::builder("pooled")
-        .ttl(Duration::from_secs(6))
-        .heartbeat(Duration::from_secs(1))
-        .tick(Duration::from_millis(50))
-        .max_tasks(5)
-        .jitter(Duration::ZERO)
-        .build()
-        .unwrap();
-    let runner = Runner::new(config, store, completing).start();
-    let mut rx = runner.subscribe();
-    let status = wait_for_status(&mut rx, DEADLINE, |s| s.finished >= 200)
-        .await
-        .unwrap_or_else(|| panic!("not drained through the pooler: {:?}", runner.status()));
+    let status = drain_200_through(&bouncer.url(&db.name)).await;
     assert!(
         !status.listening,
         "taken for a pooler: no LISTEN through it"
     );
     assert_eq!(status.session_losses, 0, "{status:?}");
     assert_eq!(status.last_error, None, "{status:?}");
-    runner.stop().await;
     assert_eq!(unfinished(&client).await, 0);
 }
 
