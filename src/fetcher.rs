@@ -16,6 +16,9 @@
 //!   Tasker blocking its thread) are reported stuck, and the session actor
 //!   stops renewing the session, so its lease expires and the tasks move
 //!   on, instead of being held for ever; the tick keeps waiting for them.
+//!   The fetcher runs on worker 0's thread: when that thread is the one
+//!   blocked, the session actor sees the batch's deadline pass instead
+//!   (`in_flight`).
 //! - A failed tick backs off; a notification does not cut the wait short.
 //! - A tick waits `quiet_tick` instead of `tick` only when the database
 //!   said, after a tick that found and held nothing, that no open task
@@ -47,6 +50,7 @@ use crate::backoff::{Backoff, process_seed};
 use crate::catch::{bounded, caught};
 use crate::config::{FailedTasks, RunnerConfig};
 use crate::error::{Error, Panic};
+use crate::in_flight::{InFlight, report_stuck};
 use crate::session::{Lease, LeaseChanged, Lost, Moved, SessionActor, Stuck};
 use crate::status::StatusTx;
 use crate::store::{Database, DbFinder, GetWork};
@@ -76,40 +80,6 @@ pub(crate) struct Drain {
 }
 
 type Aborts = Arc<Mutex<Vec<AbortHandle>>>;
-
-/// The ids of the slices whose runs have not returned, a list per slice
-/// (a tick's slices are disjoint).
-#[derive(Clone, Debug, Default)]
-struct Running(Arc<Mutex<Vec<Arc<[TaskId]>>>>);
-
-impl Running {
-    fn add(&self, slice: &Arc<[TaskId]>) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(slice.clone());
-    }
-
-    fn returned(&self, slice: &Arc<[TaskId]>) {
-        let mut slices = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(at) = slices.iter().position(|s| Arc::ptr_eq(s, slice)) {
-            slices.swap_remove(at);
-        }
-    }
-
-    /// Every id still running, in order.
-    fn ids(&self) -> Vec<TaskId> {
-        let mut ids: Vec<TaskId> = self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .flat_map(|s| s.iter().copied())
-            .collect();
-        ids.sort_unstable();
-        ids
-    }
-}
 
 /// What the tick in flight reads of the actor's state as it changes.
 #[derive(Debug, Default)]
@@ -153,7 +123,8 @@ pub(crate) struct Fetcher<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     workers: Arc<[Addr<Worker<T, K>>]>,
     lease: Option<Lease>,
     gate: Arc<Gate>,
-    running: Running,
+    /// The runs in flight, shared with the session actor and the supervisor.
+    runs: InFlight,
     ticking: bool,
     wake_pending: bool,
     /// The next tick is a retry after an error: notifications wait for it.
@@ -186,6 +157,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         metrics: Metrics,
         session: Addr<SessionActor<F>>,
         workers: Arc<[Addr<Worker<T, K>>]>,
+        in_flight: InFlight,
     ) -> Self {
         let seed = config.jitter_seed.unwrap_or_else(process_seed);
         Fetcher {
@@ -200,7 +172,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             workers,
             lease: None,
             gate: Arc::default(),
-            running: Running::default(),
+            runs: in_flight,
             ticking: false,
             wake_pending: false,
             backing_off: false,
@@ -358,7 +330,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             metrics: self.metrics.clone(),
             gate: self.gate.clone(),
             epoch: self.gate.epoch.load(Ordering::Relaxed),
-            running: self.running.clone(),
+            runs: self.runs.clone(),
             pace: self.pace,
             lease,
             aborts,
@@ -660,7 +632,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Drain> for Fetcher<T, K, F>
                     if returned {
                         return Vec::new();
                     }
-                    let left = act.running.ids();
+                    let left = act.runs.ids();
                     tracing::error!(runner = %act.config.name, tasks = ?left,
                         "stopping with runs that do not return: their session is left to expire, not ended");
                     left
@@ -720,7 +692,7 @@ struct TickRun<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     gate: Arc<Gate>,
     /// The lease epoch when the tick started.
     epoch: u64,
-    running: Running,
+    runs: InFlight,
     /// The Tasker's pace, if known (`workers::slices`).
     pace: Option<Duration>,
     lease: Lease,
@@ -776,7 +748,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
 
         let listen_gen = self.gate.listen_gen.load(Ordering::SeqCst);
         // One call: finish what completed, then get work.
-        let running: Vec<TaskId> = self.running.ids();
+        let running: Vec<TaskId> = self.runs.ids();
         // What the last answer named, less what this call finishes (it
         // looks up itself those it does not finish).
         // (A draining tick finishes exactly what the last answer named.)
@@ -983,6 +955,8 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
             slices[i % n].1.push(task);
         }
         let timeout = self.config.batch_timeout;
+        let session = self.lease.session.id;
+        let begun = self.runs.begin(session, timeout, STUCK_GRACE);
         let sends = slices.into_iter().enumerate().map(|(i, (ids, tasks))| {
             let (handle, abort) = AbortHandle::new_pair();
             self.aborts
@@ -990,14 +964,15 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(handle);
             let ids: Arc<[TaskId]> = ids.into();
-            self.running.add(&ids);
+            self.runs.add(&ids);
             let count = ids.len();
-            let running = self.running.clone();
+            let runs = self.runs.clone();
             let request = self.workers[i].send(RunSlice {
                 tasks,
                 ids: ids.clone(),
                 timeout,
                 abort,
+                runs: runs.clone(),
             });
             async move {
                 let outcome = request.await.unwrap_or_else(|e| SliceOutcome {
@@ -1006,43 +981,43 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
                     error: Some(format!("worker {i} unavailable: {e}")),
                     ran: Duration::ZERO,
                 });
-                running.returned(&ids);
+                runs.returned(&ids);
                 outcome
             }
         });
         let all = join_all(sends);
         tokio::pin!(all);
-        match tokio::time::timeout(timeout.saturating_add(STUCK_GRACE), &mut all).await {
-            Ok(outcomes) => outcomes,
-            Err(_) => {
-                let stuck = self.running.ids();
-                tracing::error!(
-                    runner = %self.config.name,
-                    session = self.lease.session.id,
-                    tasks = ?stuck,
-                    batch_timeout = ?timeout,
-                    "runs outlived the batch timeout and cannot be stopped (a Tasker blocking its thread?): no longer renewing the session"
-                );
-                self.metrics.stuck(stuck.len());
-                self.status.send_modify(|s| {
-                    s.stuck_tasks += stuck.len() as u64;
-                    s.last_error = Some(format!(
-                        "tasks {stuck:?} still running past the batch timeout of {timeout:?}: session {} left to expire",
-                        self.lease.session.id
-                    ));
-                });
-                self.session_actor.do_send(Stuck {
-                    session: self.lease.session.id,
-                    stuck: true,
-                });
-                let outcomes = all.await;
-                self.session_actor.do_send(Stuck {
-                    session: self.lease.session.id,
-                    stuck: false,
-                });
-                outcomes
-            }
+        let outcomes =
+            match tokio::time::timeout(timeout.saturating_add(STUCK_GRACE), &mut all).await {
+                Ok(outcomes) => outcomes,
+                Err(_) => {
+                    // Unless the session actor saw the deadline first (this
+                    // thread was blocked past it).
+                    if self.runs.report() {
+                        let stuck = self.runs.ids();
+                        report_stuck(
+                            &self.config,
+                            &self.metrics,
+                            &self.status,
+                            session,
+                            &stuck,
+                            timeout,
+                        );
+                        self.session_actor.do_send(Stuck {
+                            session,
+                            stuck: true,
+                        });
+                    }
+                    all.await
+                }
+            };
+        if begun.end() {
+            self.session_actor.do_send(Stuck {
+                session,
+                stuck: false,
+            });
         }
+        outcomes
     }
 
     /// Gives back the tasks the batch did not complete, to be retried after

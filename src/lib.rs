@@ -8,6 +8,7 @@ pub mod config;
 mod error;
 mod fetcher;
 mod gauges;
+mod in_flight;
 pub mod migrate;
 mod reaper;
 mod runner;

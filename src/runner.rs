@@ -6,21 +6,28 @@
 //!
 //! ```text
 //!   RunnerSupervisor (caller's arbiter)      what the application holds
-//!     ├─ control arbiter: SessionActor ──LeaseChanged──► Fetcher ──RunSlice──┐
-//!     │                   Reaper, Gauges ◄──Lost/Moved/Stuck──               │
-//!     └─ worker arbiters: Worker 0 │ Worker 1 │ … │ Worker N-1 ◄──────────────┘
+//!     ├─ control arbiter: SessionActor, Reaper, Gauges
+//!     │                      │ LeaseChanged ▲ Lost/Moved/Stuck
+//!     │                      ▼              │
+//!     └─ worker arbiters: [Fetcher + Worker 0] │ Worker 1 │ … │ Worker N-1
+//!                            └──────── RunSlice ────────────────┘
 //! ```
 //!
 //! The session actor has an arbiter (thread) apart from the workers, and
 //! each worker one of its own, so a Tasker that blocks its thread cannot
-//! starve the heartbeat, nor hold up the other workers. Every actor is
+//! starve the heartbeat, nor hold up the other workers. The fetcher shares
+//! worker 0's, so that a tick's hand-off to that worker (all of a fast
+//! Tasker's batch) wakes no other thread; the runs in flight and their
+//! batch's deadline are shared ([`InFlight`]), so that the session actor
+//! and Stop see a batch stuck even when it blocks the fetcher. Every actor is
 //! started under actix's `Supervisor`: an actor that stops itself (a worker
 //! after a panic or timeout, the fetcher after a panic) is restarted in
 //! place with the same address.
 //!
 //! Stop never frees running work: the session is ended only when the
-//! drain reports that every run it started has returned; otherwise it is
-//! left to expire, and the tasks left running are reported.
+//! drain reports that every run it started has returned; otherwise (or
+//! when the drain does not answer past its own bound while runs are in
+//! flight) it is left to expire, and the tasks left running are reported.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -34,6 +41,7 @@ use crate::config::RunnerConfig;
 use crate::fetcher::STUCK_GRACE;
 use crate::fetcher::{Drain, Fetcher};
 use crate::gauges::Gauges;
+use crate::in_flight::InFlight;
 use crate::reaper::Reaper;
 use crate::session::{EndSession, SessionActor, Subscribe};
 use crate::status::{RunnerStatus, StatusTx};
@@ -187,6 +195,7 @@ struct Running<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     worker_arbiters: Vec<Arbiter>,
     session: Addr<SessionActor<ForRunner<F>>>,
     fetcher: Addr<Fetcher<T, K, ForRunner<F>>>,
+    in_flight: InFlight,
     _reaper: Addr<Reaper<ForRunner<F>>>,
     _gauges: Addr<Gauges<T, ForRunner<F>>>,
     _workers: Arc<[Addr<Worker<T, K>>]>,
@@ -226,9 +235,12 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
             (Some(Arbiter::new()), workers)
         };
         let on = |arbiter: Option<&Arbiter>| arbiter.map_or_else(Arbiter::current, Arbiter::handle);
-        // The control actors reach the database through handles made on
-        // their own arbiter (see ForRunner).
+        // Every actor reaches the database through handles made on its own
+        // arbiter (see ForRunner): the fetcher's on worker 0's, the others'
+        // on the control arbiter.
         let finder = Arc::new(ForRunner::new(self.finder.clone()));
+        let fetcher_finder = Arc::new(ForRunner::new(self.finder.clone()));
+        let in_flight = InFlight::default();
         let workers: Arc<[Addr<Worker<T, K>>]> = (0..self.config.workers)
             .map(|i| {
                 let runner: Arc<str> = self.config.name.as_str().into();
@@ -247,20 +259,22 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
                 self.status.clone(),
                 self.metrics.clone(),
             );
+            let in_flight = in_flight.clone();
             Supervisor::start_in_arbiter(&on(control.as_ref()), move |_| {
-                SessionActor::new(config, finder, status, metrics)
+                SessionActor::new(config, finder, status, metrics, in_flight)
             })
         };
         let fetcher = {
             let (config, finder, status, metrics) = (
                 self.config.clone(),
-                finder.clone(),
+                fetcher_finder,
                 self.status.clone(),
                 self.metrics.clone(),
             );
-            let (session, workers) = (session.clone(), workers.clone());
-            Supervisor::start_in_arbiter(&on(control.as_ref()), move |_| {
-                Fetcher::new(config, finder, status, metrics, session, workers)
+            let (session, workers, in_flight) =
+                (session.clone(), workers.clone(), in_flight.clone());
+            Supervisor::start_in_arbiter(&on(worker_arbiters.first()), move |_| {
+                Fetcher::new(config, finder, status, metrics, session, workers, in_flight)
             })
         };
         session.do_send(Subscribe(fetcher.clone().recipient()));
@@ -287,6 +301,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Actor for RunnerSupervisor<T, K, F>
             worker_arbiters,
             session,
             fetcher,
+            in_flight,
             _reaper: reaper,
             _gauges: gauges,
             _workers: workers,
@@ -319,10 +334,13 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Stop> for RunnerSupervisor<
         tracing::info!(runner = %self.config.name, "stopping: draining tasks in flight");
         let fetcher = running.fetcher.clone();
         let session = running.session.clone();
+        let in_flight = running.in_flight.clone();
+        let name = self.config.name.clone();
         let drain_timeout = self.config.drain_timeout;
         // The drain waits drain_timeout for the tick, then STUCK_GRACE for
         // its stopped runs; ending waits for a session start in flight and
         // for the end itself, each bounded by the heartbeat timeout.
+        let drain_bound = drain_timeout + STUCK_GRACE + DRAIN_SETTLE;
         let drain_limit = drain_timeout + STUCK_GRACE + STOP_GRACE;
         let end_limit = self.config.heartbeat_timeout * 2 + STOP_GRACE;
         Box::pin(
@@ -333,10 +351,27 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Stop> for RunnerSupervisor<
                 let drain = fetcher.send(Drain {
                     timeout: drain_timeout,
                 });
-                let left = match tokio::time::timeout(drain_limit, drain).await {
-                    Ok(Ok(left)) => Some(left),
-                    // No answer: the tick may still be running something.
-                    _ => None,
+                tokio::pin!(drain);
+                let left = match tokio::time::timeout(drain_bound, &mut drain).await {
+                    Ok(answer) => answer.ok(),
+                    Err(_) => {
+                        let running = in_flight.ids();
+                        if running.is_empty() {
+                            // Nothing runs: the drain is finishing what the
+                            // last tick completed.
+                            tokio::time::timeout(drain_limit - drain_bound, &mut drain)
+                                .await
+                                .ok()
+                                .and_then(Result::ok)
+                        } else {
+                            // Runs past the drain's own bound and no answer:
+                            // a Tasker blocks the fetcher's thread (worker
+                            // 0's), and the drain cannot stop them either.
+                            tracing::error!(runner = %name, tasks = ?running,
+                                "stopping with runs that do not return: their session is left to expire, not ended");
+                            Some(running)
+                        }
+                    }
                 };
                 let leave = left.as_ref().is_none_or(|l| !l.is_empty());
                 if left.is_none() {
@@ -388,6 +423,10 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> RunnerSupervisor<T, K, F> {
 /// How long Stop waits, beyond its other bounds, for the fetcher and the
 /// session actor to answer.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long past its own bound the drain may take to answer while runs are
+/// still in flight before Stop takes them as left running.
+const DRAIN_SETTLE: std::time::Duration = std::time::Duration::from_millis(250);
 
 type StartFn = Box<dyn FnOnce() -> RunnerHandle + Send>;
 

@@ -37,6 +37,7 @@ use crate::backoff::{Backoff, process_seed};
 use crate::catch::{bounded, caught};
 use crate::config::RunnerConfig;
 use crate::error::Error;
+use crate::in_flight::{InFlight, Watch, report_stuck};
 use crate::status::StatusTx;
 use crate::store::{Database, DatabaseId, DbFinder, Session, SessionId, SessionStart};
 use crate::telemetry::{
@@ -110,6 +111,11 @@ pub(crate) struct SessionActor<F: DbFinder> {
     start_waiters: Vec<oneshot::Sender<()>>,
     backoff: Backoff,
     fence_timer: Option<SpawnHandle>,
+    /// The fetcher's batch in flight: stuck past its deadline even when a
+    /// Tasker blocks the fetcher's thread (see `in_flight`).
+    in_flight: InFlight,
+    /// A look at that batch due at its deadline.
+    watch_timer: Option<SpawnHandle>,
 }
 
 impl<F: DbFinder> SessionActor<F> {
@@ -118,6 +124,7 @@ impl<F: DbFinder> SessionActor<F> {
         finder: Arc<F>,
         status: StatusTx,
         metrics: Metrics,
+        in_flight: InFlight,
     ) -> Self {
         let seed = config.jitter_seed.unwrap_or_else(process_seed) ^ 0x5e55;
         let backoff = Backoff::new(config.retry_max, seed);
@@ -137,6 +144,8 @@ impl<F: DbFinder> SessionActor<F> {
             start_waiters: Vec::new(),
             backoff,
             fence_timer: None,
+            in_flight,
+            watch_timer: None,
         }
     }
 
@@ -234,7 +243,41 @@ impl<F: DbFinder> SessionActor<F> {
         }));
     }
 
+    /// Looks at the fetcher's batch in flight: past its deadline, the
+    /// session is no longer renewed; running, it is looked at again at its
+    /// deadline.
+    fn watch(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        match self.in_flight.watch(now) {
+            Watch::Nothing => {}
+            Watch::Until(deadline) => {
+                if self.watch_timer.is_none() {
+                    self.watch_timer = Some(ctx.run_later(
+                        deadline.saturating_duration_since(now),
+                        |act, ctx| {
+                            act.watch_timer = None;
+                            act.watch(ctx);
+                        },
+                    ));
+                }
+            }
+            Watch::Stuck(session, timeout) => {
+                report_stuck(
+                    &self.config,
+                    &self.metrics,
+                    &self.status,
+                    session,
+                    &self.in_flight.ids(),
+                    timeout,
+                );
+                self.stuck(ctx, session, true);
+            }
+        }
+    }
+
     fn heartbeat(&mut self, ctx: &mut Context<Self>) {
+        // Before renewing: a batch past its deadline stops the renewals.
+        self.watch(ctx);
         let Some(lease) = self.lease.clone() else {
             return;
         };
@@ -447,6 +490,7 @@ impl<F: DbFinder> Supervised for SessionActor<F> {
         self.starting = false;
         self.bumping = false;
         self.fence_timer = None;
+        self.watch_timer = None;
         self.status.send_modify(|s| s.actor_restarts += 1);
     }
 }
@@ -483,16 +527,24 @@ impl<F: DbFinder> Handler<Stuck> for SessionActor<F> {
     type Result = ();
 
     fn handle(&mut self, msg: Stuck, ctx: &mut Context<Self>) {
-        if self.session() != Some(msg.session) || self.suspended == msg.stuck {
+        self.stuck(ctx, msg.session, msg.stuck);
+    }
+}
+
+impl<F: DbFinder> SessionActor<F> {
+    /// Runs of `session`'s tasks outlived every timeout (`stuck`), or have
+    /// all returned since.
+    fn stuck(&mut self, ctx: &mut Context<Self>, session: SessionId, stuck: bool) {
+        if self.session() != Some(session) || self.suspended == stuck {
             return;
         }
-        self.suspended = msg.stuck;
-        if msg.stuck {
-            tracing::error!(session = msg.session, runner = %self.config.name,
+        self.suspended = stuck;
+        if stuck {
+            tracing::error!(session, runner = %self.config.name,
                 "runs outlived every timeout: no longer renewing the session, so that its lease expires and its tasks move on");
             self.publish();
         } else {
-            tracing::info!(session = msg.session, runner = %self.config.name,
+            tracing::info!(session, runner = %self.config.name,
                 "the runs that outlived their timeouts returned: renewing the session again if it is still live");
             // The heartbeat lifts the fence if the lease is still live, and
             // starts a new session if not.

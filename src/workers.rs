@@ -1,8 +1,11 @@
 //! The worker pool: actors that run the user's Tasker on slices of a batch.
 //!
 //! Each worker has a thread (an arbiter) of its own, so a Tasker that
-//! blocks its thread holds up only its own worker, and runs one slice at a
-//! time: a worker never starts a slice before the previous one returned.
+//! blocks its thread holds up only its own worker (worker 0's thread is
+//! also the fetcher's, whose ticks wait for the batch anyway), and runs one
+//! slice at a time: a worker never starts a slice before the previous one
+//! returned. A slice counts as in flight until its worker says, on its own
+//! thread, that it returned.
 //! Each worker catches what the Tasker does wrong. An error keeps the tasks
 //! it reported complete and gives the rest back for a later tick; a panic or
 //! a timeout does the same and then restarts the worker (a panic could have
@@ -29,6 +32,7 @@ use futures_util::FutureExt;
 use futures_util::future::{AbortRegistration, Abortable};
 
 use crate::error::Panic;
+use crate::in_flight::InFlight;
 use crate::status::StatusTx;
 use crate::task::{Task, TaskId};
 use crate::tasker::{Progress, Tasker};
@@ -41,6 +45,10 @@ pub(crate) struct RunSlice<T> {
     pub(crate) ids: Arc<[TaskId]>,
     pub(crate) timeout: Duration,
     pub(crate) abort: AbortRegistration,
+    /// Where the slice is counted in flight until it returns: told here,
+    /// on the worker's thread, so that it is told even while the fetcher's
+    /// thread (worker 0's) is blocked.
+    pub(crate) runs: InFlight,
 }
 
 impl<T: Task> Message for RunSlice<T> {
@@ -154,6 +162,7 @@ impl<T: Task, K: Tasker<T>> Handler<RunSlice<T>> for Worker<T, K> {
 
     fn handle(&mut self, msg: RunSlice<T>, _ctx: &mut Context<Self>) -> Self::Result {
         let given = msg.ids;
+        let runs = msg.runs;
         let progress = Progress::default();
         let tasker = self.tasker.clone();
         let timeout = msg.timeout;
@@ -176,6 +185,7 @@ impl<T: Task, K: Tasker<T>> Handler<RunSlice<T>> for Worker<T, K> {
         };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |(ending, reported, ran), act, ctx| {
+                runs.returned(&given);
                 act.outcome(ctx, &given, ending, reported, ran)
             },
         )))
