@@ -35,7 +35,7 @@
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -50,7 +50,7 @@ use crate::backoff::{Backoff, process_seed};
 use crate::catch::{bounded, caught};
 use crate::config::{FailedTasks, RunnerConfig};
 use crate::error::{Error, Panic};
-use crate::in_flight::{InFlight, report_stuck};
+use crate::in_flight::{Aborts, InFlight, report_stuck};
 use crate::session::{Lease, LeaseChanged, Lost, Moved, SessionActor, Stuck};
 use crate::status::StatusTx;
 use crate::store::{Database, DbFinder, GetWork};
@@ -78,8 +78,6 @@ pub(crate) struct Wake;
 pub(crate) struct Drain {
     pub(crate) timeout: Duration,
 }
-
-type Aborts = Arc<Mutex<Vec<AbortHandle>>>;
 
 /// What the tick in flight reads of the actor's state as it changes.
 #[derive(Debug, Default)]
@@ -130,7 +128,6 @@ pub(crate) struct Fetcher<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     /// The next tick is a retry after an error: notifications wait for it.
     backing_off: bool,
     next_tick: Option<SpawnHandle>,
-    in_flight: Option<Aborts>,
     carried: Option<Carried>,
     known: Option<Known>,
     last_sweep: Option<Instant>,
@@ -177,7 +174,6 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             wake_pending: false,
             backing_off: false,
             next_tick: None,
-            in_flight: None,
             carried: None,
             known: None,
             last_sweep: None,
@@ -214,11 +210,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
     }
 
     fn abort_in_flight(&self) {
-        if let Some(aborts) = &self.in_flight {
-            for handle in aborts.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-                handle.abort();
-            }
-        }
+        self.runs.abort();
     }
 
     /// On stop: finishes the completed tasks still carried (if the session
@@ -284,7 +276,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         self.wake_pending = false;
         self.backing_off = false;
         let aborts: Aborts = Arc::default();
-        self.in_flight = Some(aborts.clone());
+        self.runs.set_aborts(Some(aborts.clone()));
         let carried = match self.carried.take() {
             Some(c) if c.lease == lease => c.ids,
             Some(c) => {
@@ -355,7 +347,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         span: Span,
     ) {
         self.ticking = false;
-        self.in_flight = None;
+        self.runs.set_aborts(None);
         let mut panicked = false;
         let mut report = res.unwrap_or_else(|panic| {
             panicked = true;
@@ -538,7 +530,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Supervised for Fetcher<T, K, F> {
         tracing::warn!(runner = %self.config.name, "fetcher restarted");
         self.ticking = false;
         self.next_tick = None;
-        self.in_flight = None;
+        self.runs.set_aborts(None);
         // The tick that failed may have had an answer nobody read.
         self.known = None;
         self.status.send_modify(|s| s.actor_restarts += 1);

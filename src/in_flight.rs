@@ -17,11 +17,19 @@
 //!   heartbeat found running) sees it first; whoever reports it, the session
 //!   is no longer renewed. Each heartbeat asks before it renews, so no
 //!   renewal follows a deadline unseen.
-//! - When a batch reported stuck has returned, [`InFlight::end`] says so
-//!   once, and the fetcher tells the session actor, which renews again.
+//! - From the moment a batch is reported stuck until it has returned, no
+//!   heartbeat renews the session, even before the fetcher's report
+//!   reaches the session actor. When it has returned, [`Begun::end`] says
+//!   so once, and the fetcher tells the session actor, which renews again.
+//! - Whenever the session actor stops letting the fetcher use the session
+//!   (fenced, lost, suspended, stopping), it stops the tick's runs itself
+//!   ([`InFlight::abort`]): the fetcher, which does the same, may be held
+//!   up on the thread of a Tasker that blocks it.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use futures_util::future::AbortHandle;
 
 use tokio::time::Instant;
 
@@ -41,7 +49,12 @@ struct Inner {
     /// disjoint).
     slices: Mutex<Vec<Arc<[TaskId]>>>,
     batch: Mutex<Option<Batch>>,
+    /// The tick's stop handles, one per slice, while it runs.
+    aborts: Mutex<Option<Aborts>>,
 }
+
+/// A tick's stop handles, one per slice handed out.
+pub(crate) type Aborts = Arc<Mutex<Vec<AbortHandle>>>;
 
 /// The batch in flight.
 #[derive(Debug, Clone, Copy)]
@@ -58,7 +71,8 @@ struct Batch {
 /// What the session actor's watch finds.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Watch {
-    /// No batch in flight, or one already reported.
+    /// No run in flight (a batch whose slices have all returned is about
+    /// to end), none reported stuck.
     Nothing,
     /// A batch in flight that is stuck at this moment, unless it returns
     /// first: look again then.
@@ -66,6 +80,12 @@ pub(crate) enum Watch {
     /// A batch of this session, given this batch timeout, past its
     /// deadline: the caller reports it stuck now.
     Stuck(SessionId, Duration),
+    /// A batch of this session already reported stuck and still in flight:
+    /// not to be renewed.
+    Reported(SessionId),
+    /// No batch in flight, but runs of one that will not say they returned
+    /// (its tick was dropped): leave things as they are.
+    Orphaned,
 }
 
 impl InFlight {
@@ -115,15 +135,36 @@ impl InFlight {
         }
     }
 
-    /// The session actor's look at the batch in flight.
+    /// The session actor's look at the batch in flight. A batch whose
+    /// slices have all returned is not stuck, whatever the time: its tick
+    /// is about to end it.
     pub(crate) fn watch(&self, now: Instant) -> Watch {
+        let running = !lock(&self.0.slices).is_empty();
         match lock(&self.0.batch).as_mut() {
-            Some(b) if !b.reported && now >= b.deadline => {
+            Some(b) if b.reported => Watch::Reported(b.session),
+            Some(_) if !running => Watch::Nothing,
+            Some(b) if now >= b.deadline => {
                 b.reported = true;
                 Watch::Stuck(b.session, b.timeout)
             }
-            Some(b) if !b.reported => Watch::Until(b.deadline),
-            _ => Watch::Nothing,
+            Some(b) => Watch::Until(b.deadline),
+            None if running => Watch::Orphaned,
+            None => Watch::Nothing,
+        }
+    }
+
+    /// A tick starts, with these stop handles; `None` when it has ended.
+    pub(crate) fn set_aborts(&self, aborts: Option<Aborts>) {
+        *lock(&self.0.aborts) = aborts;
+    }
+
+    /// Stops the runs of the tick in flight, if any (those a Tasker does
+    /// not block return at once, as failed).
+    pub(crate) fn abort(&self) {
+        if let Some(aborts) = lock(&self.0.aborts).as_ref() {
+            for handle in lock(aborts).iter() {
+                handle.abort();
+            }
         }
     }
 }
@@ -186,38 +227,61 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_batch_is_reported_once_by_whoever_sees_its_deadline_first() {
+        let (timeout, grace) = (Duration::from_secs(1), Duration::from_secs(2));
         let in_flight = InFlight::default();
         assert_eq!(in_flight.watch(Instant::now()), Watch::Nothing);
-        let begun = in_flight.begin(7, Duration::from_secs(1), Duration::from_secs(2));
+        let slice: Arc<[TaskId]> = vec![1].into();
+        let begun = in_flight.begin(7, timeout, grace);
+        in_flight.add(&slice);
         let deadline = Instant::now() + Duration::from_secs(3);
         assert_eq!(in_flight.watch(Instant::now()), Watch::Until(deadline));
-        assert_eq!(
-            in_flight.watch(deadline),
-            Watch::Stuck(7, Duration::from_secs(1))
-        );
-        // Seen by the watch: the fetcher's timer does not report it again.
+        assert_eq!(in_flight.watch(deadline), Watch::Stuck(7, timeout));
+        // Seen by the watch: the fetcher's timer does not report it again,
+        // and every later look says it is not to be renewed.
         assert!(!in_flight.report());
-        assert_eq!(in_flight.watch(deadline), Watch::Nothing);
+        assert_eq!(in_flight.watch(deadline), Watch::Reported(7));
+        in_flight.returned(&slice);
         assert!(begun.end(), "a batch reported stuck says so when it ends");
         assert_eq!(in_flight.watch(deadline), Watch::Nothing);
 
-        let begun = in_flight.begin(8, Duration::from_secs(1), Duration::from_secs(2));
+        let begun = in_flight.begin(8, timeout, grace);
+        in_flight.add(&slice);
         assert!(in_flight.report(), "the fetcher's timer saw it first");
-        assert_eq!(
-            in_flight.watch(Instant::now() + Duration::from_secs(9)),
-            Watch::Nothing
-        );
+        // Before its Stuck reaches the session actor, a heartbeat already
+        // finds the batch not to be renewed.
+        assert_eq!(in_flight.watch(Instant::now()), Watch::Reported(8));
+        in_flight.returned(&slice);
         assert!(begun.end());
 
-        let begun = in_flight.begin(9, Duration::from_secs(1), Duration::from_secs(2));
+        let begun = in_flight.begin(9, timeout, grace);
         assert!(!begun.end(), "a batch back in time was never stuck");
 
-        // A tick dropped with its batch in flight leaves nothing to watch.
-        drop(in_flight.begin(10, Duration::from_secs(1), Duration::from_secs(2)));
-        assert_eq!(
-            in_flight.watch(Instant::now() + Duration::from_secs(9)),
-            Watch::Nothing
-        );
+        // Every slice returned, the tick not ended yet: not stuck.
+        let begun = in_flight.begin(10, timeout, grace);
+        let late = Instant::now() + Duration::from_secs(9);
+        assert_eq!(in_flight.watch(late), Watch::Nothing);
+        assert!(!begun.end());
+
+        // A tick dropped with its batch in flight leaves no batch, but the
+        // runs it never heard back from stay counted.
+        let begun = in_flight.begin(11, timeout, grace);
+        in_flight.add(&slice);
+        drop(begun);
+        assert_eq!(in_flight.watch(Instant::now()), Watch::Orphaned);
+        in_flight.returned(&slice);
+        assert_eq!(in_flight.watch(Instant::now()), Watch::Nothing);
+    }
+
+    #[test]
+    fn abort_stops_the_slices_of_the_tick_in_flight() {
+        let in_flight = InFlight::default();
+        in_flight.abort(); // nothing in flight: nothing to do
+        let (handle, registration) = AbortHandle::new_pair();
+        let run = futures_util::future::Abortable::new(std::future::pending::<()>(), registration);
+        in_flight.set_aborts(Some(Arc::new(Mutex::new(vec![handle]))));
+        in_flight.abort();
+        assert!(run.is_aborted());
+        in_flight.set_aborts(None);
     }
 
     #[test]

@@ -163,6 +163,11 @@ impl<F: DbFinder> SessionActor<F> {
 
     fn publish(&self) {
         let lease = self.usable();
+        if lease.is_none() {
+            // The fetcher stops its runs on this too, unless a Tasker
+            // blocks its thread: stop them from here as well.
+            self.in_flight.abort();
+        }
         self.status
             .send_modify(|s| s.session = lease.as_ref().map(|l| l.session.id));
         if let Some(sub) = &self.subscriber {
@@ -244,21 +249,18 @@ impl<F: DbFinder> SessionActor<F> {
     }
 
     /// Looks at the fetcher's batch in flight: past its deadline, the
-    /// session is no longer renewed; running, it is looked at again at its
-    /// deadline.
+    /// session is no longer renewed until the batch has returned; running,
+    /// it is looked at again at its deadline.
     fn watch(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
         match self.in_flight.watch(now) {
-            Watch::Nothing => {}
             Watch::Until(deadline) => {
                 if self.watch_timer.is_none() {
-                    self.watch_timer = Some(ctx.run_later(
-                        deadline.saturating_duration_since(now),
-                        |act, ctx| {
-                            act.watch_timer = None;
-                            act.watch(ctx);
-                        },
-                    ));
+                    let wait = deadline.saturating_duration_since(now);
+                    self.watch_timer = Some(ctx.run_later(wait, |act, ctx| {
+                        act.watch_timer = None;
+                        act.watch(ctx);
+                    }));
                 }
             }
             Watch::Stuck(session, timeout) => {
@@ -272,6 +274,16 @@ impl<F: DbFinder> SessionActor<F> {
                 );
                 self.stuck(ctx, session, true);
             }
+            // The fetcher's report may still be on its way here.
+            Watch::Reported(session) => self.stuck(ctx, session, true),
+            // Every run returned: renew again, whether or not the
+            // fetcher's word of it arrives (its tick may have been dropped).
+            Watch::Nothing => {
+                if let (true, Some(session)) = (self.suspended, self.session()) {
+                    self.stuck(ctx, session, false);
+                }
+            }
+            Watch::Orphaned => {}
         }
     }
 

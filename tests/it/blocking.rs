@@ -887,3 +887,77 @@ async fn a_run_stuck_past_its_lease_moves_on_only_after_the_lease_ran_out() {
         dump(&client).await
     );
 }
+
+/// Runner A runs a `block:6000` task on worker 0, whose thread its fetcher
+/// shares, and a normal task (4 s of async work) on worker 1. Its session
+/// is then lost (expired in the database): A's next heartbeat learns it,
+/// and the run on worker 1, which can be stopped, must stop then, while
+/// worker 0 and the fetcher are still blocked; run on, it would overlap
+/// the run of whoever takes its task after the lease. So that run is
+/// dropped, never finished (the example Tasker writes `finished_at` after
+/// its work), and worker 1 reports its slice stopped before worker 0's
+/// returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_session_stops_the_other_workers_runs_while_worker_0_blocks() {
+    let db = migrated_db().await;
+    let client = db.client().await;
+    let mut a = RunnerCommand::new(db.url.as_str())
+        .label("lost")
+        .args(args(&[
+            ("batch-timeout-ms", 30_000),
+            ("ttl-ms", 3000),
+            ("heartbeat-ms", 500),
+            ("tick-ms", 100),
+            ("max-tasks", 2),
+            ("workers", 2),
+            ("work-ms", 4000),
+        ]))
+        .keep_log(false)
+        .spawn()
+        .expect("spawn a runner process");
+    let a_session = a.next_session(DEADLINE).await;
+    // Slices are dealt in id order: the block to worker 0, the other to 1.
+    let ids = seed(&client, &["block:6000", "normal"]).await;
+    wait_blocked(&client, a_session, &ids).await;
+    client
+        .execute(
+            "UPDATE session_lock.session SET expires_at = now() - interval '1 second',
+                    bumped_at = now() - interval '2 seconds'
+              WHERE id = $1",
+            &[&a_session],
+        )
+        .await
+        .unwrap();
+
+    let stopped = "tasker stopped: session fenced or runner stopping";
+    let worker_0 = poll_until("worker 0's slice returns", DEADLINE, || async {
+        a.log_text()
+            .lines()
+            .position(|l| l.contains(SLICE_FAILED_LINE) && l.contains("worker=0"))
+    })
+    .await;
+    let log = a.log_text();
+    let worker_1 = log.lines().position(|l| {
+        l.contains(SLICE_FAILED_LINE) && l.contains("worker=1") && l.contains(stopped)
+    });
+    assert!(
+        worker_1.is_some_and(|w1| w1 < worker_0),
+        "worker 1's run was stopped before worker 0's block ended:\n{log}\n{}",
+        dump(&client).await
+    );
+    let finished = count(
+        &client,
+        "SELECT count(*) FROM example_task_run
+          WHERE task_id = $1 AND session_id = $2 AND finished_at IS NOT NULL",
+        &[&ids[1], &a_session],
+    )
+    .await;
+    assert_eq!(
+        finished,
+        0,
+        "the lost session's run of task {} was stopped, not finished\n{}",
+        ids[1],
+        dump(&client).await
+    );
+    assert!(a.try_exit().is_none(), "A exited:\n{log}");
+}
