@@ -34,8 +34,8 @@
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -276,7 +276,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         self.wake_pending = false;
         self.backing_off = false;
         let aborts: Aborts = Arc::default();
-        self.runs.set_aborts(Some(aborts.clone()));
+        let stops = self.runs.tick_began(aborts.clone());
         let carried = match self.carried.take() {
             Some(c) if c.lease == lease => c.ids,
             Some(c) => {
@@ -326,6 +326,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             pace: self.pace,
             lease,
             aborts,
+            stops,
             carried,
             known,
             sweep,
@@ -347,7 +348,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         span: Span,
     ) {
         self.ticking = false;
-        self.runs.set_aborts(None);
+        self.runs.tick_ended();
         let mut panicked = false;
         let mut report = res.unwrap_or_else(|panic| {
             panicked = true;
@@ -530,7 +531,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Supervised for Fetcher<T, K, F> {
         tracing::warn!(runner = %self.config.name, "fetcher restarted");
         self.ticking = false;
         self.next_tick = None;
-        self.runs.set_aborts(None);
+        self.runs.tick_ended();
         // The tick that failed may have had an answer nobody read.
         self.known = None;
         self.status.send_modify(|s| s.actor_restarts += 1);
@@ -597,7 +598,16 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Drain> for Fetcher<T, K, F>
                     let _ = rx.await;
                 }
                 .into_actor(self)
-                .map(|(), _, _| Vec::new()),
+                .map(|(), act, _| {
+                    // Runs of a tick that was dropped (its actor restarted)
+                    // may still be going: the session is then left.
+                    let left = act.runs.ids();
+                    if !left.is_empty() {
+                        tracing::error!(runner = %act.config.name, tasks = ?left,
+                            "stopping with runs that do not return: their session is left to expire, not ended");
+                    }
+                    left
+                }),
             );
         }
         let timeout = msg.timeout;
@@ -689,6 +699,8 @@ struct TickRun<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     pace: Option<Duration>,
     lease: Lease,
     aborts: Aborts,
+    /// The count of stops of the runs in flight when the tick began.
+    stops: u64,
     /// Completed tasks of this lease not yet confirmed finished.
     carried: Vec<TaskId>,
     /// What the lease's previous answer said it holds, if it was read.
@@ -951,10 +963,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
         let begun = self.runs.begin(session, timeout, STUCK_GRACE);
         let sends = slices.into_iter().enumerate().map(|(i, (ids, tasks))| {
             let (handle, abort) = AbortHandle::new_pair();
-            self.aborts
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(handle);
+            self.runs.hand_out(&self.aborts, handle, self.stops);
             let ids: Arc<[TaskId]> = ids.into();
             self.runs.add(&ids);
             let count = ids.len();

@@ -26,6 +26,7 @@
 //!   ([`InFlight::abort`]): the fetcher, which does the same, may be held
 //!   up on the thread of a Tasker that blocks it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -51,6 +52,9 @@ struct Inner {
     batch: Mutex<Option<Batch>>,
     /// The tick's stop handles, one per slice, while it runs.
     aborts: Mutex<Option<Aborts>>,
+    /// How many times the runs in flight were stopped: a tick that sees it
+    /// move after it began stops each slice it hands out from then on.
+    stops: AtomicU64,
 }
 
 /// A tick's stop handles, one per slice handed out.
@@ -124,10 +128,12 @@ impl InFlight {
     }
 
     /// The fetcher's own timer saw the batch outlive its deadline: true if
-    /// nobody has reported it yet (the caller reports it now).
+    /// nobody has reported it yet and a slice still runs (the caller
+    /// reports it now).
     pub(crate) fn report(&self) -> bool {
+        let running = !lock(&self.0.slices).is_empty();
         match lock(&self.0.batch).as_mut() {
-            Some(b) if !b.reported => {
+            Some(b) if !b.reported && running => {
                 b.reported = true;
                 true
             }
@@ -153,18 +159,39 @@ impl InFlight {
         }
     }
 
-    /// A tick starts, with these stop handles; `None` when it has ended.
-    pub(crate) fn set_aborts(&self, aborts: Option<Aborts>) {
-        *lock(&self.0.aborts) = aborts;
+    /// A tick starts, with these stop handles. Returns the count of stops
+    /// so far, for [`InFlight::hand_out`].
+    pub(crate) fn tick_began(&self, aborts: Aborts) -> u64 {
+        *lock(&self.0.aborts) = Some(aborts);
+        self.0.stops.load(Ordering::SeqCst)
+    }
+
+    /// The tick has ended (or its actor restarted): nothing left to stop.
+    pub(crate) fn tick_ended(&self) {
+        *lock(&self.0.aborts) = None;
     }
 
     /// Stops the runs of the tick in flight, if any (those a Tasker does
-    /// not block return at once, as failed).
+    /// not block return at once, as failed), and those it hands out after
+    /// this.
     pub(crate) fn abort(&self) {
-        if let Some(aborts) = lock(&self.0.aborts).as_ref() {
+        let aborts = lock(&self.0.aborts);
+        self.0.stops.fetch_add(1, Ordering::SeqCst);
+        if let Some(aborts) = aborts.as_ref() {
             for handle in lock(aborts).iter() {
                 handle.abort();
             }
+        }
+    }
+
+    /// Adds a slice's stop handle to its tick's (which began when the
+    /// count of stops was `stops`), and stops it at once if the runs were
+    /// stopped since: a stop that came while the tick was getting its work
+    /// found no handle to stop, and the fetcher may not have heard of it.
+    pub(crate) fn hand_out(&self, aborts: &Aborts, handle: AbortHandle, stops: u64) {
+        lock(aborts).push(handle.clone());
+        if self.0.stops.load(Ordering::SeqCst) != stops {
+            handle.abort();
         }
     }
 }
@@ -273,15 +300,30 @@ mod tests {
     }
 
     #[test]
-    fn abort_stops_the_slices_of_the_tick_in_flight() {
+    fn abort_stops_the_slices_of_the_tick_in_flight_and_those_it_hands_out_after() {
+        use futures_util::future::Abortable;
         let in_flight = InFlight::default();
         in_flight.abort(); // nothing in flight: nothing to do
+        let aborts: Aborts = Arc::default();
+        let stops = in_flight.tick_began(aborts.clone());
         let (handle, registration) = AbortHandle::new_pair();
-        let run = futures_util::future::Abortable::new(std::future::pending::<()>(), registration);
-        in_flight.set_aborts(Some(Arc::new(Mutex::new(vec![handle]))));
+        let first = Abortable::new(std::future::pending::<()>(), registration);
+        in_flight.hand_out(&aborts, handle, stops);
+        assert!(!first.is_aborted(), "a slice of a tick not stopped runs");
         in_flight.abort();
-        assert!(run.is_aborted());
-        in_flight.set_aborts(None);
+        assert!(first.is_aborted());
+        // Handed out after the stop (the tick was getting its work then).
+        let (handle, registration) = AbortHandle::new_pair();
+        let late = Abortable::new(std::future::pending::<()>(), registration);
+        in_flight.hand_out(&aborts, handle, stops);
+        assert!(late.is_aborted());
+        in_flight.tick_ended();
+        // The next tick starts afresh.
+        let stops = in_flight.tick_began(aborts.clone());
+        let (handle, registration) = AbortHandle::new_pair();
+        let next = Abortable::new(std::future::pending::<()>(), registration);
+        in_flight.hand_out(&aborts, handle, stops);
+        assert!(!next.is_aborted());
     }
 
     #[test]
