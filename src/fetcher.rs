@@ -50,7 +50,7 @@ use crate::backoff::{Backoff, process_seed};
 use crate::catch::{bounded, caught};
 use crate::config::{FailedTasks, RunnerConfig};
 use crate::error::{Error, Panic};
-use crate::in_flight::{Aborts, InFlight, report_stuck};
+use crate::in_flight::{InFlight, report_left, report_stuck};
 use crate::session::{Lease, LeaseChanged, Lost, Moved, SessionActor, Stuck};
 use crate::status::StatusTx;
 use crate::store::{Database, DbFinder, GetWork};
@@ -209,10 +209,6 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         });
     }
 
-    fn abort_in_flight(&self) {
-        self.runs.abort();
-    }
-
     /// On stop: finishes the completed tasks still carried (if the session
     /// is still usable), then releases whoever waits for the drain.
     fn flush_then_release_drain(&mut self, ctx: &mut Context<Self>) {
@@ -275,8 +271,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
         self.ticking = true;
         self.wake_pending = false;
         self.backing_off = false;
-        let aborts: Aborts = Arc::default();
-        let stops = self.runs.tick_began(aborts.clone());
+        let stops = self.runs.tick_began();
         let carried = match self.carried.take() {
             Some(c) if c.lease == lease => c.ids,
             Some(c) => {
@@ -325,7 +320,6 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Fetcher<T, K, F> {
             runs: self.runs.clone(),
             pace: self.pace,
             lease,
-            aborts,
             stops,
             carried,
             known,
@@ -551,7 +545,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<LeaseChanged> for Fetcher<T
             None => {
                 if previous.is_some() {
                     // Fenced, lost or suspended: stop running its tasks now.
-                    self.abort_in_flight();
+                    self.runs.abort();
                 }
             }
             Some(_) => {
@@ -603,8 +597,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Drain> for Fetcher<T, K, F>
                     // may still be going: the session is then left.
                     let left = act.runs.ids();
                     if !left.is_empty() {
-                        tracing::error!(runner = %act.config.name, tasks = ?left,
-                            "stopping with runs that do not return: their session is left to expire, not ended");
+                        report_left(&act.config.name, &left);
                     }
                     left
                 }),
@@ -617,7 +610,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Drain> for Fetcher<T, K, F>
                 .then(|drained, act, _ctx| {
                     let rest = (!drained && (act.ticking || act.flushing)).then(|| {
                         tracing::warn!(runner = %act.config.name, "drain timeout: stopping the tasks in flight");
-                        act.abort_in_flight();
+                        act.runs.abort();
                         let (tx, rx) = oneshot::channel();
                         act.drain_waiters.push(tx);
                         rx
@@ -635,8 +628,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Drain> for Fetcher<T, K, F>
                         return Vec::new();
                     }
                     let left = act.runs.ids();
-                    tracing::error!(runner = %act.config.name, tasks = ?left,
-                        "stopping with runs that do not return: their session is left to expire, not ended");
+                    report_left(&act.config.name, &left);
                     left
                 }),
         )
@@ -698,7 +690,6 @@ struct TickRun<T: ScanTask, K: Tasker<T>, F: DbFinder> {
     /// The Tasker's pace, if known (`workers::slices`).
     pace: Option<Duration>,
     lease: Lease,
-    aborts: Aborts,
     /// The count of stops of the runs in flight when the tick began.
     stops: u64,
     /// Completed tasks of this lease not yet confirmed finished.
@@ -963,7 +954,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> TickRun<T, K, F> {
         let begun = self.runs.begin(session, timeout, STUCK_GRACE);
         let sends = slices.into_iter().enumerate().map(|(i, (ids, tasks))| {
             let (handle, abort) = AbortHandle::new_pair();
-            self.runs.hand_out(&self.aborts, handle, self.stops);
+            self.runs.hand_out(handle, self.stops);
             let ids: Arc<[TaskId]> = ids.into();
             self.runs.add(&ids);
             let count = ids.len();

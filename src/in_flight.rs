@@ -50,15 +50,12 @@ struct Inner {
     /// disjoint).
     slices: Mutex<Vec<Arc<[TaskId]>>>,
     batch: Mutex<Option<Batch>>,
-    /// The tick's stop handles, one per slice, while it runs.
-    aborts: Mutex<Option<Aborts>>,
+    /// The stop handles of the tick in flight, one per slice handed out.
+    aborts: Mutex<Option<Vec<AbortHandle>>>,
     /// How many times the runs in flight were stopped: a tick that sees it
     /// move after it began stops each slice it hands out from then on.
     stops: AtomicU64,
 }
-
-/// A tick's stop handles, one per slice handed out.
-pub(crate) type Aborts = Arc<Mutex<Vec<AbortHandle>>>;
 
 /// The batch in flight.
 #[derive(Debug, Clone, Copy)]
@@ -159,10 +156,11 @@ impl InFlight {
         }
     }
 
-    /// A tick starts, with these stop handles. Returns the count of stops
-    /// so far, for [`InFlight::hand_out`].
-    pub(crate) fn tick_began(&self, aborts: Aborts) -> u64 {
-        *lock(&self.0.aborts) = Some(aborts);
+    /// A tick starts. Returns the count of stops so far, for
+    /// [`InFlight::hand_out`].
+    pub(crate) fn tick_began(&self) -> u64 {
+        let mut aborts = lock(&self.0.aborts);
+        *aborts = Some(Vec::new());
         self.0.stops.load(Ordering::SeqCst)
     }
 
@@ -177,21 +175,22 @@ impl InFlight {
     pub(crate) fn abort(&self) {
         let aborts = lock(&self.0.aborts);
         self.0.stops.fetch_add(1, Ordering::SeqCst);
-        if let Some(aborts) = aborts.as_ref() {
-            for handle in lock(aborts).iter() {
-                handle.abort();
-            }
+        for handle in aborts.iter().flatten() {
+            handle.abort();
         }
     }
 
-    /// Adds a slice's stop handle to its tick's (which began when the
-    /// count of stops was `stops`), and stops it at once if the runs were
-    /// stopped since: a stop that came while the tick was getting its work
-    /// found no handle to stop, and the fetcher may not have heard of it.
-    pub(crate) fn hand_out(&self, aborts: &Aborts, handle: AbortHandle, stops: u64) {
-        lock(aborts).push(handle.clone());
+    /// Adds a slice's stop handle to the tick's (which began when the count
+    /// of stops was `stops`), and stops it at once if the runs were stopped
+    /// since: a stop that came while the tick was getting its work found no
+    /// handle to stop, and the fetcher may not have heard of it.
+    pub(crate) fn hand_out(&self, handle: AbortHandle, stops: u64) {
+        let mut aborts = lock(&self.0.aborts);
         if self.0.stops.load(Ordering::SeqCst) != stops {
             handle.abort();
+        }
+        if let Some(aborts) = aborts.as_mut() {
+            aborts.push(handle);
         }
     }
 }
@@ -220,6 +219,12 @@ impl Drop for Begun {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Reports the runs Stop leaves running: the session is not ended.
+pub(crate) fn report_left(runner: &str, left: &[TaskId]) {
+    tracing::error!(runner, tasks = ?left,
+        "stopping with runs that do not return: their session is left to expire, not ended");
 }
 
 /// Reports `session`'s runs in flight stuck past `timeout`: the log line,
@@ -304,25 +309,24 @@ mod tests {
         use futures_util::future::Abortable;
         let in_flight = InFlight::default();
         in_flight.abort(); // nothing in flight: nothing to do
-        let aborts: Aborts = Arc::default();
-        let stops = in_flight.tick_began(aborts.clone());
+        let stops = in_flight.tick_began();
         let (handle, registration) = AbortHandle::new_pair();
         let first = Abortable::new(std::future::pending::<()>(), registration);
-        in_flight.hand_out(&aborts, handle, stops);
+        in_flight.hand_out(handle, stops);
         assert!(!first.is_aborted(), "a slice of a tick not stopped runs");
         in_flight.abort();
         assert!(first.is_aborted());
         // Handed out after the stop (the tick was getting its work then).
         let (handle, registration) = AbortHandle::new_pair();
         let late = Abortable::new(std::future::pending::<()>(), registration);
-        in_flight.hand_out(&aborts, handle, stops);
+        in_flight.hand_out(handle, stops);
         assert!(late.is_aborted());
         in_flight.tick_ended();
         // The next tick starts afresh.
-        let stops = in_flight.tick_began(aborts.clone());
+        let stops = in_flight.tick_began();
         let (handle, registration) = AbortHandle::new_pair();
         let next = Abortable::new(std::future::pending::<()>(), registration);
-        in_flight.hand_out(&aborts, handle, stops);
+        in_flight.hand_out(handle, stops);
         assert!(!next.is_aborted());
     }
 

@@ -41,7 +41,7 @@ use crate::config::RunnerConfig;
 use crate::fetcher::STUCK_GRACE;
 use crate::fetcher::{Drain, Fetcher};
 use crate::gauges::Gauges;
-use crate::in_flight::InFlight;
+use crate::in_flight::{InFlight, report_left};
 use crate::reaper::Reaper;
 use crate::session::{EndSession, SessionActor, Subscribe};
 use crate::status::{RunnerStatus, StatusTx};
@@ -367,8 +367,7 @@ impl<T: ScanTask, K: Tasker<T>, F: DbFinder> Handler<Stop> for RunnerSupervisor<
                             // Runs past the drain's own bound and no answer:
                             // a Tasker blocks the fetcher's thread (worker
                             // 0's), and the drain cannot stop them either.
-                            tracing::error!(runner = %name, tasks = ?running,
-                                "stopping with runs that do not return: their session is left to expire, not ended");
+                            report_left(&name, &running);
                             Some(running)
                         }
                     }
